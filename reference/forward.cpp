@@ -1,0 +1,329 @@
+// The fast path of the NSA forward pass and of full attention (NSA-SPEC.md 1-6).
+//
+// Work is cut into tiles (sequence b, KV group g, query rows [t0, t1)); a tile holds the G query
+// heads of its group for Bq consecutive positions as one [Bq*G, dk] matrix, so every product
+// against keys is shared by the group (the paper's group-centric layout, here for Eigen's GEMM).
+// Tiles run in parallel under OpenMP; each output row is written by exactly one tile in a fixed
+// order, so results are bitwise independent of the thread count (Eigen's own threading is off).
+//   compression: scores against the visible compressed keys, one masked row softmax (the
+//                probabilities are needed for Eq. 8-10 anyway), at most ~64 MB per tile;
+//   selection:   per query position, the group's selected tokens gathered and attended at once;
+//   window, full: chunks of kKeyChunk keys with an online softmax, so memory is O(rows * chunk).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "common.hpp"
+#include "nsa_ref.hpp"
+#include "oracle.hpp"
+
+namespace nsa::ref {
+
+namespace {
+
+constexpr int64_t kTileQueries = 64;   // Bq: query positions per tile
+constexpr int64_t kKeyChunk = 256;     // keys per online-softmax step
+constexpr double kCmpTileBytes = 64e6;  // cap on a tile's compression score matrix
+
+template <class S>
+struct TileRows {
+  int64_t t0, t1, G;  // sequence-local positions [t0, t1); row r is position t0 + r / G
+  int64_t pos(int64_t r) const { return t0 + r / G; }
+  int64_t rows() const { return (t1 - t0) * G; }
+};
+
+// Softmax attention of the tile's rows over the keys [lo(t), t] of one head, streamed through
+// chunks of kKeyChunk keys with an online softmax. K, V point at the head's first row of the
+// sequence, with row strides ks, vs. Writes O [R, dv] and lse [R] (-inf and zeros for no key).
+template <class S, class Lo>
+void attend_causal_range(const Mat<S>& Q, const TileRows<S>& tr, Lo lo, const S* K, int64_t ks, const S* V,
+                         int64_t vs, int64_t dk, int64_t dv, S scale, Mat<S>& O, Vec<S>& lse) {
+  const int64_t R = tr.rows();
+  Vec<S> m = Vec<S>::Constant(R, neg_inf<S>()), sum = Vec<S>::Zero(R);
+  O.setZero(R, dv);
+  const int64_t first = lo(tr.t0), last = tr.t1;  // union of the rows' key ranges: [first, last)
+  Mat<S> Sc;
+  for (int64_t c0 = first; c0 < last; c0 += kKeyChunk) {
+    const int64_t bk = std::min(kKeyChunk, last - c0);
+    Eigen::Map<const Mat<S>, 0, Eigen::OuterStride<>> Kc(K + c0 * ks, bk, dk, Eigen::OuterStride<>(ks));
+    Eigen::Map<const Mat<S>, 0, Eigen::OuterStride<>> Vc(V + c0 * vs, bk, dv, Eigen::OuterStride<>(vs));
+    Sc.noalias() = (Q * Kc.transpose()) * scale;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t t = tr.pos(r);
+      const int64_t a = std::max(lo(t), c0) - c0, b = std::min(t + 1, c0 + bk) - c0;  // [a, b)
+      auto row = Sc.row(r);
+      if (b <= a) {
+        row.setZero();
+        continue;
+      }
+      const S mx = row.segment(a, b - a).maxCoeff();
+      const S mnew = std::max(m[r], mx);
+      const S alpha = std::exp(m[r] - mnew);  // 0 on the first visible chunk (m = -inf)
+      S s = 0;
+      for (int64_t u = 0; u < bk; ++u) {
+        const S p = (u >= a && u < b) ? std::exp(row[u] - mnew) : S(0);
+        row[u] = p;
+        s += p;
+      }
+      sum[r] = sum[r] * alpha + s;
+      O.row(r) *= alpha;
+      m[r] = mnew;
+    }
+    O.noalias() += Sc * Vc;
+  }
+  lse.resize(R);
+  for (int64_t r = 0; r < R; ++r) {
+    if (sum[r] > 0) {
+      O.row(r) /= sum[r];
+      lse[r] = m[r] + std::log(sum[r]);
+    } else {
+      lse[r] = neg_inf<S>();
+    }
+  }
+}
+
+// The tile's query matrix: row (t - t0)*G + hi is q[row0 + t, g*G + hi, :].
+template <class S>
+Mat<S> gather_queries(const Tensor<S>& q, int64_t row0, const TileRows<S>& tr, int64_t g, int64_t dk) {
+  Mat<S> Q(tr.rows(), dk);
+  for (int64_t t = tr.t0; t < tr.t1; ++t)
+    Q.middleRows((t - tr.t0) * tr.G, tr.G) =
+        Eigen::Map<const Mat<S>>(q.row(row0 + t, g * tr.G), tr.G, dk);  // a group's heads are adjacent
+  return Q;
+}
+
+// Writes tile rows into a [N, Hq, D] tensor (and their lse into [N, Hq]).
+template <class S>
+void scatter_rows(const Mat<S>& O, const Vec<S>& lse, int64_t row0, const TileRows<S>& tr, int64_t g,
+                  Tensor<S>& out, Tensor<S>& out_lse) {
+  const int64_t G = tr.G, D = O.cols();
+  for (int64_t t = tr.t0; t < tr.t1; ++t) {
+    Eigen::Map<Mat<S>>(out.row(row0 + t, g * G), G, D) = O.middleRows((t - tr.t0) * G, G);
+    for (int64_t hi = 0; hi < G; ++hi) out_lse(row0 + t, g * G + hi) = lse[(t - tr.t0) * G + hi];
+  }
+}
+
+struct Tile {
+  int64_t b, g, t0, t1;
+};
+
+std::vector<Tile> make_tiles(const std::vector<int64_t>& cu, int64_t Hkv, int64_t Bq) {
+  std::vector<Tile> tiles;
+  for (size_t b = 0; b + 1 < cu.size(); ++b) {
+    const int64_t T = cu[b + 1] - cu[b];
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t t0 = 0; t0 < T; t0 += Bq) tiles.push_back({int64_t(b), g, t0, std::min(T, t0 + Bq)});
+  }
+  // Longest work first (later positions see more keys), for a better dynamic schedule.
+  std::stable_sort(tiles.begin(), tiles.end(), [](const Tile& a, const Tile& b) { return a.t0 > b.t0; });
+  return tiles;
+}
+
+// One tile of the NSA forward pass: all three branches for G heads x Bq positions.
+template <class S>
+void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t row0, int64_t cmp0,
+              const std::vector<std::vector<OverlapTerm>>& ovmap, ForwardResult<S>& r) {
+  const int64_t Hkv = cfg.Hkv, G = cfg.G(), dk = cfg.dk, dv = cfg.dv, g = tile.g, ls = cfg.slc_len;
+  const S scale = static_cast<S>(cfg.softmax_scale());
+  const TileRows<S> tr{tile.t0, tile.t1, G};
+  const int64_t R = tr.rows();
+  const Mat<S> Q = gather_queries(in.q, row0, tr, g, dk);
+  Mat<S> O;
+  Vec<S> lse(R);
+
+  // ---- Compression branch (Eq. 7) and the importance scores (Eq. 8-10) ----
+  const int64_t nvmax = cfg.cmp_visible(tr.t1 - 1);
+  O.setZero(R, dv);
+  lse.setConstant(neg_inf<S>());
+  Mat<S> P;  // [R, nvmax] probabilities p_cmp
+  if (nvmax > 0) {
+    auto Kc = head_rows(r.k_cmp_compressed.data() + cmp0 * Hkv * dk, Hkv, dk, g, 0, nvmax);
+    auto Vc = head_rows(r.v_cmp_compressed.data() + cmp0 * Hkv * dv, Hkv, dv, g, 0, nvmax);
+    P.noalias() = (Q * Kc.transpose()) * scale;
+    for (int64_t rr = 0; rr < R; ++rr) {
+      const int64_t nv = cfg.cmp_visible(tr.pos(rr));
+      auto row = P.row(rr);
+      if (nv == 0) {
+        row.setZero();
+        continue;
+      }
+      const S mx = row.head(nv).maxCoeff();
+      S s = 0;
+      for (int64_t i = 0; i < nv; ++i) s += (row[i] = std::exp(row[i] - mx));
+      row.head(nv) /= s;
+      row.tail(nvmax - nv).setZero();
+      lse[rr] = mx + std::log(s);
+    }
+    O.noalias() = P * Vc;
+  }
+  scatter_rows(O, lse, row0, tr, g, r.o_branch[0], r.lse[0]);
+
+  // Eq. 9 per head (sum over i ascending), then Eq. 10 (sum over the group's heads ascending):
+  // the oracle's order exactly, so exactly tied scores tie in both paths.
+  const int64_t NBt = cfg.num_slc_blocks(tr.t1);
+  Mat<S> pslc(G, NBt);
+  for (int64_t t = tr.t0; t < tr.t1; ++t) {
+    const int64_t nv = cfg.cmp_visible(t), valid = cfg.slc_valid(t);
+    pslc.setZero();
+    for (int64_t hi = 0; hi < G; ++hi) {
+      const auto prow = P.row((t - tr.t0) * G + hi);
+      for (int64_t i = 0; i < nv; ++i)
+        for (const OverlapTerm& ot : ovmap[static_cast<size_t>(i)]) pslc(hi, ot.j) += prow[i] * static_cast<S>(ot.w);
+    }
+    S* Pg = &r.block_scores(row0 + t, g, 0);
+    for (int64_t j = 0; j < valid; ++j) {
+      S s = 0;
+      for (int64_t hi = 0; hi < G; ++hi) s += pslc(hi, j);
+      Pg[j] = s;
+    }
+  }
+
+  // ---- Selection branch (Eq. 11-12): per position, the group's selected tokens u <= t ----
+  const Tensor<S>& Ks = in.key(Branch::Slc);
+  const Tensor<S>& Vs = in.value(Branch::Slc);
+  Mat<S> Kg, Vg, Sg;
+  for (int64_t t = tr.t0; t < tr.t1; ++t) {
+    const std::vector<int32_t> sel = select_blocks(cfg, t, &r.block_scores(row0 + t, g, 0));
+    for (size_t m = 0; m < sel.size(); ++m) r.block_idx(row0 + t, g, int64_t(m)) = sel[m];
+    int64_t cnt = 0;
+    for (int32_t j : sel) cnt += std::min((j + 1) * ls, t + 1) - j * ls;
+    Kg.resize(cnt, dk);
+    Vg.resize(cnt, dv);
+    int64_t m = 0;
+    for (int32_t j : sel) {
+      const int64_t u0 = j * ls, len = std::min((j + 1) * ls, t + 1) - u0;
+      Kg.middleRows(m, len) = head_rows(Ks.data(), Hkv, dk, g, row0 + u0, len);
+      Vg.middleRows(m, len) = head_rows(Vs.data(), Hkv, dv, g, row0 + u0, len);
+      m += len;
+    }
+    Sg.noalias() = (Q.middleRows((t - tr.t0) * G, G) * Kg.transpose()) * scale;
+    for (int64_t hi = 0; hi < G; ++hi) {
+      auto row = Sg.row(hi);
+      const S mx = row.maxCoeff();
+      row = (row.array() - mx).exp();
+      const S s = row.sum();
+      row /= s;
+      lse[(t - tr.t0) * G + hi] = mx + std::log(s);
+    }
+    O.middleRows((t - tr.t0) * G, G).noalias() = Sg * Vg;
+  }
+  scatter_rows(O, lse, row0, tr, g, r.o_branch[1], r.lse[1]);
+
+  // ---- Sliding window: keys [max(0, t-w+1), t] ----
+  const Tensor<S>& Kw = in.key(Branch::Win);
+  const Tensor<S>& Vw = in.value(Branch::Win);
+  attend_causal_range(
+      Q, tr, [&](int64_t t) { return cfg.win_start(t); }, Kw.row(row0, g), Hkv * dk, Vw.row(row0, g), Hkv * dv, dk,
+      dv, scale, O, lse);
+  scatter_rows(O, lse, row0, tr, g, r.o_branch[2], r.lse[2]);
+}
+
+template <class S>
+void forward_fast(const Config& cfg, const Inputs<S>& in, const std::vector<int64_t>& cu, ForwardResult<S>& r) {
+  const int64_t B = int64_t(cu.size()) - 1;
+  // Eq. 7 for every sequence.
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t T = cu[b + 1] - cu[b];
+    const Tensor<S> kc =
+        compress(cfg, in.key(Branch::Cmp).row(cu[b], 0), T, cfg.dk, in.phi.k, cfg.hidden_k(), Path::Fast);
+    const Tensor<S> vc =
+        compress(cfg, in.value(Branch::Cmp).row(cu[b], 0), T, cfg.dv, in.phi.v, cfg.hidden_v(), Path::Fast);
+    std::copy(kc.vec().begin(), kc.vec().end(), r.k_cmp_compressed.data() + r.cu_cmp[b] * cfg.Hkv * cfg.dk);
+    std::copy(vc.vec().begin(), vc.vec().end(), r.v_cmp_compressed.data() + r.cu_cmp[b] * cfg.Hkv * cfg.dv);
+  }
+  int64_t Tmax = 0;
+  for (int64_t b = 0; b < B; ++b) Tmax = std::max(Tmax, cu[b + 1] - cu[b]);
+  const int64_t Ncmax = cfg.num_cmp_blocks(Tmax);
+  const double per_query = double(cfg.G()) * double(std::max<int64_t>(Ncmax, 1)) * sizeof(S);
+  const int64_t Bq = std::clamp<int64_t>(int64_t(kCmpTileBytes / per_query), 1, kTileQueries);
+  const auto ovmap = overlap_map(cfg, Ncmax);
+  const std::vector<Tile> tiles = make_tiles(cu, cfg.Hkv, Bq);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    const Tile& tl = tiles[i];
+    nsa_tile(cfg, in, tl, cu[tl.b], r.cu_cmp[tl.b], ovmap, r);
+  }
+  // Eq. 5: the gated sum.
+  const int64_t N = in.N(), Hq = cfg.Hq, dv = cfg.dv;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < N; ++t)
+    for (int64_t h = 0; h < Hq; ++h) {
+      S* o = r.o.row(t, h);
+      for (int64_t c = 0; c < dv; ++c) {
+        S s = 0;
+        for (int b = 0; b < kBranches; ++b) s += r.gates(t, h, b) * r.o_branch[b](t, h, c);
+        o[c] = s;
+      }
+    }
+}
+
+}  // namespace
+
+template <class S>
+ForwardResult<S> forward(const Config& cfg, const Inputs<S>& in, Path path) {
+  const std::vector<int64_t> cu = in.seqlens_or_single();
+  const int64_t B = int64_t(cu.size()) - 1, N = in.N();
+  ForwardResult<S> r;
+  r.gates = compute_gates(cfg, in);
+  r.o = Tensor<S>({N, cfg.Hq, cfg.dv});
+  for (int c = 0; c < kBranches; ++c) {
+    r.o_branch[c] = Tensor<S>({N, cfg.Hq, cfg.dv});
+    r.lse[c] = Tensor<S>({N, cfg.Hq}, neg_inf<S>());
+  }
+  int64_t NB = 0;
+  r.cu_cmp.assign(1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t T = cu[b + 1] - cu[b];
+    NB = std::max(NB, cfg.num_slc_blocks(T));
+    r.cu_cmp.push_back(r.cu_cmp.back() + cfg.num_cmp_blocks(T));
+  }
+  r.block_idx = Tensor<int32_t>({N, cfg.Hkv, cfg.slc_count}, -1);
+  r.block_scores = Tensor<S>({N, cfg.Hkv, NB});
+  r.k_cmp_compressed = Tensor<S>({r.cu_cmp.back(), cfg.Hkv, cfg.dk});
+  r.v_cmp_compressed = Tensor<S>({r.cu_cmp.back(), cfg.Hkv, cfg.dv});
+  if (path == Path::Oracle) {
+    for (int64_t b = 0; b < B; ++b) oracle_forward_seq(cfg, in, cu[b], cu[b + 1] - cu[b], r.cu_cmp[b], r);
+  } else {
+    forward_fast(cfg, in, cu, r);
+  }
+  return r;
+}
+
+template <class S>
+FullResult<S> full_attention(const Config& cfg, const Tensor<S>& q, const Tensor<S>& k, const Tensor<S>& v,
+                             const std::vector<int64_t>& cu_in, Path path) {
+  const int64_t N = q.dim(0);
+  const std::vector<int64_t> cu = cu_in.empty() ? std::vector<int64_t>{0, N} : cu_in;
+  FullResult<S> r{Tensor<S>({N, cfg.Hq, cfg.dv}), Tensor<S>({N, cfg.Hq}, neg_inf<S>())};
+  if (path == Path::Oracle) {
+    for (size_t b = 0; b + 1 < cu.size(); ++b) oracle_full_seq(cfg, q, k, v, cu[b], cu[b + 1] - cu[b], r);
+    return r;
+  }
+  const std::vector<Tile> tiles = make_tiles(cu, cfg.Hkv, kTileQueries);
+  const S scale = static_cast<S>(cfg.softmax_scale());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    const Tile& tl = tiles[i];
+    const int64_t row0 = cu[tl.b];
+    const TileRows<S> tr{tl.t0, tl.t1, cfg.G()};
+    const Mat<S> Q = gather_queries(q, row0, tr, tl.g, cfg.dk);
+    Mat<S> O;
+    Vec<S> lse;
+    attend_causal_range(
+        Q, tr, [](int64_t) { return int64_t(0); }, k.row(row0, tl.g), cfg.Hkv * cfg.dk, v.row(row0, tl.g),
+        cfg.Hkv * cfg.dv, cfg.dk, cfg.dv, scale, O, lse);
+    scatter_rows(O, lse, row0, tr, tl.g, r.o, r.lse);
+  }
+  return r;
+}
+
+template ForwardResult<double> forward<double>(const Config&, const Inputs<double>&, Path);
+template ForwardResult<float> forward<float>(const Config&, const Inputs<float>&, Path);
+template FullResult<double> full_attention<double>(const Config&, const Tensor<double>&, const Tensor<double>&,
+                                                   const Tensor<double>&, const std::vector<int64_t>&, Path);
+template FullResult<float> full_attention<float>(const Config&, const Tensor<float>&, const Tensor<float>&,
+                                                 const Tensor<float>&, const std::vector<int64_t>&, Path);
+
+}  // namespace nsa::ref
