@@ -1,0 +1,312 @@
+// The selection branch's attention (Eq. 12): query t attends over the tokens u <= t of the n
+// blocks its group selected (block_idx, written by cmp_attn). CUDA twin of the selection part of
+// reference/forward.cpp's nsa_tile.
+//
+// v1 is group-centric as the paper designs it, extended to small groups: one warp owns 16 rows,
+// all G heads of 16 / G consecutive positions (G = 16: one position). It walks the union of those
+// positions' block lists in ascending order (a merge done by the warp, one lane per position) and
+// streams each block's K and V contiguously through shared memory in chunks of 32 tokens with
+// cp.async double buffering; a row masks the blocks its position did not select. For G = 16 this
+// is exactly the paper's kernel; for G < 16 a block shared by adjacent positions (always the
+// initial and local ones) is read once for all of them instead of once per position, and the
+// m16 rows of the tensor-core tile are all real heads instead of padding.
+#include <climits>
+
+#include "check.hpp"
+#include "device.cuh"
+#include "kernels.hpp"
+
+namespace nsa::cuda {
+
+namespace {
+
+using namespace dev;
+
+// ============================== v0: fp32 CUDA cores ==============================
+// One CTA per (token, group); warps over the group's heads; one key at a time, online softmax.
+template <class T>
+__global__ void slc_attn_v0_kernel(FwdParams p) {
+  const int64_t row = blockIdx.x;
+  const int g = blockIdx.y;
+  const int b = find_seq(p.cu_seqlens, p.B, row);
+  const int64_t row0 = p.cu_seqlens[b];
+  const int t = int(row - row0);
+  const int nw = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int32_t* sel = p.block_idx + (row * p.Hkv + g) * p.n;
+  const T* K = static_cast<const T*>(p.k_slc);
+  const T* V = static_cast<const T*>(p.v_slc);
+  for (int hi = warp; hi < p.G; hi += nw) {
+    const int h = g * p.G + hi;
+    const T* q = static_cast<const T*>(p.q) + (row * p.Hq + h) * p.dk;
+    float m = -INFINITY, sum = 0, o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int mm = 0; mm < p.n; ++mm) {
+      const int j = sel[mm];
+      if (j < 0) break;
+      const int u1 = min((j + 1) * p.ls, t + 1);
+      for (int u = j * p.ls; u < u1; ++u) {
+        const T* k = K + ((row0 + u) * p.Hkv + g) * p.dk;
+        float s = 0;
+        for (int c = lane; c < p.dk; c += 32) s += to_f(q[c]) * to_f(k[c]);
+        for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+        s *= p.scale;
+        const float mn = fmaxf(m, s), alpha = expf(m - mn), pr = expf(s - mn);
+        sum = sum * alpha + pr;
+        const T* v = V + ((row0 + u) * p.Hkv + g) * p.dv;
+#pragma unroll
+        for (int k2 = 0; k2 < 8; ++k2)
+          if (lane + 32 * k2 < p.dv) o[k2] = o[k2] * alpha + pr * to_f(v[lane + 32 * k2]);
+        m = mn;
+      }
+    }
+    T* out = static_cast<T*>(p.o_slc) + (row * p.Hq + h) * p.dv;
+#pragma unroll
+    for (int k2 = 0; k2 < 8; ++k2)
+      if (lane + 32 * k2 < p.dv) out[lane + 32 * k2] = from_f<T>(sum > 0 ? o[k2] / sum : 0.0f);
+    if (lane == 0) p.lse_slc[row * p.Hq + h] = sum > 0 ? m + logf(sum) : -INFINITY;
+  }
+}
+
+// ============================== v1: tensor cores ==============================
+constexpr int kChunk = 32;  // tokens per pipeline stage
+
+struct Item {
+  int j;          // selection block; INT_MAX: no more
+  unsigned mask;  // bit p: position t0 + p selected block j
+  int c;          // chunk of the block: tokens j l' + c*32 + [0, 32)
+};
+
+template <class T, int DK, int DV>
+__global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap tm) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t wi = int64_t(blockIdx.x) * (blockDim.x / 32) + warp;
+  if (wi >= int64_t(p.Hkv) * tm.total) return;  // whole warps only: no CTA-wide barrier follows
+  // KV group outermost, so the warps resident at one time read one group's K/V (L2 locality).
+  const int g = int(wi / tm.total);
+  const int64_t x = wi % tm.total;
+  const int G = p.G, P = tm.BT;  // P = 16 / G positions per warp
+  const int b = find_seq(tm.cu_tiles, p.B, x);
+  const int t0 = int(x - tm.cu_tiles[b]) * P;
+  const int64_t row0 = p.cu_seqlens[b];
+  const int T_b = int(p.cu_seqlens[b + 1] - row0);
+  const int t_maxw = min(t0 + P, T_b) - 1;  // last position of the warp
+  const int Hkv = p.Hkv;
+
+  T* sK = reinterpret_cast<T*>(smem + size_t(warp) * 2 * kChunk * (DK + DV) * sizeof(T));  // [2][32, DK]
+  T* sV = sK + 2 * kChunk * DK;                                                              // [2][32, DV]
+
+  // This thread's rows A = lane / 4 and B = A + 8 of the warp: (position r / G, head r % G).
+  const int rA = lane >> 2, rB = rA + 8;
+  const int posA = rA / G, posB = rB / G;
+  const int tA = t0 + posA, tB = t0 + posB;
+  const bool okA = tA < T_b, okB = tB < T_b;
+  const int hA = g * G + rA % G, hB = g * G + rB % G;
+
+  // Q as mma A fragments straight from global memory (16 rows x DK, read once).
+  const T* q = static_cast<const T*>(p.q);
+  const T* qA = q + ((row0 + (okA ? tA : 0)) * p.Hq + hA) * DK;
+  const T* qB = q + ((row0 + (okB ? tB : 0)) * p.Hq + hB) * DK;
+  uint32_t qa[DK / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < DK / 16; ++ks) {
+    const int c = ks * 16 + 2 * (lane & 3);
+    qa[ks][0] = okA ? *reinterpret_cast<const uint32_t*>(qA + c) : 0u;
+    qa[ks][1] = okB ? *reinterpret_cast<const uint32_t*>(qB + c) : 0u;
+    qa[ks][2] = okA ? *reinterpret_cast<const uint32_t*>(qA + c + 8) : 0u;
+    qa[ks][3] = okB ? *reinterpret_cast<const uint32_t*>(qB + c + 8) : 0u;
+  }
+
+  // The merge of the P sorted block lists: lane < P holds a cursor into position t0 + lane's.
+  const int32_t* mylist =
+      lane < P && t0 + lane < T_b ? p.block_idx + ((row0 + t0 + lane) * Hkv + g) * p.n : nullptr;
+  int cursor = 0;
+  auto head = [&]() -> int {
+    if (!mylist || cursor >= p.n) return INT_MAX;
+    const int j = mylist[cursor];
+    return j >= 0 ? j : INT_MAX;  // -1 padding ends the list
+  };
+  int hv = head();
+  int blk_j = -1, blk_chunks = 0, next_c = 0;
+  unsigned blk_mask = 0;
+  auto next = [&]() -> Item {  // warp-uniform
+    if (blk_j >= 0 && next_c < blk_chunks) return {blk_j, blk_mask, next_c++};
+    int jm = hv;
+    for (int o = 16; o > 0; o /= 2) jm = min(jm, __shfl_xor_sync(0xffffffffu, jm, o));
+    if (jm == INT_MAX) return {INT_MAX, 0u, 0};
+    const unsigned mask = __ballot_sync(0xffffffffu, hv == jm);
+    if (hv == jm) {
+      ++cursor;
+      hv = head();
+    }
+    // Tokens past the warp's last position are masked for every row: not loaded.
+    const int len = min((jm + 1) * p.ls, t_maxw + 1) - jm * p.ls;
+    blk_j = jm, blk_mask = mask, blk_chunks = (len + kChunk - 1) / kChunk, next_c = 1;
+    return {jm, mask, 0};
+  };
+
+  const T* K = static_cast<const T*>(p.k_slc);
+  const T* V = static_cast<const T*>(p.v_slc);
+  auto issue = [&](const Item& it, int stage) {
+    const int u0 = it.j * p.ls + it.c * kChunk, u_end = min((it.j + 1) * p.ls, t_maxw + 1);
+    load_tile_async<DK>(
+        sK + stage * kChunk * DK, kChunk,
+        [&](int r) -> const T* { return u0 + r < u_end ? K + ((row0 + u0 + r) * Hkv + g) * DK : nullptr; }, K, lane,
+        32);
+    load_tile_async<DV>(
+        sV + stage * kChunk * DV, kChunk,
+        [&](int r) -> const T* { return u0 + r < u_end ? V + ((row0 + u0 + r) * Hkv + g) * DV : nullptr; }, V, lane,
+        32);
+  };
+
+  const float sl2 = p.scale * kLog2e;
+  float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
+  float oacc[DV / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0;
+
+  Item cur = next();
+  if (cur.j != INT_MAX) issue(cur, 0);
+  cp_async_commit();
+  int stage = 0;
+  while (cur.j != INT_MAX) {
+    const Item nx = next();
+    if (nx.j != INT_MAX) issue(nx, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();
+
+    const T* sKs = sK + stage * kChunk * DK;
+    const T* sVs = sV + stage * kChunk * DV;
+    float s[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0;
+#pragma unroll
+    for (int ks = 0; ks < DK / 16; ++ks)
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, sKs + SwizzledTile<DK>::offset(np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                       ks * 2 + ((lane >> 3) & 1)));
+        mma16816<T>(s[2 * np], qa[ks], bk[0], bk[1]);
+        mma16816<T>(s[2 * np + 1], qa[ks], bk[2], bk[3]);
+      }
+    // Row masks: the position selected this block, and u <= t (the block end for the last chunk).
+    const int u0 = cur.j * p.ls + cur.c * kChunk, blk_end = (cur.j + 1) * p.ls;
+    const bool selA = okA && ((cur.mask >> posA) & 1u), selB = okB && ((cur.mask >> posB) & 1u);
+    float xa = -INFINITY, xb = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int u = u0 + nt * 8 + 2 * (lane & 3) + e;
+        const bool in_blk = u < blk_end;
+        s[nt][e] = selA && in_blk && u <= tA ? s[nt][e] * sl2 : -INFINITY;
+        s[nt][2 + e] = selB && in_blk && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
+        xa = fmaxf(xa, s[nt][e]);
+        xb = fmaxf(xb, s[nt][2 + e]);
+      }
+    for (int o = 1; o < 4; o *= 2) {
+      xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
+      xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
+    }
+    const float nA = fmaxf(mA, xa), nB = fmaxf(mB, xb);
+    const float cA = nA == -INFINITY ? 0.0f : nA, cB = nB == -INFINITY ? 0.0f : nB;  // no -inf - -inf
+    const float alA = exp2f(mA - cA), alB = exp2f(mB - cB);
+    lA *= alA;
+    lB *= alB;
+#pragma unroll
+    for (int nd = 0; nd < DV / 8; ++nd) {
+      oacc[nd][0] *= alA, oacc[nd][1] *= alA;
+      oacc[nd][2] *= alB, oacc[nd][3] *= alB;
+    }
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - cA);
+        s[nt][2 + e] = exp2f(s[nt][2 + e] - cB);
+        lA += s[nt][e];
+        lB += s[nt][2 + e];
+      }
+    mA = nA, mB = nB;
+#pragma unroll
+    for (int kk = 0; kk < kChunk / 16; ++kk) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int nd = 0; nd < DV / 16; ++nd) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, sVs + SwizzledTile<DV>::offset(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                            nd * 2 + (lane >> 4)));
+        mma16816<T>(oacc[2 * nd], pa, bv[0], bv[1]);
+        mma16816<T>(oacc[2 * nd + 1], pa, bv[2], bv[3]);
+      }
+    }
+    __syncwarp();  // every lane is done with this stage before the next issue overwrites it
+    cur = nx;
+    stage ^= 1;
+  }
+
+  for (int o = 1; o < 4; o *= 2) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, o);
+    lB += __shfl_xor_sync(0xffffffffu, lB, o);
+  }
+  const float iA = lA > 0 ? 1.0f / lA : 0.0f, iB = lB > 0 ? 1.0f / lB : 0.0f;
+  T* out = static_cast<T*>(p.o_slc);
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) {
+    const int c = nd * 8 + 2 * (lane & 3);
+    if (okA) *reinterpret_cast<uint32_t*>(out + ((row0 + tA) * p.Hq + hA) * DV + c) =
+        pack2<T>(oacc[nd][0] * iA, oacc[nd][1] * iA);
+    if (okB) *reinterpret_cast<uint32_t*>(out + ((row0 + tB) * p.Hq + hB) * DV + c) =
+        pack2<T>(oacc[nd][2] * iB, oacc[nd][3] * iB);
+  }
+  if ((lane & 3) == 0) {
+    if (okA) p.lse_slc[(row0 + tA) * p.Hq + hA] = lA > 0 ? (mA + log2f(lA)) * kLn2 : -INFINITY;
+    if (okB) p.lse_slc[(row0 + tB) * p.Hq + hB] = lB > 0 ? (mB + log2f(lB)) * kLn2 : -INFINITY;
+  }
+}
+
+template <class T>
+void launch_v0(const FwdParams& p, cudaStream_t s) {
+  const int nw = p.G < 4 ? p.G : 4;
+  slc_attn_v0_kernel<T><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, 0, s>>>(p);
+  NSA_CUDA_CHECK_LAUNCH("slc_attn_v0_kernel");
+}
+
+template <class T>
+void launch_v1(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
+  const size_t smem = slc_attn_v1_smem(p, nw);
+  const int64_t warps = int64_t(p.Hkv) * tm.total;
+  const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
+    auto kernel = slc_attn_v1_kernel<T, decltype(DK)::value, decltype(DV)::value>;
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<unsigned((warps + nw - 1) / nw), 32 * nw, smem, s>>>(p, tm);
+    NSA_CUDA_CHECK_LAUNCH("slc_attn_v1_kernel");
+  });
+  if (!ok) throw ConfigError(cat("slc_attn v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
+}
+
+}  // namespace
+
+size_t slc_attn_v1_smem(const FwdParams& p, int nwarps) {
+  return size_t(nwarps) * 2 * kChunk * (p.dk + p.dv) * 2;
+}
+
+void slc_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {
+  if (p.N == 0) return;
+  switch (prec) {
+    case Precision::BF16: launch_v0<__nv_bfloat16>(p, s); break;
+    case Precision::FP16: launch_v0<__half>(p, s); break;
+    case Precision::FP32: launch_v0<float>(p, s); break;
+  }
+}
+
+void slc_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
+  if (tm.total == 0) return;
+  if (prec == Precision::BF16) launch_v1<__nv_bfloat16>(p, tm, nwarps, s);
+  else if (prec == Precision::FP16) launch_v1<__half>(p, tm, nwarps, s);
+  else throw ConfigError("slc_attn v1 needs bf16 or fp16 operands (fp32 runs kernel v0)");
+}
+
+}  // namespace nsa::cuda
