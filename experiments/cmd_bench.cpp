@@ -3,6 +3,7 @@
 // ceiling, and full attention measured in the same run as the baseline. Writes bench.json and
 // bench.csv into --out; one line per case on stdout as each finishes.
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -102,10 +103,11 @@ void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int war
     Config c = base;
     const ref::Inputs<S> in = random_inputs<S>(c, T, 1000 + uint64_t(T));
     ref::check_inputs(c, in);
-    std::cout << "  timing T=" << T << " " << dtype << " ..." << std::flush;
+    const bool tty = isatty(STDOUT_FILENO);
+    if (tty) std::cout << "  timing T=" << T << " " << dtype << " ..." << std::flush;
     const double nsa_ms = median_ms([&] { (void)ref::forward(c, in); }, warmup, reps);
     const double full_ms = median_ms([&] { (void)ref::full_attention(c, in.q, in.k, in.v, {}); }, warmup, reps);
-    std::cout << "\r";
+    if (tty) std::cout << "\r" << std::string(40, ' ') << "\r";
     const auto f = analysis::nsa_forward_flops(c, T);
     const double full_flop = analysis::full_forward_flops(c, T);
     auto record = [&](const char* impl, double ms, double flop) {
