@@ -627,4 +627,55 @@ BenchResult bench(Plan& plan, int warmup, int reps) {
   return res;
 }
 
+Ceilings measure_ceilings(Precision prec, int device) {
+  NSA_CUDA_CHECK(cudaSetDevice(device));
+  const int n = 8192;
+  const size_t es = size_t(element_size(prec));
+  void *a = nullptr, *b = nullptr;
+  float* c = nullptr;
+  NSA_CUDA_CHECK(cudaMalloc(&a, size_t(n) * n * es));
+  NSA_CUDA_CHECK(cudaMalloc(&b, size_t(n) * n * es));
+  NSA_CUDA_CHECK(cudaMalloc(&c, size_t(n) * n * sizeof(float)));
+  // Random operands: zeros run faster than real data (METHOD.md).
+  switch (prec) {
+    case Precision::BF16: fill_normal<<<1024, 256>>>((__nv_bfloat16*)a, int64_t(n) * n, 11), fill_normal<<<1024, 256>>>((__nv_bfloat16*)b, int64_t(n) * n, 12); break;
+    case Precision::FP16: fill_normal<<<1024, 256>>>((__half*)a, int64_t(n) * n, 11), fill_normal<<<1024, 256>>>((__half*)b, int64_t(n) * n, 12); break;
+    case Precision::FP32: fill_normal<<<1024, 256>>>((float*)a, int64_t(n) * n, 11), fill_normal<<<1024, 256>>>((float*)b, int64_t(n) * n, 12); break;
+  }
+  NSA_CUDA_CHECK_LAUNCH("fill_normal");
+  cublasHandle_t blas;
+  NSA_CUBLAS_CHECK(cublasCreate(&blas));
+  cudaEvent_t e0, e1;
+  NSA_CUDA_CHECK(cudaEventCreate(&e0));
+  NSA_CUDA_CHECK(cudaEventCreate(&e1));
+  auto median_ms = [&](auto&& fn, int reps) {
+    for (int i = 0; i < 3; ++i) fn();
+    std::vector<float> t;
+    for (int i = 0; i < reps; ++i) {
+      NSA_CUDA_CHECK(cudaEventRecord(e0));
+      fn();
+      NSA_CUDA_CHECK(cudaEventRecord(e1));
+      NSA_CUDA_CHECK(cudaEventSynchronize(e1));
+      float ms = 0;
+      NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      t.push_back(ms);
+    }
+    std::sort(t.begin(), t.end());
+    return double(t[t.size() / 2]);
+  };
+  Ceilings r;
+  const double mm = median_ms([&] { gemm(blas, prec, false, 1, n, n, n, a, n, 0, b, n, 0, c, n, 0); }, 10);
+  r.matmul_tflops = 2.0 * n * n * double(n) / mm / 1e9;
+  const size_t bytes = size_t(n) * n * es;
+  const double cp = median_ms([&] { NSA_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); }, 10);
+  r.copy_tbps = 2.0 * double(bytes) / cp / 1e9;
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cublasDestroy(blas);
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(c);
+  return r;
+}
+
 }  // namespace nsa::cuda

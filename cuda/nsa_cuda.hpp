@@ -72,6 +72,14 @@ class Plan;
 // before each repeat, and the per-stage medians of as many timed runs.
 BenchResult bench(Plan& plan, int warmup, int reps);
 
+// The card's measured ceilings (METHOD.md): a square matrix product through cuBLAS (operands of
+// the precision, fp32 accumulation; n = 8192) and a device-to-device copy (bytes read + written).
+struct Ceilings {
+  double matmul_tflops = 0;
+  double copy_tbps = 0;
+};
+Ceilings measure_ceilings(Precision p, int device = 0);
+
 // A forward pass held on the device: buffers sized for one config and one packing of sequences,
 // reusable across runs (the benchmark times `run` alone, without host copies).
 class Plan {
