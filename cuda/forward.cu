@@ -189,6 +189,18 @@ __global__ void fill_normal(T* x, int64_t n, uint64_t seed) {
     x[i] = dev::from_f<T>(sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2));  // Box-Muller
   }
 }
+// Reads `passes` times over n 16-byte words (a buffer that fits in L2); the xor keeps the loads.
+__global__ void l2_read_kernel(const uint4* __restrict__ x, int64_t n, int passes, uint4* sink) {
+  uint32_t acc = 0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int pass = 0; pass < passes; ++pass)
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) {
+      const uint4 v = x[i];
+      acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+  if (acc == 0x12345678u) sink->x = acc;  // practically never: the loads must not be removed
+}
+
 __global__ void fill_uniform(float* x, int64_t n, uint64_t seed) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     x[i] = unit(seed * 0x9E3779B97F4A7C15ull + uint64_t(i));
@@ -380,6 +392,18 @@ Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const 
     p.lse_win = I.alloc_t<float>(NHq, "lse_win");
     p.block_idx = I.alloc_t<int32_t>(N * p.Hkv * p.n, "block_idx");
     p.block_scores = opt.intermediates ? I.alloc_t<float>(N * p.Hkv * p.NB, "block_scores") : nullptr;
+    // Poison every output (NaN bytes; block indices far out of range) so that an element a kernel
+    // fails to write cannot pass a test.
+    const size_t es = size_t(element_size(opt.dtype));
+    auto poison = [](void* ptr, size_t bytes, int byte) {
+      if (ptr && bytes) NSA_CUDA_CHECK(cudaMemset(ptr, byte, bytes));
+    };
+    for (void* o : {p.o, p.o_cmp, p.o_slc, p.o_win}) poison(o, size_t(NHq) * p.dv * es, 0xff);
+    for (float* l : {p.lse_cmp, p.lse_slc, p.lse_win}) poison(l, size_t(NHq) * 4, 0xff);
+    poison(p.block_idx, size_t(N) * p.Hkv * p.n * 4, 0x7f);
+    poison(p.block_scores, size_t(N) * p.Hkv * p.NB * 4, 0xff);
+    poison(p.kc, size_t(p.Nc) * p.Hkv * p.dk * es, 0xff);
+    poison(p.vc, size_t(p.Nc) * p.Hkv * p.dv * es, 0xff);
     if (cfg.compress != CompressKind::Mean && p.Nc > 0) {
       const int64_t D = std::max(p.dk, p.dv), hc = std::max(cfg.hidden_k(), cfg.hidden_v());
       I.ws.X = I.alloc_e(int64_t(p.Hkv) * p.Nc * p.l * D, "phi workspace X");
@@ -669,6 +693,18 @@ Ceilings measure_ceilings(Precision prec, int device) {
   const size_t bytes = size_t(n) * n * es;
   const double cp = median_ms([&] { NSA_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); }, 10);
   r.copy_tbps = 2.0 * double(bytes) / cp / 1e9;
+  // L2: a quarter of the cache, read 20 times per launch by 4 CTAs of 512 threads per SM.
+  const DeviceInfo& d = device_info(device);
+  const int64_t l2_words = std::max<int64_t>(d.prop.l2CacheSize / 4 / 16, 1 << 16);
+  const int passes = 20;
+  const double l2 = median_ms(
+      [&] {
+        l2_read_kernel<<<4 * d.prop.multiProcessorCount, 512>>>(static_cast<const uint4*>(a), l2_words, passes,
+                                                                static_cast<uint4*>(b));
+      },
+      10);
+  NSA_CUDA_CHECK_LAUNCH("l2_read_kernel");
+  r.l2_read_tbps = double(l2_words) * 16 * passes / l2 / 1e9;
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
   cublasDestroy(blas);

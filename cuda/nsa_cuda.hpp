@@ -73,10 +73,13 @@ class Plan;
 BenchResult bench(Plan& plan, int warmup, int reps);
 
 // The card's measured ceilings (METHOD.md): a square matrix product through cuBLAS (operands of
-// the precision, fp32 accumulation; n = 8192) and a device-to-device copy (bytes read + written).
+// the precision, fp32 accumulation; n = 8192), a device-to-device copy (bytes read + written),
+// and reads of a buffer that fits in L2 (16-byte loads, every SM): the rate at which kernels can
+// pull K/V that is already on chip, the bound of the selection branch on random selections.
 struct Ceilings {
   double matmul_tflops = 0;
   double copy_tbps = 0;
+  double l2_read_tbps = 0;
 };
 Ceilings measure_ceilings(Precision p, int device = 0);
 

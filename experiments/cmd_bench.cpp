@@ -150,11 +150,12 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
                 int kernel, BenchRun& run, json& device) {
   const cuda::Ceilings ceil = cuda::measure_ceilings(prec);
   device = {{"name", cuda::device_name()},
-            {"ceilings", {{"matmul_tflops", ceil.matmul_tflops}, {"copy_tbps", ceil.copy_tbps}}}};
+            {"ceilings",
+             {{"matmul_tflops", ceil.matmul_tflops}, {"copy_tbps", ceil.copy_tbps}, {"l2_read_tbps", ceil.l2_read_tbps}}}};
   const std::string dtype = cuda::to_string(prec);
   std::cout << "device: " << cuda::device_name() << "; measured ceilings: " << dtype << " matrix product "
             << std::fixed << std::setprecision(0) << ceil.matmul_tflops << " TFLOP/s, copy " << std::setprecision(2)
-            << ceil.copy_tbps << " TB/s\n"
+            << ceil.copy_tbps << " TB/s, L2 reads " << ceil.l2_read_tbps << " TB/s\n"
             << std::defaultfloat;
   for (int64_t T : Ts) {
     cuda::Options opt;
@@ -180,10 +181,20 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
     line << std::fixed;
     for (const auto& st : res.stages) {
       const double fl = stage_flop(st.stage);
-      stages.push_back({{"stage", st.stage}, {"ms", st.ms}, {"gflop", fl / 1e9}, {"tflops", fl / st.ms / 1e9},
-                        {"pct_of_ceiling", 100 * fl / st.ms / 1e9 / ceil.matmul_tflops}});
+      json sj{{"stage", st.stage}, {"ms", st.ms}, {"gflop", fl / 1e9}, {"tflops", fl / st.ms / 1e9},
+              {"pct_of_ceiling", 100 * fl / st.ms / 1e9 / ceil.matmul_tflops}};
       line << "  " << st.stage << " " << std::setprecision(2) << st.ms << " ms";
       if (fl > 0) line << " (" << std::setprecision(0) << fl / st.ms / 1e9 << " TF)";
+      if (st.stage == "slc_attn") {
+        // Each (position, group) reads its selected tokens' K and V once: the useful FLOPs over G,
+        // scaled by the element size (2 FLOPs per key element per head, 2 bytes per element).
+        const double kv_bytes = fl / double(base.G()) * cuda::element_size(prec) / 2;
+        sj["kv_gbytes"] = kv_bytes / 1e9;
+        sj["kv_tbps"] = kv_bytes / st.ms / 1e9;
+        sj["pct_of_l2_read"] = 100 * kv_bytes / st.ms / 1e9 / ceil.l2_read_tbps;
+        line << " [" << std::setprecision(1) << kv_bytes / st.ms / 1e9 << " TB/s K/V]";
+      }
+      stages.push_back(sj);
     }
     json r{{"op", "forward"}, {"impl", "nsa_cuda"}, {"T", T}, {"B", 1}, {"Hq", base.Hq}, {"Hkv", base.Hkv},
            {"dk", base.dk}, {"dv", base.dv}, {"dtype", dtype}, {"ms", res.ms}, {"gflop", f.total() / 1e9},

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The one GPU-machine script (issue 4): build, validate, benchmark, in one device call.
+#   1. build with the `gpu` preset (sm_90a), unless binaries built for this machine beforehand
+#      are in .prebuilt/ (scripts/device_prebuild.sh; saves the GPU machine's minutes) and run;
+#   2. the CUDA tests against the double reference, and `nsa forward --device cuda` against
+#      `--device cpu` through the command line;
+#   3. compute-sanitizer memcheck and racecheck on the small cases;
+#   4. `nsa bench --device cuda` at T = 8k..64k, B = 1, Hq = 64, Hkv = 4, dk = dv = 128 and
+#      dk = 192 / dv = 128, the paper's l = 32, d = 16, l' = 64, n = 16, w = 512, bf16;
+#      PyTorch SDPA (cuDNN, flash) on the same shapes; public NSA kernels if carried in .peers/;
+#   5. the merged results file and a summary table, printed last.
+# Logs and JSON go to $OUT (the device tool brings back at most 8 files).
+# usage: OUT=dir bash scripts/device.sh        (STEPS=test,sanitize,bench,sdpa,peers to choose)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/out/device}
+mkdir -p "$OUT"
+LOG=$OUT/device.log
+SAN=$OUT/sanitizer.log
+: >"$LOG"
+: >"$SAN"
+STEPS=${STEPS:-test,sanitize,bench,sdpa,peers}
+TS=${TS:-8192,16384,32768,65536}
+T0=$(date +%s)
+declare -a SUMMARY
+say() { echo "== [$(($(date +%s) - T0))s] $*" | tee -a "$LOG"; }
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+# step NAME TIMEOUT CMD...: runs, logs, records PASS/FAIL with the time taken.
+step() {
+  local name=$1 limit=$2; shift 2
+  local t=$(date +%s)
+  say "$name: $*"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  SUMMARY+=("$(printf '%-28s %-5s %4ss  rc=%s' "$name" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" $(($(date +%s) - t)) $rc)")
+  return $rc
+}
+
+say "machine"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv; nvcc --version | tail -1
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } >>"$LOG" 2>&1
+
+# ---- 1. build ----
+BIN=""
+if [ -x .prebuilt/nsa ] && [ -x .prebuilt/test_cuda ] && .prebuilt/test_cuda --list-test-cases >/dev/null 2>&1 &&
+  .prebuilt/nsa --help >/dev/null 2>&1; then
+  BIN=$ROOT/.prebuilt
+  say "build: using the binaries in .prebuilt/ ($(cat .prebuilt/BUILD_INFO 2>/dev/null))"
+else
+  step build-configure 300 cmake --preset gpu -DNSA_EXTRA_PREFIX="$ROOT/.carry" -DNSA_CUDA_ARCHS=90a -DNSA_NATIVE=OFF
+  step build 500 cmake --build build-gpu -j "$(nproc)" --target nsa test_cuda
+  BIN=$ROOT/build-gpu/tests
+  [ -x build-gpu/experiments/nsa ] && mkdir -p .bin && cp build-gpu/experiments/nsa build-gpu/tests/test_cuda .bin/ && BIN=$ROOT/.bin
+fi
+command -v cuobjdump >/dev/null && {
+  echo "SASS of test_cuda: $(cuobjdump -sass "$BIN/test_cuda" 2>/dev/null | grep -c 'HMMA') HMMA, $(cuobjdump -sass "$BIN/test_cuda" 2>/dev/null | grep -c 'LDSM') LDSM, $(cuobjdump -sass "$BIN/test_cuda" 2>/dev/null | grep -cE 'LDL|STL') local-memory instructions" >>"$LOG"
+}
+
+# ---- 2. tests ----
+if has test; then
+  step test_cuda 300 "$BIN/test_cuda" --duration=true
+  step cli_cuda_forward 120 bash tests/cli/cuda_forward.sh "$BIN/nsa"
+fi
+
+# ---- 3. compute-sanitizer on the small cases ----
+SMALL='cuda forward vs reference: small*,cuda select*,cuda errors*,cuda bench*'
+if has sanitize; then
+  say "sanitize: memcheck and racecheck -> sanitizer.log"
+  for tool in memcheck racecheck; do
+    t=$(date +%s)
+    echo "== compute-sanitizer --tool $tool" >>"$SAN"
+    timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 "$BIN/test_cuda" -tc="$SMALL" >>"$SAN" 2>&1
+    rc=$?
+    SUMMARY+=("$(printf '%-28s %-5s %4ss  rc=%s' "sanitizer $tool" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" $(($(date +%s) - t)) $rc)")
+    tail -3 "$SAN" >>"$LOG"
+  done
+fi
+
+# ---- 4. benchmarks ----
+SCRATCH=$(mktemp -d)
+if has bench; then
+  for dims in 128:128 192:128; do
+    dk=${dims%:*} dv=${dims#*:}
+    step "bench nsa_cuda dk=$dk" 240 "$BIN/nsa" bench --device cuda --T "$TS" --Hq 64 --Hkv 4 --dk "$dk" --dv "$dv" \
+      --out "$SCRATCH/b$dk" && cp "$SCRATCH/b$dk/bench.json" "$OUT/bench$dk.json"
+    grep "^forward nsa_cuda" "$LOG" | tail -4 >/dev/null
+  done
+  # Kernel-tuning variants at 64k (log only): warps per CTA of the selection and compression kernels.
+  for v in "NSA_SLC_WARPS=1" "NSA_SLC_WARPS=4" "NSA_CMP_WARPS=2"; do
+    step "variant $v" 60 env "$v" "$BIN/nsa" bench --device cuda --T 65536 --Hq 64 --Hkv 4 --dk 128 --dv 128 \
+      --reps 5 --out "$SCRATCH/var"
+  done
+fi
+if has sdpa; then
+  step "sdpa baseline" 300 env PYTHONUNBUFFERED=1 python3 experiments/sdpa_baseline.py --T "$TS" --out "$OUT/sdpa.json"
+fi
+if has peers && [ -f .peers/peers_bench.py ] && [ $(($(date +%s) - T0)) -lt 330 ]; then
+  step "public NSA kernels" 200 env PYTHONUNBUFFERED=1 PEERS_DIR="$ROOT/.peers" OUT="$SCRATCH" ONLY_PEERS=1 \
+    LENS="$TS" python3 .peers/peers_bench.py && cp "$SCRATCH/anchor.json" "$OUT/peers.json"
+fi
+
+# ---- 5. results ----
+if has bench || has sdpa; then
+  python3 experiments/merge_results.py --command "scripts/device.sh (STEPS=$STEPS TS=$TS)" --out "$OUT/results.json" \
+    "$OUT"/bench*.json "$OUT/sdpa.json" $([ -f "$OUT/peers.json" ] && echo "$OUT/peers.json") >>"$LOG" 2>&1
+fi
+rm -rf "$SCRATCH"
+{
+  echo
+  echo "== test and benchmark lines"
+  grep -E "^(\[doctest\] (test cases|assertions)|forward |cuda forward through|FAILED|SKIPPED|device:|ERROR SUMMARY|RACECHECK SUMMARY)" "$LOG" "$SAN" | cut -c1-240
+  sed -n '/^== .*measured ceilings/,$p' "$LOG"
+  echo
+  echo "== steps ($(($(date +%s) - T0))s in all)"
+  printf '%s\n' "${SUMMARY[@]}"
+} | tee "$OUT/summary.txt"
