@@ -104,11 +104,11 @@ constexpr int kKeys = 64;
 
 struct CmpSmem {
   size_t q, k, v, cs, blk, list, total;
-  __host__ __device__ CmpSmem(int R, int BT, int DK, int DV, int NB, int n, int esize) {
+  __host__ __device__ CmpSmem(int R, int BT, int DK, int DV, int NB, int n, int esize, int stages = 2) {
     q = 0;
     k = q + size_t(R) * DK * esize;
-    v = k + 2 * size_t(kKeys) * DK * esize;
-    cs = v + 2 * size_t(kKeys) * DV * esize;
+    v = k + size_t(stages) * kKeys * DK * esize;
+    cs = v + size_t(stages) * kKeys * DV * esize;
     blk = cs + size_t(BT) * kKeys * 4;
     list = blk + size_t(BT) * NB * 4;
     total = list + size_t(BT) * n * 4;
@@ -375,6 +375,248 @@ __global__ void __launch_bounds__(128) cmp_attn_v1_kernel(FwdParams p, TileMap t
   }
 }
 
+
+// ============================== v2: v1 with the tile latency hidden ==============================
+// Measured on the H100 (T = 64k, G = 16): v1 spends ~15k cycles per 64-key tile and CTA, several
+// times its MMAs: it waits on each tile with only one prefetch in flight and three CTA barriers
+// per tile. v2 keeps v1's algorithm and numerics and changes the schedule:
+//   - 8 warps x 16 rows = 128 rows per CTA (BT = 128 / G positions), so each K/V tile brought on
+//     chip serves twice the rows;
+//   - 3 shared-memory stages: the tile a prefetch overwrites was read in the previous iteration,
+//     before this iteration's barrier, so one barrier per tile suffices;
+//   - Eq. 9 mapped by each warp for its own positions (G <= 16 keeps all heads of a position in
+//     one warp): no barrier between the column sums and the mapping, a warp skips the tiles none
+//     of its rows sees, and the top-n follows in the same warp without a CTA barrier.
+constexpr int kStages2 = 3;
+
+template <class T, int DK, int DV>
+__global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMap tm) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int nw = blockDim.x / 32, R = 16 * nw, G = p.G, BT = R / G;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const CmpSmem L(R, BT, DK, DV, p.NB, p.n, sizeof(T), kStages2);
+  T* sQ = reinterpret_cast<T*>(smem + L.q);
+  T* sK = reinterpret_cast<T*>(smem + L.k);
+  T* sV = reinterpret_cast<T*>(smem + L.v);
+  float* sCs = reinterpret_cast<float*>(smem + L.cs);
+  float* sBlk = reinterpret_cast<float*>(smem + L.blk);
+  int* sList = reinterpret_cast<int*>(smem + L.list);
+
+  const int64_t x = tm.total - 1 - blockIdx.x;  // longest tiles first
+  const int g = blockIdx.y;
+  const int b = find_seq(tm.cu_tiles, p.B, x);
+  const int t0 = int(x - tm.cu_tiles[b]) * BT;
+  const int64_t row0 = p.cu_seqlens[b], cmp0 = p.cu_cmp[b];
+  const int T_b = int(p.cu_seqlens[b + 1] - row0);
+  const int t_last = min(t0 + BT, T_b) - 1;
+  const int nv_max = cmp_visible(t_last, p.l, p.d);
+  const int nb_tile = slc_valid(t_last, p.ls);
+  const int ntiles = (nv_max + kKeys - 1) / kKeys;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* kc = static_cast<const T*>(p.kc);
+  const T* vc = static_cast<const T*>(p.vc);
+  const int Hkv = p.Hkv;
+  auto q_row = [&](int r) -> const T* {
+    const int t = t0 + r / G;
+    return t < T_b ? q + ((row0 + t) * p.Hq + g * G + r % G) * DK : nullptr;
+  };
+  auto k_src = [=](int ci) -> const T* { return ci < nv_max ? kc + ((cmp0 + ci) * Hkv + g) * DK : nullptr; };
+  auto v_src = [=](int ci) -> const T* { return ci < nv_max ? vc + ((cmp0 + ci) * Hkv + g) * DV : nullptr; };
+  auto load_k = [&](int kt) {
+    load_tile_async<DK>(sK + (kt % kStages2) * kKeys * DK, kKeys, [&](int i) { return k_src(kt * kKeys + i); }, kc,
+                        tid, int(blockDim.x));
+  };
+  auto load_v = [&](int kt) {
+    load_tile_async<DV>(sV + (kt % kStages2) * kKeys * DV, kKeys, [&](int i) { return v_src(kt * kKeys + i); }, vc,
+                        tid, int(blockDim.x));
+  };
+
+  // The warp's positions [wp0, wp0 + wpn) of the tile; only this warp touches their scores.
+  const int wp0 = 16 * warp / G, wpn = 16 / G;
+  for (int e = lane; e < wpn * nb_tile; e += 32) sBlk[(wp0 + e / nb_tile) * p.NB + e % nb_tile] = 0;
+
+  load_tile_async<DK>(sQ, R, q_row, q, tid, int(blockDim.x));
+  if (ntiles > 0) load_k(0);
+  cp_async_commit();
+  if (ntiles > 1) load_k(1);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+
+  const int rA = 16 * warp + (lane >> 2), rB = rA + 8;
+  const int posA = rA / G, posB = rB / G;
+  const int tA = t0 + posA, tB = t0 + posB;
+  const bool okA = tA < T_b, okB = tB < T_b;
+  const int nvA = okA ? cmp_visible(tA, p.l, p.d) : 0, nvB = okB ? cmp_visible(tB, p.l, p.d) : 0;
+  int nv_w = max(nvA, nvB);
+  for (int o = 16; o > 0; o /= 2) nv_w = max(nv_w, __shfl_xor_sync(0xffffffffu, nv_w, o));
+  const float sl2 = p.scale * kLog2e;
+  const float inv_d = 1.0f / float(p.d);
+
+  uint32_t qa[DK / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < DK / 16; ++ks)
+    ldmatrix_x4(qa[ks], sQ + SwizzledTile<DK>::offset(16 * warp + (lane & 15), ks * 2 + (lane >> 4)));
+
+  // ---- pass 1: lse ----
+  float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
+  for (int kt = 0; kt < ntiles; ++kt) {
+    if (kt > 0) {
+      cp_async_wait<1>();
+      __syncthreads();  // tile kt landed for every thread; every warp is done with tile kt - 1
+    }
+    if (kt + 2 < ntiles) load_k(kt + 2);  // into the buffer of tile kt - 1
+    cp_async_commit();
+    if (kt * kKeys >= nv_w) continue;
+    float s[8][4];
+    qk_tile<T, DK>(s, qa, sK + (kt % kStages2) * kKeys * DK, lane);
+    float xa = -INFINITY, xb = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
+        s[nt][e] = ci < nvA ? s[nt][e] * sl2 : -INFINITY;
+        s[nt][2 + e] = ci < nvB ? s[nt][2 + e] * sl2 : -INFINITY;
+        xa = fmaxf(xa, s[nt][e]);
+        xb = fmaxf(xb, s[nt][2 + e]);
+      }
+    for (int o = 1; o < 4; o *= 2) {
+      xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
+      xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
+    }
+    const float nA = fmaxf(mA, xa), nB = fmaxf(mB, xb);
+    const float cA = nA == -INFINITY ? 0.0f : nA, cB = nB == -INFINITY ? 0.0f : nB;  // no -inf - -inf
+    lA *= exp2f(mA - cA);
+    lB *= exp2f(mB - cB);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        lA += exp2f(s[nt][e] - cA);
+        lB += exp2f(s[nt][2 + e] - cB);
+      }
+    mA = nA, mB = nB;
+  }
+  for (int o = 1; o < 4; o *= 2) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, o);
+    lB += __shfl_xor_sync(0xffffffffu, lB, o);
+  }
+  const float lseA = lA > 0 ? mA + log2f(lA) : -INFINITY;
+  const float lseB = lB > 0 ? mB + log2f(lB) : -INFINITY;
+
+  // ---- pass 2: p, O = p V, Eq. 10 then Eq. 9 per warp ----
+  float oacc[DV / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0;
+  __syncthreads();  // every warp is done with pass 1's buffers
+  if (ntiles > 0) load_k(0), load_v(0);
+  cp_async_commit();
+  if (ntiles > 1) load_k(1), load_v(1);
+  cp_async_commit();
+  for (int kt = 0; kt < ntiles; ++kt) {
+    cp_async_wait<1>();
+    __syncthreads();
+    if (kt + 2 < ntiles) load_k(kt + 2), load_v(kt + 2);
+    cp_async_commit();
+    if (kt * kKeys >= nv_w) continue;  // p = 0 for all the warp's rows: nothing to add anywhere
+    float s[8][4];
+    qk_tile<T, DK>(s, qa, sK + (kt % kStages2) * kKeys * DK, lane);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
+        s[nt][e] = ci < nvA ? exp2f(s[nt][e] * sl2 - lseA) : 0.0f;
+        s[nt][2 + e] = ci < nvB ? exp2f(s[nt][2 + e] * sl2 - lseB) : 0.0f;
+      }
+    const T* sVt = sV + (kt % kStages2) * kKeys * DV;
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int nd = 0; nd < DV / 16; ++nd) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, sVt + SwizzledTile<DV>::offset(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                            nd * 2 + (lane >> 4)));
+        mma16816<T>(oacc[2 * nd], pa, bv[0], bv[1]);
+        mma16816<T>(oacc[2 * nd + 1], pa, bv[2], bv[3]);
+      }
+    }
+    // Column sums of p over each position's G rows (as v1), into this warp's rows of sCs.
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = nt * 8 + 2 * (lane & 3) + e;
+        float a = s[nt][e], c = s[nt][2 + e];
+        if (G == 16) {
+          a += c;
+          a += __shfl_xor_sync(0xffffffffu, a, 4);
+          a += __shfl_xor_sync(0xffffffffu, a, 8);
+          a += __shfl_xor_sync(0xffffffffu, a, 16);
+          if (lane < 4) sCs[posA * kKeys + col] = a;
+        } else {
+          for (int o = 4; o < 4 * G; o *= 2) {
+            a += __shfl_xor_sync(0xffffffffu, a, o);
+            c += __shfl_xor_sync(0xffffffffu, c, o);
+          }
+          if ((lane >> 2) % G == 0) {
+            sCs[posA * kKeys + col] = a;
+            sCs[posB * kKeys + col] = c;
+          }
+        }
+      }
+    __syncwarp();
+    // Eq. 9 for the warp's positions, one lane per (position, block), ascending i onto the
+    // running score as in v1.
+    {
+      const int i0 = kt * kKeys, iend = min(i0 + kKeys, nv_w);
+      const int jlo = i0 * p.d / p.ls, jhi = ((iend - 1) * p.d + p.l - 1) / p.ls, nj = jhi - jlo + 1;
+      for (int e = lane; e < wpn * nj; e += 32) {
+        const int pos = wp0 + e / nj, j = jlo + e % nj;
+        const int lo_num = j * p.ls - p.l + 1;
+        const int ia = max(i0, lo_num > 0 ? (lo_num + p.d - 1) / p.d : 0);
+        const int ib = min(iend - 1, ((j + 1) * p.ls - 1) / p.d);
+        float acc = sBlk[pos * p.NB + j];
+        for (int i = ia; i <= ib; ++i) {
+          const int ov = min(i * p.d + p.l, (j + 1) * p.ls) - max(i * p.d, j * p.ls);
+          acc += sCs[pos * kKeys + (i - i0)] * (float(ov) * inv_d);
+        }
+        sBlk[pos * p.NB + j] = acc;
+      }
+    }
+    __syncwarp();  // the next tile's column sums overwrite sCs
+  }
+
+  T* ocmp = static_cast<T*>(p.o_cmp);
+  const int hA = g * G + rA % G, hB = g * G + rB % G;
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) {
+    const int c = nd * 8 + 2 * (lane & 3);
+    if (okA) *reinterpret_cast<uint32_t*>(ocmp + ((row0 + tA) * p.Hq + hA) * DV + c) = pack2<T>(oacc[nd][0], oacc[nd][1]);
+    if (okB) *reinterpret_cast<uint32_t*>(ocmp + ((row0 + tB) * p.Hq + hB) * DV + c) = pack2<T>(oacc[nd][2], oacc[nd][3]);
+  }
+  if ((lane & 3) == 0) {
+    if (okA) p.lse_cmp[(row0 + tA) * p.Hq + hA] = lseA * kLn2;
+    if (okB) p.lse_cmp[(row0 + tB) * p.Hq + hB] = lseB * kLn2;
+  }
+  // ---- Eq. 11 for the warp's positions ----
+  for (int pos = wp0; pos < wp0 + wpn; ++pos) {
+    const int t = t0 + pos;
+    if (t >= T_b) break;
+    const float* P = sBlk + pos * p.NB;
+    const int64_t gr = (row0 + t) * p.Hkv + g;
+    if (p.block_scores) {
+      const int valid = slc_valid(t, p.ls);
+      for (int j = lane; j < p.NB; j += 32) p.block_scores[gr * p.NB + j] = j < valid ? P[j] : 0.0f;
+    }
+    select_warp(P, t, p, sList + pos * p.n, p.block_idx + gr * p.n, lane);
+  }
+}
+
 template <class T>
 void launch_v0(const FwdParams& p, cudaStream_t s) {
   const int nw = p.G < 4 ? p.G : 4;
@@ -396,6 +638,18 @@ void launch_v1(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
   if (!ok) throw ConfigError(cat("cmp_attn v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
 }
 
+template <class T>
+void launch_v2(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
+  const size_t smem = cmp_attn_v2_smem(p, nw);
+  const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
+    auto kernel = cmp_attn_v2_kernel<T, decltype(DK)::value, decltype(DV)::value>;
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 32 * nw, smem, s>>>(p, tm);
+    NSA_CUDA_CHECK_LAUNCH("cmp_attn_v2_kernel");
+  });
+  if (!ok) throw ConfigError(cat("cmp_attn v2: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
+}
+
 }  // namespace
 
 size_t cmp_attn_v0_smem(const FwdParams& p, int nwarps) { return size_t(nwarps + 1) * p.NB * sizeof(float); }
@@ -403,6 +657,18 @@ size_t cmp_attn_v0_smem(const FwdParams& p, int nwarps) { return size_t(nwarps +
 size_t cmp_attn_v1_smem(const FwdParams& p, int nwarps) {
   const int R = 16 * nwarps;
   return CmpSmem(R, R / p.G, p.dk, p.dv, p.NB, p.n, 2).total;
+}
+
+size_t cmp_attn_v2_smem(const FwdParams& p, int nwarps) {
+  const int R = 16 * nwarps;
+  return CmpSmem(R, R / p.G, p.dk, p.dv, p.NB, p.n, 2, kStages2).total;
+}
+
+void cmp_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
+  if (tm.total == 0) return;
+  if (prec == Precision::BF16) launch_v2<__nv_bfloat16>(p, tm, nwarps, s);
+  else if (prec == Precision::FP16) launch_v2<__half>(p, tm, nwarps, s);
+  else throw ConfigError("cmp_attn v2 needs bf16 or fp16 operands (fp32 runs kernel v0)");
 }
 
 void cmp_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {

@@ -106,15 +106,15 @@ std::string device_name() {
   return cat(d.prop.name, " (sm_", d.prop.major, d.prop.minor, ", ", d.prop.multiProcessorCount, " SMs)");
 }
 
-// Why kernel v1 cannot run cfg at this precision on this device (empty: it can).
+// Why kernels v1 and v2 cannot run cfg at this precision on this device (empty: it can).
 static std::string v1_obstacle(const Config& cfg, const Options& opt) {
   const int64_t G = cfg.G();
-  if (opt.dtype == Precision::FP32) return "fp32 runs on CUDA cores (kernel v0; v1 needs bf16 or fp16 operands)";
+  if (opt.dtype == Precision::FP32) return "fp32 runs on CUDA cores (kernel v0; v1 and v2 need bf16 or fp16 operands)";
   if (G != 1 && G != 2 && G != 4 && G != 8 && G != 16) return cat("G = ", G, " is not one of 1, 2, 4, 8, 16");
   if (!v1_has_dims(int(cfg.dk), int(cfg.dv)))
-    return cat("head dims dk = ", cfg.dk, ", dv = ", cfg.dv, " are not compiled for v1 (NSA_CUDA_DIMS)");
+    return cat("head dims dk = ", cfg.dk, ", dv = ", cfg.dv, " are not compiled for v1/v2 (NSA_CUDA_DIMS)");
   const DeviceInfo& d = device_info(opt.device);
-  if (d.prop.major < 8) return cat("the device is sm_", d.prop.major, d.prop.minor, "; v1 needs sm_80 or newer");
+  if (d.prop.major < 8) return cat("the device is sm_", d.prop.major, d.prop.minor, "; v1 and v2 need sm_80 or newer");
   return "";
 }
 
@@ -128,14 +128,14 @@ int choose_kernel(const Config& cfg, const Options& opt, std::string* why) {
     if (why) *why = "v0 requested";
     return 0;
   }
-  if (opt.kernel == 1) {
-    if (!obstacle.empty()) throw ConfigError(cat("kernel 1 cannot run this config: ", obstacle));
-    if (why) *why = "v1 requested";
-    return 1;
+  if (opt.kernel == 1 || opt.kernel == 2) {
+    if (!obstacle.empty()) throw ConfigError(cat("kernel ", opt.kernel, " cannot run this config: ", obstacle));
+    if (why) *why = cat("v", opt.kernel, " requested");
+    return opt.kernel;
   }
-  if (opt.kernel != -1) throw ConfigError(cat("kernel = ", opt.kernel, " is invalid: expected 0, 1 or -1 (auto)"));
-  if (why) *why = obstacle.empty() ? "v1: tensor cores" : "v0: " + obstacle;
-  return obstacle.empty() ? 1 : 0;
+  if (opt.kernel != -1) throw ConfigError(cat("kernel = ", opt.kernel, " is invalid: expected 0, 1, 2 or -1 (auto)"));
+  if (why) *why = obstacle.empty() ? "v2: tensor cores, 8-warp CTAs, 3-4 stage pipelines" : "v0: " + obstacle;
+  return obstacle.empty() ? 2 : 0;
 }
 
 // ---------------------------------------------------------------- the plan
@@ -215,7 +215,7 @@ struct Plan::Impl {
   int64_t N = 0;
   std::vector<int64_t> cu, cu_cmp;  // host copies
   FwdParams p;
-  int cmp_warps = 4, slc_warps = 2;
+  int cmp_warps = 4, slc_warps = 2, win_warps = 4;  // warps per CTA of the v1/v2 kernels
   TileMap tm_cmp, tm_slc, tm_win;
   std::vector<DeviceBuffer> buffers;
   cublasHandle_t blas = nullptr;
@@ -337,27 +337,30 @@ Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const 
     p.NB = int(cfg.num_slc_blocks(Tmax));
     p.scale = float(cfg.softmax_scale());
 
-    // Shared memory: the per-position block scores (BT x NB floats) must fit in one CTA.
+    // Shared memory: the per-position block scores (BT x NB floats) must fit in one CTA; the
+    // compression kernel takes the most warps (rows) that fit, capped by NSA_CMP_WARPS.
     const size_t optin = size_t(dinfo.smem_optin);
-    if (I.version == 1) {
-      I.cmp_warps = 0;
-      for (int nw : {4, 2, 1})
-        if (cmp_attn_v1_smem(p, nw) <= optin) {
-          I.cmp_warps = nw;
-          break;
-        }
-      I.cmp_warps = std::min(I.cmp_warps, std::max(1, env_int("NSA_CMP_WARPS", 4)));
-      while (I.cmp_warps > 1 && cmp_attn_v1_smem(p, I.cmp_warps) > optin) I.cmp_warps /= 2;
-      I.slc_warps = std::clamp(env_int("NSA_SLC_WARPS", 2), 1, 4);
-      const bool fits = I.cmp_warps > 0 && cmp_attn_v1_smem(p, I.cmp_warps) <= optin &&
-                        slc_attn_v1_smem(p, I.slc_warps) <= optin && win_attn_v1_smem(p) <= optin;
-      if (!fits) {
-        const std::string msg = cat("kernel v1 needs more shared memory than the device's ", optin,
-                                    " bytes per block (sequence of ", Tmax, " tokens: ", p.NB,
-                                    " selection blocks per position)");
-        if (opt.kernel == 1) throw ResourceError(msg);
-        I.version = 0;
+    auto pick_warps = [&](auto smem_of, int most, const char* env) {
+      int nw = std::min(most, std::max(1, env_int(env, most)));
+      while (nw > 1 && smem_of(nw) > optin) nw /= 2;
+      return smem_of(nw) <= optin ? nw : 0;
+    };
+    while (I.version >= 1) {
+      if (I.version == 2) {
+        I.cmp_warps = pick_warps([&](int nw) { return cmp_attn_v2_smem(p, nw); }, 8, "NSA_CMP_WARPS");
+        I.slc_warps = pick_warps([&](int nw) { return slc_attn_v2_smem(p, nw); }, 1, "NSA_SLC_WARPS");
+        I.win_warps = pick_warps([&](int nw) { return win_attn_v2_smem(p, nw); }, 8, "NSA_WIN_WARPS");
+      } else {
+        I.cmp_warps = pick_warps([&](int nw) { return cmp_attn_v1_smem(p, nw); }, 4, "NSA_CMP_WARPS");
+        I.slc_warps = pick_warps([&](int nw) { return slc_attn_v1_smem(p, nw); }, 2, "NSA_SLC_WARPS");
+        I.win_warps = win_attn_v1_smem(p) <= optin ? 4 : 0;
       }
+      if (I.cmp_warps && I.slc_warps && I.win_warps) break;
+      const std::string msg = cat("kernel v", I.version, " needs more shared memory than the device's ", optin,
+                                  " bytes per block (sequence of ", Tmax, " tokens: ", p.NB,
+                                  " selection blocks per position)");
+      if (opt.kernel == I.version) throw ResourceError(msg);
+      --I.version;  // the previous version needs less
     }
     if (I.version == 0 && cmp_attn_v0_smem(p, std::min(p.G, 4)) > optin)
       throw ResourceError(cat("sequence of ", Tmax, " tokens: ", p.NB, " selection blocks per position need ",
@@ -411,10 +414,10 @@ Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const 
       I.ws.Hb = I.alloc_e(int64_t(p.Hkv) * p.Nc * hc, "phi workspace Hb");
       I.ws.Y = I.alloc_t<float>(p.Nc * p.Hkv * D, "phi workspace Y");
     }
-    if (I.version == 1) {
+    if (I.version >= 1) {
       I.tm_cmp = I.tile_map(16 * I.cmp_warps / p.G, "cmp tiles");
       I.tm_slc = I.tile_map(16 / p.G, "slc tiles");
-      I.tm_win = I.tile_map(64 / p.G, "win tiles");
+      I.tm_win = I.tile_map(16 * I.win_warps / p.G, "win tiles");
     }
     NSA_CUBLAS_CHECK(cublasCreate(&I.blas));
     NSA_CUDA_CHECK(cudaDeviceSynchronize());
@@ -528,11 +531,17 @@ static std::vector<std::pair<const char*, std::function<void(cudaStream_t)>>> st
     st.push_back({"slc_attn", [&I](cudaStream_t s) { slc_attn_v0(I.opt.dtype, I.p, s); }});
     st.push_back({"win_attn", [&I](cudaStream_t s) { win_attn_v0(I.opt.dtype, I.p, s); }});
     st.push_back({"combine", [&I](cudaStream_t s) { combine_v0(I.opt.dtype, I.p, s); }});
-  } else {
+  } else if (I.version == 1) {
     st.push_back(
         {"cmp_attn+select", [&I](cudaStream_t s) { cmp_attn_v1(I.opt.dtype, I.p, I.tm_cmp, I.cmp_warps, s); }});
     st.push_back({"slc_attn", [&I](cudaStream_t s) { slc_attn_v1(I.opt.dtype, I.p, I.tm_slc, I.slc_warps, s); }});
     st.push_back({"win_attn+combine", [&I](cudaStream_t s) { win_attn_v1(I.opt.dtype, I.p, I.tm_win, s); }});
+  } else {
+    st.push_back(
+        {"cmp_attn+select", [&I](cudaStream_t s) { cmp_attn_v2(I.opt.dtype, I.p, I.tm_cmp, I.cmp_warps, s); }});
+    st.push_back({"slc_attn", [&I](cudaStream_t s) { slc_attn_v2(I.opt.dtype, I.p, I.tm_slc, I.slc_warps, s); }});
+    st.push_back(
+        {"win_attn+combine", [&I](cudaStream_t s) { win_attn_v2(I.opt.dtype, I.p, I.tm_win, I.win_warps, s); }});
   }
   return st;
 }

@@ -14,7 +14,8 @@
 //   forward.cu      Plan: buffers, the choice of kernel version, the sequence of launches
 // Kernel versions (STYLE 6): v0 = fp32 CUDA cores, one warp per (token, head), any shape: the
 // obviously-right version and the fp32 debug mode; v1 = tensor cores (mma.sync m16n8k16, bf16 or
-// fp16 operands, fp32 accumulation) for dk in {64, 128, 192}, dv in {64, 128}, G in {1, 2, 4, 8, 16}.
+// fp16 operands, fp32 accumulation) for dk in {64, 128, 192}, dv in {64, 128}, G in {1, 2, 4, 8, 16};
+// v2 = v1's computation with deeper pipelines, larger CTAs and fewer barriers (the default).
 #pragma once
 
 #include <cstdint>
@@ -46,7 +47,7 @@ std::string device_name();
 
 struct Options {
   Precision dtype = Precision::BF16;
-  int kernel = -1;           // -1: chosen from the config and the device; 0 or 1: that version
+  int kernel = -1;           // -1: chosen from the config and the device; 0, 1 or 2: that version
   bool intermediates = true;  // also produce o_win and block_scores (o_cmp, o_slc, lse, block_idx
                               // and the compressed K/V are always produced: later stages use them)
   int device = 0;

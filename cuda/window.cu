@@ -219,6 +219,181 @@ __global__ void __launch_bounds__(128) win_attn_v1_kernel(FwdParams p, TileMap t
   epilogue(okB, tB, hB, mB, lB, iB, oacc, 1);
 }
 
+
+// ============================== v2: 8 warps, 3 stages ==============================
+// v1's computation with v2's schedule (see cmp_attn.cu): 16 * nwarps rows per CTA (128 with 8
+// warps, BT = 128 / G positions), three shared-memory stages and one barrier per key tile; a warp
+// skips the tiles that lie outside all of its rows' windows.
+constexpr int kStages2 = 3;
+
+template <class T, int DK, int DV>
+__global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMap tm) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int nw = blockDim.x / 32, R = 16 * nw, G = p.G, BT = R / G;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + R * DK;
+  T* sV = sK + kStages2 * kKeys * DK;
+
+  const int64_t x = blockIdx.x;
+  const int g = blockIdx.y;
+  const int b = find_seq(tm.cu_tiles, p.B, x);
+  const int t0 = int(x - tm.cu_tiles[b]) * BT;
+  const int64_t row0 = p.cu_seqlens[b];
+  const int T_b = int(p.cu_seqlens[b + 1] - row0);
+  const int t_last = min(t0 + BT, T_b) - 1;
+  const int k_begin = win_start(t0, p.w), nkeys = t_last + 1 - k_begin;
+  const int ntiles = (nkeys + kKeys - 1) / kKeys;
+  const int Hkv = p.Hkv;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k_win);
+  const T* V = static_cast<const T*>(p.v_win);
+  auto load_kv = [&](int kt) {
+    const int u0 = k_begin + kt * kKeys, st = kt % kStages2;
+    load_tile_async<DK>(
+        sK + st * kKeys * DK, kKeys,
+        [&](int r) -> const T* { return u0 + r <= t_last ? K + ((row0 + u0 + r) * Hkv + g) * DK : nullptr; }, K, tid,
+        int(blockDim.x));
+    load_tile_async<DV>(
+        sV + st * kKeys * DV, kKeys,
+        [&](int r) -> const T* { return u0 + r <= t_last ? V + ((row0 + u0 + r) * Hkv + g) * DV : nullptr; }, V, tid,
+        int(blockDim.x));
+  };
+  load_tile_async<DK>(
+      sQ, R,
+      [&](int r) -> const T* {
+        const int t = t0 + r / G;
+        return t < T_b ? q + ((row0 + t) * p.Hq + g * G + r % G) * DK : nullptr;
+      },
+      q, tid, int(blockDim.x));
+  load_kv(0);
+  cp_async_commit();
+  if (ntiles > 1) load_kv(1);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+
+  const int rA = 16 * warp + (lane >> 2), rB = rA + 8;
+  const int tA = t0 + rA / G, tB = t0 + rB / G;
+  const bool okA = tA < T_b, okB = tB < T_b;
+  const int loA = win_start(tA, p.w), loB = win_start(tB, p.w);
+  const int hA = g * G + rA % G, hB = g * G + rB % G;
+  // Keys any row of the warp sees: [win_start(first position), last valid position].
+  const int w_lo = win_start(min(t0 + 16 * warp / G, t_last), p.w);
+  const int w_hi = min(t0 + (16 * warp + 15) / G, t_last);
+  const float sl2 = p.scale * kLog2e;
+  float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
+  float oacc[DV / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0;
+  uint32_t qa[DK / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < DK / 16; ++ks)
+    ldmatrix_x4(qa[ks], sQ + SwizzledTile<DK>::offset(16 * warp + (lane & 15), ks * 2 + (lane >> 4)));
+
+  for (int kt = 0; kt < ntiles; ++kt) {
+    if (kt > 0) {
+      cp_async_wait<1>();
+      __syncthreads();
+    }
+    if (kt + 2 < ntiles) load_kv(kt + 2);
+    cp_async_commit();
+    const int u0 = k_begin + kt * kKeys;
+    if (u0 + kKeys - 1 < w_lo || u0 > w_hi) continue;
+    const T* sKt = sK + (kt % kStages2) * kKeys * DK;
+    const T* sVt = sV + (kt % kStages2) * kKeys * DV;
+    float s[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0;
+#pragma unroll
+    for (int ks = 0; ks < DK / 16; ++ks)
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, sKt + SwizzledTile<DK>::offset(np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                       ks * 2 + ((lane >> 3) & 1)));
+        mma16816<T>(s[2 * np], qa[ks], bk[0], bk[1]);
+        mma16816<T>(s[2 * np + 1], qa[ks], bk[2], bk[3]);
+      }
+    float xa = -INFINITY, xb = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int u = u0 + nt * 8 + 2 * (lane & 3) + e;
+        s[nt][e] = okA && u >= loA && u <= tA ? s[nt][e] * sl2 : -INFINITY;
+        s[nt][2 + e] = okB && u >= loB && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
+        xa = fmaxf(xa, s[nt][e]);
+        xb = fmaxf(xb, s[nt][2 + e]);
+      }
+    for (int o = 1; o < 4; o *= 2) {
+      xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
+      xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
+    }
+    const float nA = fmaxf(mA, xa), nB = fmaxf(mB, xb);
+    const float cA = nA == -INFINITY ? 0.0f : nA, cB = nB == -INFINITY ? 0.0f : nB;  // no -inf - -inf
+    const float alA = exp2f(mA - cA), alB = exp2f(mB - cB);
+    lA *= alA;
+    lB *= alB;
+#pragma unroll
+    for (int nd = 0; nd < DV / 8; ++nd) {
+      oacc[nd][0] *= alA, oacc[nd][1] *= alA;
+      oacc[nd][2] *= alB, oacc[nd][3] *= alB;
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - cA);
+        s[nt][2 + e] = exp2f(s[nt][2 + e] - cB);
+        lA += s[nt][e];
+        lB += s[nt][2 + e];
+      }
+    mA = nA, mB = nB;
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int nd = 0; nd < DV / 16; ++nd) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, sVt + SwizzledTile<DV>::offset(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                            nd * 2 + (lane >> 4)));
+        mma16816<T>(oacc[2 * nd], pa, bv[0], bv[1]);
+        mma16816<T>(oacc[2 * nd + 1], pa, bv[2], bv[3]);
+      }
+    }
+  }
+
+  for (int o = 1; o < 4; o *= 2) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, o);
+    lB += __shfl_xor_sync(0xffffffffu, lB, o);
+  }
+  const float iA = lA > 0 ? 1.0f / lA : 0.0f, iB = lB > 0 ? 1.0f / lB : 0.0f;
+  const T* ocmp = static_cast<const T*>(p.o_cmp);
+  const T* oslc = static_cast<const T*>(p.o_slc);
+  T* owin = static_cast<T*>(p.o_win);
+  T* o = static_cast<T*>(p.o);
+  auto epilogue = [&](bool ok, int t, int h, float m, float l, float inv, float (&acc)[DV / 8][4], int half) {
+    if (!ok) return;
+    const int64_t th = (row0 + t) * p.Hq + h;
+    const float g0 = p.gates[th * 3], g1 = p.gates[th * 3 + 1], g2 = p.gates[th * 3 + 2];
+#pragma unroll
+    for (int nd = 0; nd < DV / 8; ++nd) {
+      const int64_t e = th * DV + nd * 8 + 2 * (lane & 3);
+      const float w0 = acc[nd][2 * half] * inv, w1 = acc[nd][2 * half + 1] * inv;
+      if (owin) *reinterpret_cast<uint32_t*>(owin + e) = pack2<T>(w0, w1);
+      const float o0 = g0 * to_f(ocmp[e]) + g1 * to_f(oslc[e]) + g2 * w0;
+      const float o1 = g0 * to_f(ocmp[e + 1]) + g1 * to_f(oslc[e + 1]) + g2 * w1;
+      *reinterpret_cast<uint32_t*>(o + e) = pack2<T>(o0, o1);
+    }
+    if ((lane & 3) == 0) p.lse_win[th] = l > 0 ? (m + log2f(l)) * kLn2 : -INFINITY;
+  };
+  epilogue(okA, tA, hA, mA, lA, iA, oacc, 0);
+  epilogue(okB, tB, hB, mB, lB, iB, oacc, 1);
+}
+
 template <class T>
 void launch_v0(const FwdParams& p, cudaStream_t s) {
   const int nw = p.G < 4 ? p.G : 4;
@@ -238,9 +413,32 @@ void launch_v1(const FwdParams& p, const TileMap& tm, cudaStream_t s) {
   if (!ok) throw ConfigError(cat("win_attn v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
 }
 
+template <class T>
+void launch_v2(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
+  const size_t smem = win_attn_v2_smem(p, nw);
+  const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
+    auto kernel = win_attn_v2_kernel<T, decltype(DK)::value, decltype(DV)::value>;
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 32 * nw, smem, s>>>(p, tm);
+    NSA_CUDA_CHECK_LAUNCH("win_attn_v2_kernel");
+  });
+  if (!ok) throw ConfigError(cat("win_attn v2: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
+}
+
 }  // namespace
 
 size_t win_attn_v1_smem(const FwdParams& p) { return (size_t(kRows) * p.dk + 2 * size_t(kKeys) * (p.dk + p.dv)) * 2; }
+
+size_t win_attn_v2_smem(const FwdParams& p, int nwarps) {
+  return (size_t(16 * nwarps) * p.dk + size_t(kStages2) * kKeys * (p.dk + p.dv)) * 2;
+}
+
+void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
+  if (tm.total == 0) return;
+  if (prec == Precision::BF16) launch_v2<__nv_bfloat16>(p, tm, nwarps, s);
+  else if (prec == Precision::FP16) launch_v2<__half>(p, tm, nwarps, s);
+  else throw ConfigError("win_attn v2 needs bf16 or fp16 operands (fp32 runs kernel v0)");
+}
 
 void win_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {
   if (p.N == 0) return;

@@ -249,6 +249,12 @@ TEST_CASE("cuda forward vs reference: small cases (the sanitizer set)") {
     cases.push_back(g);
   }
   cases.push_back(make("T=300 G=3 (v0 fallback) dk=dv=64", paper(6, 2, 64, 64), {300}));
+  for (int64_t G : {1, 4, 16}) {  // kernel v1, kept for comparison, on the tile edges
+    GpuCase g = make(cat("packed T={1,63,64,65,130} G=", G, " dk=dv=64 kernel v1"), paper(G, 1, 64, 64),
+                     {1, 63, 64, 65, 130});
+    g.kernel = 1;
+    cases.push_back(g);
+  }
   cases.push_back(make("T=400 G=16 fp32 (v0) dk=192 dv=128", paper(16, 1, 192, 128), {400}, Precision::FP32));
   for (const auto& gc : cases) run_case(gc);
 }
@@ -258,6 +264,11 @@ TEST_CASE("cuda forward vs reference: paper-sized cases") {
   cases.push_back(make("T=4097 G=16 dk=dv=128 l=32 d=16 l'=64 n=16 w=512 mlp", paper(16, 1, 128, 128), {4097}));
   cases.push_back(make("T=1025 G=16 dk=192 dv=128 mlp", paper(32, 2, 192, 128), {1025}));
   cases.push_back(make("T=2049 G=16 dk=dv=128 mlp", paper(16, 1, 128, 128), {2049}, Precision::FP16));
+  {
+    GpuCase g = make("T=3000 G=16 dk=192 dv=128 mlp kernel v1", paper(16, 1, 192, 128), {3000});
+    g.kernel = 1;
+    cases.push_back(g);
+  }
   {
     Config c = paper(16, 2, 64, 64);
     GpuCase g = make("T=1000 G=8 dk=dv=64 linear separate K/V", c, {1000});
@@ -273,7 +284,7 @@ TEST_CASE("cuda forward vs reference: paper-sized cases") {
 TEST_CASE("cuda select: exactly tied scores go to the lower block index, as in the reference") {
   // Constant keys make every compressed key equal, so every interior block gets exactly the same
   // score in any summation order; the picks must be the lowest indices.
-  for (int kernel : {0, 1}) {
+  for (int kernel : {0, 1, 2}) {
     Config c = paper(16, 1, 128, 128);
     c.compress = CompressKind::Mean;
     GpuCase g = make(cat("T=1500 constant keys, kernel ", kernel), c, {1500});
