@@ -387,9 +387,14 @@ __global__ void __launch_bounds__(128) cmp_attn_v1_kernel(FwdParams p, TileMap t
 //   - Eq. 9 mapped by each warp for its own positions (G <= 16 keeps all heads of a position in
 //     one warp): no barrier between the column sums and the mapping, a warp skips the tiles none
 //     of its rows sees, and the top-n follows in the same warp without a CTA barrier.
+//
+// v3 is v2 with kLean: the measured v2 (ncu, T = 16k) issues ~15 instructions per mma, its warps
+// stalled on dependent arithmetic with 2 warps per scheduler. kLean trims the per-element work:
+// tiles every row of the warp sees in full skip the masks and take exp2 as one multiply-add and
+// one MUFU (ex2.approx.ftz); tiles are copied from a row base and stride.
 constexpr int kStages2 = 3;
 
-template <class T, int DK, int DV>
+template <class T, int DK, int DV, bool kLean>
 __global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMap tm) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int nw = blockDim.x / 32, R = 16 * nw, G = p.G, BT = R / G;
@@ -424,12 +429,20 @@ __global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMa
   auto k_src = [=](int ci) -> const T* { return ci < nv_max ? kc + ((cmp0 + ci) * Hkv + g) * DK : nullptr; };
   auto v_src = [=](int ci) -> const T* { return ci < nv_max ? vc + ((cmp0 + ci) * Hkv + g) * DV : nullptr; };
   auto load_k = [&](int kt) {
-    load_tile_async<DK>(sK + (kt % kStages2) * kKeys * DK, kKeys, [&](int i) { return k_src(kt * kKeys + i); }, kc,
-                        tid, int(blockDim.x));
+    if constexpr (kLean)
+      load_rows_async<DK>(sK + (kt % kStages2) * kKeys * DK, kKeys, kc + ((cmp0 + kt * kKeys) * Hkv + g) * DK,
+                          int64_t(Hkv) * DK, nv_max - kt * kKeys, tid, int(blockDim.x));
+    else
+      load_tile_async<DK>(sK + (kt % kStages2) * kKeys * DK, kKeys, [&](int i) { return k_src(kt * kKeys + i); },
+                          kc, tid, int(blockDim.x));
   };
   auto load_v = [&](int kt) {
-    load_tile_async<DV>(sV + (kt % kStages2) * kKeys * DV, kKeys, [&](int i) { return v_src(kt * kKeys + i); }, vc,
-                        tid, int(blockDim.x));
+    if constexpr (kLean)
+      load_rows_async<DV>(sV + (kt % kStages2) * kKeys * DV, kKeys, vc + ((cmp0 + kt * kKeys) * Hkv + g) * DV,
+                          int64_t(Hkv) * DV, nv_max - kt * kKeys, tid, int(blockDim.x));
+    else
+      load_tile_async<DV>(sV + (kt % kStages2) * kKeys * DV, kKeys, [&](int i) { return v_src(kt * kKeys + i); },
+                          vc, tid, int(blockDim.x));
   };
 
   // The warp's positions [wp0, wp0 + wpn) of the tile; only this warp touches their scores.
@@ -449,8 +462,11 @@ __global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMa
   const int tA = t0 + posA, tB = t0 + posB;
   const bool okA = tA < T_b, okB = tB < T_b;
   const int nvA = okA ? cmp_visible(tA, p.l, p.d) : 0, nvB = okB ? cmp_visible(tB, p.l, p.d) : 0;
-  int nv_w = max(nvA, nvB);
-  for (int o = 16; o > 0; o /= 2) nv_w = max(nv_w, __shfl_xor_sync(0xffffffffu, nv_w, o));
+  int nv_w = max(nvA, nvB), nv_min = min(nvA, nvB);  // keys some / every row of the warp sees
+  for (int o = 16; o > 0; o /= 2) {
+    nv_w = max(nv_w, __shfl_xor_sync(0xffffffffu, nv_w, o));
+    nv_min = min(nv_min, __shfl_xor_sync(0xffffffffu, nv_min, o));
+  }
   const float sl2 = p.scale * kLog2e;
   const float inv_d = 1.0f / float(p.d);
 
@@ -471,6 +487,31 @@ __global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMa
     if (kt * kKeys >= nv_w) continue;
     float s[8][4];
     qk_tile<T, DK>(s, qa, sK + (kt % kStages2) * kKeys * DK, lane);
+    if (kLean && (kt + 1) * kKeys <= nv_min) {
+      // Every row sees the whole tile: no masks, and the scale folded into one multiply-add.
+      float xa = -INFINITY, xb = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        xa = fmaxf(xa, fmaxf(s[nt][0], s[nt][1]));
+        xb = fmaxf(xb, fmaxf(s[nt][2], s[nt][3]));
+      }
+      for (int o = 1; o < 4; o *= 2) {
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
+      }
+      const float nA = fmaxf(mA, xa * sl2), nB = fmaxf(mB, xb * sl2);  // sl2 > 0: max commutes with it
+      lA *= fast_exp2(mA - nA);
+      lB *= fast_exp2(mB - nB);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          lA += fast_exp2(fmaf(s[nt][e], sl2, -nA));
+          lB += fast_exp2(fmaf(s[nt][2 + e], sl2, -nB));
+        }
+      mA = nA, mB = nB;
+      continue;
+    }
     float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
@@ -523,14 +564,24 @@ __global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMa
     if (kt * kKeys >= nv_w) continue;  // p = 0 for all the warp's rows: nothing to add anywhere
     float s[8][4];
     qk_tile<T, DK>(s, qa, sK + (kt % kStages2) * kKeys * DK, lane);
+    if (kLean && (kt + 1) * kKeys <= nv_min) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+      for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
-        s[nt][e] = ci < nvA ? exp2f(s[nt][e] * sl2 - lseA) : 0.0f;
-        s[nt][2 + e] = ci < nvB ? exp2f(s[nt][2 + e] * sl2 - lseB) : 0.0f;
-      }
+        for (int e = 0; e < 2; ++e) {
+          s[nt][e] = fast_exp2(fmaf(s[nt][e], sl2, -lseA));
+          s[nt][2 + e] = fast_exp2(fmaf(s[nt][2 + e], sl2, -lseB));
+        }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
+          s[nt][e] = ci < nvA ? exp2f(s[nt][e] * sl2 - lseA) : 0.0f;
+          s[nt][2 + e] = ci < nvB ? exp2f(s[nt][2 + e] * sl2 - lseB) : 0.0f;
+        }
+    }
     const T* sVt = sV + (kt % kStages2) * kKeys * DV;
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
@@ -638,11 +689,11 @@ void launch_v1(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
   if (!ok) throw ConfigError(cat("cmp_attn v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
 }
 
-template <class T>
+template <class T, bool kLean>
 void launch_v2(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
   const size_t smem = cmp_attn_v2_smem(p, nw);
   const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-    auto kernel = cmp_attn_v2_kernel<T, decltype(DK)::value, decltype(DV)::value>;
+    auto kernel = cmp_attn_v2_kernel<T, decltype(DK)::value, decltype(DV)::value, kLean>;
     NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     kernel<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 32 * nw, smem, s>>>(p, tm);
     NSA_CUDA_CHECK_LAUNCH("cmp_attn_v2_kernel");
@@ -664,11 +715,11 @@ size_t cmp_attn_v2_smem(const FwdParams& p, int nwarps) {
   return CmpSmem(R, R / p.G, p.dk, p.dv, p.NB, p.n, 2, kStages2).total;
 }
 
-void cmp_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
+void cmp_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s) {
   if (tm.total == 0) return;
-  if (prec == Precision::BF16) launch_v2<__nv_bfloat16>(p, tm, nwarps, s);
-  else if (prec == Precision::FP16) launch_v2<__half>(p, tm, nwarps, s);
-  else throw ConfigError("cmp_attn v2 needs bf16 or fp16 operands (fp32 runs kernel v0)");
+  if (prec == Precision::BF16) lean ? launch_v2<__nv_bfloat16, true>(p, tm, nwarps, s) : launch_v2<__nv_bfloat16, false>(p, tm, nwarps, s);
+  else if (prec == Precision::FP16) lean ? launch_v2<__half, true>(p, tm, nwarps, s) : launch_v2<__half, false>(p, tm, nwarps, s);
+  else throw ConfigError("cmp_attn v2/v3 needs bf16 or fp16 operands (fp32 runs kernel v0)");
 }
 
 void cmp_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {

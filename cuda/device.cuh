@@ -39,6 +39,14 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// 2^x with one MUFU instruction (flush-to-zero, ~2 ulp): exp2f without fast-math adds a
+// denormal-handling sequence around it, which measurably costs in the softmax loops.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -136,6 +144,22 @@ __device__ __forceinline__ void load_tile_async(T* tile, int rows, SrcRow src_ro
     const int r = c / Tile::kChunks, ch = c % Tile::kChunks;
     const T* src = src_row(r);
     cp_async_16(tile + Tile::offset(r, ch), src ? src + ch * 8 : fallback, src != nullptr);
+  }
+}
+
+// Copies rows [0, rows) of a strided matrix (row r at base + r * stride elements) into a swizzled
+// tile with cp.async; rows >= valid are zero-filled. The same copy as load_tile_async for the
+// common case of evenly strided rows, with the address arithmetic of one row in a multiply-add.
+// base must be a valid address (row 0 is always in range where it is used).
+template <int D, class T>
+__device__ __forceinline__ void load_rows_async(T* tile, int rows, const T* base, int64_t stride, int valid, int tid,
+                                                int nthreads) {
+  using Tile = SwizzledTile<D>;
+  constexpr int C = Tile::kChunks;
+  for (int c = tid; c < rows * C; c += nthreads) {
+    const int r = c / C, ch = c - r * C;
+    const bool ok = r < valid;
+    cp_async_16(tile + Tile::offset(r, ch), base + (ok ? r * stride + ch * 8 : 0), ok);
   }
 }
 

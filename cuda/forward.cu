@@ -109,7 +109,7 @@ std::string device_name() {
 // Why kernels v1 and v2 cannot run cfg at this precision on this device (empty: it can).
 static std::string v1_obstacle(const Config& cfg, const Options& opt) {
   const int64_t G = cfg.G();
-  if (opt.dtype == Precision::FP32) return "fp32 runs on CUDA cores (kernel v0; v1 and v2 need bf16 or fp16 operands)";
+  if (opt.dtype == Precision::FP32) return "fp32 runs on CUDA cores (kernel v0; v1-v3 need bf16 or fp16 operands)";
   if (G != 1 && G != 2 && G != 4 && G != 8 && G != 16) return cat("G = ", G, " is not one of 1, 2, 4, 8, 16");
   if (!v1_has_dims(int(cfg.dk), int(cfg.dv)))
     return cat("head dims dk = ", cfg.dk, ", dv = ", cfg.dv, " are not compiled for v1/v2 (NSA_CUDA_DIMS)");
@@ -128,14 +128,15 @@ int choose_kernel(const Config& cfg, const Options& opt, std::string* why) {
     if (why) *why = "v0 requested";
     return 0;
   }
-  if (opt.kernel == 1 || opt.kernel == 2) {
+  if (opt.kernel >= 1 && opt.kernel <= 3) {
     if (!obstacle.empty()) throw ConfigError(cat("kernel ", opt.kernel, " cannot run this config: ", obstacle));
     if (why) *why = cat("v", opt.kernel, " requested");
     return opt.kernel;
   }
-  if (opt.kernel != -1) throw ConfigError(cat("kernel = ", opt.kernel, " is invalid: expected 0, 1, 2 or -1 (auto)"));
-  if (why) *why = obstacle.empty() ? "v2: tensor cores, 8-warp CTAs, 3-4 stage pipelines" : "v0: " + obstacle;
-  return obstacle.empty() ? 2 : 0;
+  if (opt.kernel != -1)
+    throw ConfigError(cat("kernel = ", opt.kernel, " is invalid: expected 0, 1, 2, 3 or -1 (auto)"));
+  if (why) *why = obstacle.empty() ? "v3: tensor cores, the fastest measured version" : "v0: " + obstacle;
+  return obstacle.empty() ? 3 : 0;
 }
 
 // ---------------------------------------------------------------- the plan
@@ -346,13 +347,15 @@ Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const 
       return smem_of(nw) <= optin ? nw : 0;
     };
     while (I.version >= 1) {
-      if (I.version == 2) {
+      if (I.version >= 2) {  // v3 = v2's compression and window kernels made lean, v1's selection made lean
+        const bool v3 = I.version == 3;
         I.cmp_warps = pick_warps([&](int nw) { return cmp_attn_v2_smem(p, nw); }, 8, "NSA_CMP_WARPS");
-        I.slc_warps = pick_warps([&](int nw) { return slc_attn_v2_smem(p, nw); }, 1, "NSA_SLC_WARPS");
+        I.slc_warps = v3 ? pick_warps([&](int nw) { return slc_attn_v1_smem(p, nw, true); }, 2, "NSA_SLC_WARPS")
+                         : pick_warps([&](int nw) { return slc_attn_v2_smem(p, nw); }, 1, "NSA_SLC_WARPS");
         I.win_warps = pick_warps([&](int nw) { return win_attn_v2_smem(p, nw); }, 8, "NSA_WIN_WARPS");
       } else {
         I.cmp_warps = pick_warps([&](int nw) { return cmp_attn_v1_smem(p, nw); }, 4, "NSA_CMP_WARPS");
-        I.slc_warps = pick_warps([&](int nw) { return slc_attn_v1_smem(p, nw); }, 2, "NSA_SLC_WARPS");
+        I.slc_warps = pick_warps([&](int nw) { return slc_attn_v1_smem(p, nw, false); }, 2, "NSA_SLC_WARPS");
         I.win_warps = win_attn_v1_smem(p) <= optin ? 4 : 0;
       }
       if (I.cmp_warps && I.slc_warps && I.win_warps) break;
@@ -534,14 +537,22 @@ static std::vector<std::pair<const char*, std::function<void(cudaStream_t)>>> st
   } else if (I.version == 1) {
     st.push_back(
         {"cmp_attn+select", [&I](cudaStream_t s) { cmp_attn_v1(I.opt.dtype, I.p, I.tm_cmp, I.cmp_warps, s); }});
-    st.push_back({"slc_attn", [&I](cudaStream_t s) { slc_attn_v1(I.opt.dtype, I.p, I.tm_slc, I.slc_warps, s); }});
+    st.push_back(
+        {"slc_attn", [&I](cudaStream_t s) { slc_attn_v1(I.opt.dtype, I.p, I.tm_slc, I.slc_warps, false, s); }});
     st.push_back({"win_attn+combine", [&I](cudaStream_t s) { win_attn_v1(I.opt.dtype, I.p, I.tm_win, s); }});
   } else {
-    st.push_back(
-        {"cmp_attn+select", [&I](cudaStream_t s) { cmp_attn_v2(I.opt.dtype, I.p, I.tm_cmp, I.cmp_warps, s); }});
-    st.push_back({"slc_attn", [&I](cudaStream_t s) { slc_attn_v2(I.opt.dtype, I.p, I.tm_slc, I.slc_warps, s); }});
-    st.push_back(
-        {"win_attn+combine", [&I](cudaStream_t s) { win_attn_v2(I.opt.dtype, I.p, I.tm_win, I.win_warps, s); }});
+    const bool v3 = I.version == 3;
+    st.push_back({"cmp_attn+select", [&I, v3](cudaStream_t s) {
+                    cmp_attn_v2(I.opt.dtype, I.p, I.tm_cmp, I.cmp_warps, v3, s);
+                  }});
+    if (v3)
+      st.push_back(
+          {"slc_attn", [&I](cudaStream_t s) { slc_attn_v1(I.opt.dtype, I.p, I.tm_slc, I.slc_warps, true, s); }});
+    else
+      st.push_back({"slc_attn", [&I](cudaStream_t s) { slc_attn_v2(I.opt.dtype, I.p, I.tm_slc, I.slc_warps, s); }});
+    st.push_back({"win_attn+combine", [&I, v3](cudaStream_t s) {
+                    win_attn_v2(I.opt.dtype, I.p, I.tm_win, I.win_warps, v3, s);
+                  }});
   }
   return st;
 }

@@ -67,15 +67,16 @@ size_t cmp_attn_v0_smem(const FwdParams& p, int nwarps);
 // Rows per CTA = 16 * nwarps (nwarps in 1..4), i.e. BT = 16 * nwarps / G positions.
 void cmp_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
 size_t cmp_attn_v1_smem(const FwdParams& p, int nwarps);
-// v2: nwarps in 1..8, 3-stage pipeline, warp-local Eq. 9 (see cmp_attn.cu).
-void cmp_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
+// v2: nwarps in 1..8, 3-stage pipeline, warp-local Eq. 9 (see cmp_attn.cu); lean: v3.
+void cmp_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
 size_t cmp_attn_v2_smem(const FwdParams& p, int nwarps);
 
 // ---- select.cu: selection attention (Eq. 12) ----
 void slc_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s);
-// tm: tiles of 16 / G positions, one per warp; nwarps warps per CTA.
-void slc_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
-size_t slc_attn_v1_smem(const FwdParams& p, int nwarps);
+// tm: tiles of 16 / G positions, one per warp; nwarps warps per CTA; lean: v3 (lists in shared
+// memory, unmasked full chunks, cheaper copies).
+void slc_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
+size_t slc_attn_v1_smem(const FwdParams& p, int nwarps, bool lean);
 // v2: 4 stages per warp, block lists in shared memory.
 void slc_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
 size_t slc_attn_v2_smem(const FwdParams& p, int nwarps);
@@ -86,7 +87,7 @@ void win_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s);
 void win_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, cudaStream_t s);
 size_t win_attn_v1_smem(const FwdParams& p);
 // v2: 16 * nwarps rows per CTA (tm: tiles of 16 * nwarps / G positions), 3 stages.
-void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
+void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
 size_t win_attn_v2_smem(const FwdParams& p, int nwarps);
 
 // True when kernel v1 is compiled for these head dims (NSA_CUDA_DIMS).

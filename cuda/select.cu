@@ -69,13 +69,19 @@ __global__ void slc_attn_v0_kernel(FwdParams p) {
 // ============================== v1: tensor cores ==============================
 constexpr int kChunk = 32;  // tokens per pipeline stage
 
+// Shared memory of one warp of v1/v3: two stages of K and V chunks, then (v3) the block lists of
+// the warp's P <= 16 positions, read once instead of one global load per block.
+__host__ __device__ inline size_t slc_v1_warp_bytes(int dk, int dv, int n, bool lean) {
+  return size_t(2) * kChunk * (dk + dv) * 2 + (lean ? size_t(16) * n * 4 : 0);
+}
+
 struct Item {
   int j;          // selection block; INT_MAX: no more
   unsigned mask;  // bit p: position t0 + p selected block j
   int c;          // chunk of the block: tokens j l' + c*32 + [0, 32)
 };
 
-template <class T, int DK, int DV>
+template <class T, int DK, int DV, bool kLean>
 __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap tm) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -91,9 +97,18 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
   const int T_b = int(p.cu_seqlens[b + 1] - row0);
   const int t_maxw = min(t0 + P, T_b) - 1;  // last position of the warp
   const int Hkv = p.Hkv;
+  const unsigned all_pos = P == 32 ? 0xffffffffu : (1u << P) - 1;  // every position of the warp
 
-  T* sK = reinterpret_cast<T*>(smem + size_t(warp) * 2 * kChunk * (DK + DV) * sizeof(T));  // [2][32, DK]
-  T* sV = sK + 2 * kChunk * DK;                                                              // [2][32, DV]
+  T* sK = reinterpret_cast<T*>(smem + size_t(warp) * slc_v1_warp_bytes(DK, DV, p.n, kLean));  // [2][32, DK]
+  T* sV = sK + 2 * kChunk * DK;                                                                 // [2][32, DV]
+  int* sL = reinterpret_cast<int*>(sV + 2 * kChunk * DV);  // kLean: [P][n] block lists
+  if constexpr (kLean) {
+    for (int e = lane; e < P * p.n; e += 32) {
+      const int t = t0 + e / p.n;
+      sL[e] = t < T_b ? p.block_idx[((row0 + t) * Hkv + g) * p.n + e % p.n] : -1;
+    }
+    __syncwarp();
+  }
 
   // This thread's rows A = lane / 4 and B = A + 8 of the warp: (position r / G, head r % G).
   const int rA = lane >> 2, rB = rA + 8;
@@ -122,7 +137,7 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
   int cursor = 0;
   auto head = [&]() -> int {
     if (!mylist || cursor >= p.n) return INT_MAX;
-    const int j = mylist[cursor];
+    const int j = kLean ? sL[lane * p.n + cursor] : mylist[cursor];
     return j >= 0 ? j : INT_MAX;  // -1 padding ends the list
   };
   int hv = head();
@@ -148,6 +163,13 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
   const T* V = static_cast<const T*>(p.v_slc);
   auto issue = [&](const Item& it, int stage) {
     const int u0 = it.j * p.ls + it.c * kChunk, u_end = min((it.j + 1) * p.ls, t_maxw + 1);
+    if constexpr (kLean) {
+      load_rows_async<DK>(sK + stage * kChunk * DK, kChunk, K + ((row0 + u0) * Hkv + g) * DK, int64_t(Hkv) * DK,
+                          u_end - u0, lane, 32);
+      load_rows_async<DV>(sV + stage * kChunk * DV, kChunk, V + ((row0 + u0) * Hkv + g) * DV, int64_t(Hkv) * DV,
+                          u_end - u0, lane, 32);
+      return;
+    }
     load_tile_async<DK>(
         sK + stage * kChunk * DK, kChunk,
         [&](int r) -> const T* { return u0 + r < u_end ? K + ((row0 + u0 + r) * Hkv + g) * DK : nullptr; }, K, lane,
@@ -193,42 +215,76 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
     // Row masks: the position selected this block, and u <= t (the block end for the last chunk).
     const int u0 = cur.j * p.ls + cur.c * kChunk, blk_end = (cur.j + 1) * p.ls;
     const bool selA = okA && ((cur.mask >> posA) & 1u), selB = okB && ((cur.mask >> posB) & 1u);
-    float xa = -INFINITY, xb = -INFINITY;
+    // kLean: a chunk inside its block, before the warp's first position, selected by all of the
+    // warp's positions, is seen whole by every row: no masks, one FFMA + ex2 per element.
+    if (kLean && u0 + kChunk <= blk_end && u0 + kChunk - 1 <= t0 && t0 + P <= T_b && cur.mask == all_pos) {
+      float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int u = u0 + nt * 8 + 2 * (lane & 3) + e;
-        const bool in_blk = u < blk_end;
-        s[nt][e] = selA && in_blk && u <= tA ? s[nt][e] * sl2 : -INFINITY;
-        s[nt][2 + e] = selB && in_blk && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
-        xa = fmaxf(xa, s[nt][e]);
-        xb = fmaxf(xb, s[nt][2 + e]);
+      for (int nt = 0; nt < 4; ++nt) {
+        xa = fmaxf(xa, fmaxf(s[nt][0], s[nt][1]));
+        xb = fmaxf(xb, fmaxf(s[nt][2], s[nt][3]));
       }
-    for (int o = 1; o < 4; o *= 2) {
-      xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
-      xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
-    }
-    const float nA = fmaxf(mA, xa), nB = fmaxf(mB, xb);
-    const float cA = nA == -INFINITY ? 0.0f : nA, cB = nB == -INFINITY ? 0.0f : nB;  // no -inf - -inf
-    const float alA = exp2f(mA - cA), alB = exp2f(mB - cB);
-    lA *= alA;
-    lB *= alB;
-#pragma unroll
-    for (int nd = 0; nd < DV / 8; ++nd) {
-      oacc[nd][0] *= alA, oacc[nd][1] *= alA;
-      oacc[nd][2] *= alB, oacc[nd][3] *= alB;
-    }
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - cA);
-        s[nt][2 + e] = exp2f(s[nt][2 + e] - cB);
-        lA += s[nt][e];
-        lB += s[nt][2 + e];
+      for (int o = 1; o < 4; o *= 2) {
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
       }
-    mA = nA, mB = nB;
+      const float nA = fmaxf(mA, xa * sl2), nB = fmaxf(mB, xb * sl2);
+      const float alA = fast_exp2(mA - nA), alB = fast_exp2(mB - nB);
+      lA *= alA;
+      lB *= alB;
+#pragma unroll
+      for (int nd = 0; nd < DV / 8; ++nd) {
+        oacc[nd][0] *= alA, oacc[nd][1] *= alA;
+        oacc[nd][2] *= alB, oacc[nd][3] *= alB;
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[nt][e] = fast_exp2(fmaf(s[nt][e], sl2, -nA));
+          s[nt][2 + e] = fast_exp2(fmaf(s[nt][2 + e], sl2, -nB));
+          lA += s[nt][e];
+          lB += s[nt][2 + e];
+        }
+      mA = nA, mB = nB;
+    } else {
+      float xa = -INFINITY, xb = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int u = u0 + nt * 8 + 2 * (lane & 3) + e;
+          const bool in_blk = u < blk_end;
+          s[nt][e] = selA && in_blk && u <= tA ? s[nt][e] * sl2 : -INFINITY;
+          s[nt][2 + e] = selB && in_blk && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
+          xa = fmaxf(xa, s[nt][e]);
+          xb = fmaxf(xb, s[nt][2 + e]);
+        }
+      for (int o = 1; o < 4; o *= 2) {
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
+      }
+      const float nA = fmaxf(mA, xa), nB = fmaxf(mB, xb);
+      const float cA = nA == -INFINITY ? 0.0f : nA, cB = nB == -INFINITY ? 0.0f : nB;  // no -inf - -inf
+      const float alA = exp2f(mA - cA), alB = exp2f(mB - cB);
+      lA *= alA;
+      lB *= alB;
+#pragma unroll
+      for (int nd = 0; nd < DV / 8; ++nd) {
+        oacc[nd][0] *= alA, oacc[nd][1] *= alA;
+        oacc[nd][2] *= alB, oacc[nd][3] *= alB;
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[nt][e] = exp2f(s[nt][e] - cA);
+          s[nt][2 + e] = exp2f(s[nt][2 + e] - cB);
+          lA += s[nt][e];
+          lB += s[nt][2 + e];
+        }
+      mA = nA, mB = nB;
+    }
 #pragma unroll
     for (int kk = 0; kk < kChunk / 16; ++kk) {
       const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
@@ -485,12 +541,12 @@ void launch_v0(const FwdParams& p, cudaStream_t s) {
   NSA_CUDA_CHECK_LAUNCH("slc_attn_v0_kernel");
 }
 
-template <class T>
+template <class T, bool kLean>
 void launch_v1(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
-  const size_t smem = slc_attn_v1_smem(p, nw);
+  const size_t smem = slc_attn_v1_smem(p, nw, kLean);
   const int64_t warps = int64_t(p.Hkv) * tm.total;
   const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-    auto kernel = slc_attn_v1_kernel<T, decltype(DK)::value, decltype(DV)::value>;
+    auto kernel = slc_attn_v1_kernel<T, decltype(DK)::value, decltype(DV)::value, kLean>;
     NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     kernel<<<unsigned((warps + nw - 1) / nw), 32 * nw, smem, s>>>(p, tm);
     NSA_CUDA_CHECK_LAUNCH("slc_attn_v1_kernel");
@@ -513,8 +569,8 @@ void launch_v2(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
 
 }  // namespace
 
-size_t slc_attn_v1_smem(const FwdParams& p, int nwarps) {
-  return size_t(nwarps) * 2 * kChunk * (p.dk + p.dv) * 2;
+size_t slc_attn_v1_smem(const FwdParams& p, int nwarps, bool lean) {
+  return size_t(nwarps) * slc_v1_warp_bytes(p.dk, p.dv, p.n, lean);
 }
 
 size_t slc_attn_v2_smem(const FwdParams& p, int nwarps) { return size_t(nwarps) * slc_v2_warp_bytes(p.dk, p.dv, p.n); }
@@ -535,11 +591,11 @@ void slc_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {
   }
 }
 
-void slc_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
+void slc_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s) {
   if (tm.total == 0) return;
-  if (prec == Precision::BF16) launch_v1<__nv_bfloat16>(p, tm, nwarps, s);
-  else if (prec == Precision::FP16) launch_v1<__half>(p, tm, nwarps, s);
-  else throw ConfigError("slc_attn v1 needs bf16 or fp16 operands (fp32 runs kernel v0)");
+  if (prec == Precision::BF16) lean ? launch_v1<__nv_bfloat16, true>(p, tm, nwarps, s) : launch_v1<__nv_bfloat16, false>(p, tm, nwarps, s);
+  else if (prec == Precision::FP16) lean ? launch_v1<__half, true>(p, tm, nwarps, s) : launch_v1<__half, false>(p, tm, nwarps, s);
+  else throw ConfigError("slc_attn v1/v3 needs bf16 or fp16 operands (fp32 runs kernel v0)");
 }
 
 }  // namespace nsa::cuda

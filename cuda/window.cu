@@ -2,6 +2,8 @@
 // CUDA twin of the window part of reference/forward.cpp's nsa_tile. v1 also forms the gated sum
 // of Eq. 5 in its epilogue (it runs last, so O_cmp and O_slc are ready): o_win then need not be
 // stored, and o costs one pass instead of a separate kernel reading three outputs.
+#include <climits>
+
 #include "check.hpp"
 #include "device.cuh"
 #include "kernels.hpp"
@@ -223,10 +225,11 @@ __global__ void __launch_bounds__(128) win_attn_v1_kernel(FwdParams p, TileMap t
 // ============================== v2: 8 warps, 3 stages ==============================
 // v1's computation with v2's schedule (see cmp_attn.cu): 16 * nwarps rows per CTA (128 with 8
 // warps, BT = 128 / G positions), three shared-memory stages and one barrier per key tile; a warp
-// skips the tiles that lie outside all of its rows' windows.
+// skips the tiles that lie outside all of its rows' windows. v3 = v2 with kLean (see cmp_attn.cu):
+// tiles inside every row's window skip the masks and use one FFMA + ex2.approx per element.
 constexpr int kStages2 = 3;
 
-template <class T, int DK, int DV>
+template <class T, int DK, int DV, bool kLean>
 __global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMap tm) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int nw = blockDim.x / 32, R = 16 * nw, G = p.G, BT = R / G;
@@ -251,6 +254,13 @@ __global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMa
   const T* V = static_cast<const T*>(p.v_win);
   auto load_kv = [&](int kt) {
     const int u0 = k_begin + kt * kKeys, st = kt % kStages2;
+    if constexpr (kLean) {
+      load_rows_async<DK>(sK + st * kKeys * DK, kKeys, K + ((row0 + u0) * Hkv + g) * DK, int64_t(Hkv) * DK,
+                          t_last + 1 - u0, tid, int(blockDim.x));
+      load_rows_async<DV>(sV + st * kKeys * DV, kKeys, V + ((row0 + u0) * Hkv + g) * DV, int64_t(Hkv) * DV,
+                          t_last + 1 - u0, tid, int(blockDim.x));
+      return;
+    }
     load_tile_async<DK>(
         sK + st * kKeys * DK, kKeys,
         [&](int r) -> const T* { return u0 + r <= t_last ? K + ((row0 + u0 + r) * Hkv + g) * DK : nullptr; }, K, tid,
@@ -282,6 +292,9 @@ __global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMa
   // Keys any row of the warp sees: [win_start(first position), last valid position].
   const int w_lo = win_start(min(t0 + 16 * warp / G, t_last), p.w);
   const int w_hi = min(t0 + (16 * warp + 15) / G, t_last);
+  // Keys every row of the warp sees (all its positions valid): [win_start(last), first].
+  const int w_first = t0 + 16 * warp / G, w_last = t0 + (16 * warp + 15) / G;
+  const int all_lo = w_last < T_b ? win_start(w_last, p.w) : INT_MAX, all_hi = w_first;
   const float sl2 = p.scale * kLog2e;
   float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
   float oacc[DV / 8][4];
@@ -316,41 +329,74 @@ __global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMa
         mma16816<T>(s[2 * np], qa[ks], bk[0], bk[1]);
         mma16816<T>(s[2 * np + 1], qa[ks], bk[2], bk[3]);
       }
-    float xa = -INFINITY, xb = -INFINITY;
+    if (kLean && u0 >= all_lo && u0 + kKeys - 1 <= all_hi) {
+      // Every row sees the whole tile: no masks, the scale folded into one multiply-add.
+      float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int u = u0 + nt * 8 + 2 * (lane & 3) + e;
-        s[nt][e] = okA && u >= loA && u <= tA ? s[nt][e] * sl2 : -INFINITY;
-        s[nt][2 + e] = okB && u >= loB && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
-        xa = fmaxf(xa, s[nt][e]);
-        xb = fmaxf(xb, s[nt][2 + e]);
+      for (int nt = 0; nt < 8; ++nt) {
+        xa = fmaxf(xa, fmaxf(s[nt][0], s[nt][1]));
+        xb = fmaxf(xb, fmaxf(s[nt][2], s[nt][3]));
       }
-    for (int o = 1; o < 4; o *= 2) {
-      xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
-      xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
-    }
-    const float nA = fmaxf(mA, xa), nB = fmaxf(mB, xb);
-    const float cA = nA == -INFINITY ? 0.0f : nA, cB = nB == -INFINITY ? 0.0f : nB;  // no -inf - -inf
-    const float alA = exp2f(mA - cA), alB = exp2f(mB - cB);
-    lA *= alA;
-    lB *= alB;
-#pragma unroll
-    for (int nd = 0; nd < DV / 8; ++nd) {
-      oacc[nd][0] *= alA, oacc[nd][1] *= alA;
-      oacc[nd][2] *= alB, oacc[nd][3] *= alB;
-    }
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - cA);
-        s[nt][2 + e] = exp2f(s[nt][2 + e] - cB);
-        lA += s[nt][e];
-        lB += s[nt][2 + e];
+      for (int o = 1; o < 4; o *= 2) {
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
       }
-    mA = nA, mB = nB;
+      const float nA = fmaxf(mA, xa * sl2), nB = fmaxf(mB, xb * sl2);
+      const float alA = fast_exp2(mA - nA), alB = fast_exp2(mB - nB);
+      lA *= alA;
+      lB *= alB;
+#pragma unroll
+      for (int nd = 0; nd < DV / 8; ++nd) {
+        oacc[nd][0] *= alA, oacc[nd][1] *= alA;
+        oacc[nd][2] *= alB, oacc[nd][3] *= alB;
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[nt][e] = fast_exp2(fmaf(s[nt][e], sl2, -nA));
+          s[nt][2 + e] = fast_exp2(fmaf(s[nt][2 + e], sl2, -nB));
+          lA += s[nt][e];
+          lB += s[nt][2 + e];
+        }
+      mA = nA, mB = nB;
+    } else {
+      float xa = -INFINITY, xb = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int u = u0 + nt * 8 + 2 * (lane & 3) + e;
+          s[nt][e] = okA && u >= loA && u <= tA ? s[nt][e] * sl2 : -INFINITY;
+          s[nt][2 + e] = okB && u >= loB && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
+          xa = fmaxf(xa, s[nt][e]);
+          xb = fmaxf(xb, s[nt][2 + e]);
+        }
+      for (int o = 1; o < 4; o *= 2) {
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
+      }
+      const float nA = fmaxf(mA, xa), nB = fmaxf(mB, xb);
+      const float cA = nA == -INFINITY ? 0.0f : nA, cB = nB == -INFINITY ? 0.0f : nB;  // no -inf - -inf
+      const float alA = exp2f(mA - cA), alB = exp2f(mB - cB);
+      lA *= alA;
+      lB *= alB;
+#pragma unroll
+      for (int nd = 0; nd < DV / 8; ++nd) {
+        oacc[nd][0] *= alA, oacc[nd][1] *= alA;
+        oacc[nd][2] *= alB, oacc[nd][3] *= alB;
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[nt][e] = exp2f(s[nt][e] - cA);
+          s[nt][2 + e] = exp2f(s[nt][2 + e] - cB);
+          lA += s[nt][e];
+          lB += s[nt][2 + e];
+        }
+      mA = nA, mB = nB;
+    }
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
       const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
@@ -413,11 +459,11 @@ void launch_v1(const FwdParams& p, const TileMap& tm, cudaStream_t s) {
   if (!ok) throw ConfigError(cat("win_attn v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
 }
 
-template <class T>
+template <class T, bool kLean>
 void launch_v2(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
   const size_t smem = win_attn_v2_smem(p, nw);
   const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-    auto kernel = win_attn_v2_kernel<T, decltype(DK)::value, decltype(DV)::value>;
+    auto kernel = win_attn_v2_kernel<T, decltype(DK)::value, decltype(DV)::value, kLean>;
     NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     kernel<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 32 * nw, smem, s>>>(p, tm);
     NSA_CUDA_CHECK_LAUNCH("win_attn_v2_kernel");
@@ -433,11 +479,11 @@ size_t win_attn_v2_smem(const FwdParams& p, int nwarps) {
   return (size_t(16 * nwarps) * p.dk + size_t(kStages2) * kKeys * (p.dk + p.dv)) * 2;
 }
 
-void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
+void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s) {
   if (tm.total == 0) return;
-  if (prec == Precision::BF16) launch_v2<__nv_bfloat16>(p, tm, nwarps, s);
-  else if (prec == Precision::FP16) launch_v2<__half>(p, tm, nwarps, s);
-  else throw ConfigError("win_attn v2 needs bf16 or fp16 operands (fp32 runs kernel v0)");
+  if (prec == Precision::BF16) lean ? launch_v2<__nv_bfloat16, true>(p, tm, nwarps, s) : launch_v2<__nv_bfloat16, false>(p, tm, nwarps, s);
+  else if (prec == Precision::FP16) lean ? launch_v2<__half, true>(p, tm, nwarps, s) : launch_v2<__half, false>(p, tm, nwarps, s);
+  else throw ConfigError("win_attn v2/v3 needs bf16 or fp16 operands (fp32 runs kernel v0)");
 }
 
 void win_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {

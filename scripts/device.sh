@@ -76,11 +76,11 @@ if has test; then
 fi
 
 # ---- 3. compute-sanitizer on the small cases ----
-# memcheck on every kernel (cuBLAS's too) of the small cases; racecheck (shared-memory hazards)
-# on our attention kernels, the only ones using shared memory: cuBLAS's own GEMM kernels
-# synchronise through mbarriers that racecheck reports as hazards (seen on the H100), and they
-# are not ours to fix.
-SMALL='cuda forward vs reference: small*,cuda select*,cuda errors*'
+# memcheck on every kernel (cuBLAS's too) of the small cases; racecheck (shared-memory hazards) on
+# the racecheck set, where only our kernels run: cuBLAS's own GEMM kernels synchronise through
+# mbarriers that racecheck reports as hazards (seen on the H100), and a kernel-name filter made
+# the sanitizer fail with an internal error.
+SMALL='cuda forward vs reference: small*,cuda racecheck set*,cuda select*,cuda errors*'
 if has sanitize; then
   : >"$SAN"
   say "sanitize: memcheck and racecheck -> sanitizer.log"
@@ -89,9 +89,8 @@ if has sanitize; then
     echo "== compute-sanitizer --tool $tool" >>"$SAN"
     lim=$(left); [ "$lim" -gt 200 ] && lim=200
     [ "$lim" -lt 15 ] && { SUMMARY+=("sanitizer $tool SKIP (deadline)"); continue; }
-    filter=(); [ $tool = racecheck ] && filter=(--kernel-name kns=attn)
-    timeout "$lim" compute-sanitizer --tool $tool "${filter[@]}" --error-exitcode 9 "$BIN/test_cuda" -tc="$SMALL" \
-      >>"$SAN" 2>&1
+    cases=$SMALL; [ $tool = racecheck ] && cases='cuda racecheck set*'
+    timeout "$lim" compute-sanitizer --tool $tool --error-exitcode 9 "$BIN/test_cuda" -tc="$cases" >>"$SAN" 2>&1
     rc=$?
     SUMMARY+=("$(printf '%-28s %-5s %4ss  rc=%s' "sanitizer $tool" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" $(($(date +%s) - t)) $rc)")
     tail -3 "$SAN" >>"$LOG"
@@ -107,7 +106,7 @@ if has bench; then
       --out "$SCRATCH/b$dk" && cp "$SCRATCH/b$dk/bench.json" "$OUT/bench$dk.json"
   done
   # Kernel-tuning variants at 64k (log only): versions, warps per CTA of each kernel.
-  for v in ${VARIANTS:-"--kernel=1" "NSA_SLC_WARPS=2" "NSA_CMP_WARPS=4" "NSA_WIN_WARPS=4"}; do
+  for v in ${VARIANTS:-"--kernel=1" "--kernel=2" "NSA_SLC_WARPS=1" "NSA_SLC_WARPS=4"}; do
     case $v in
       --*) step "variant $v" 45 "$BIN/nsa" bench --device cuda --T 65536 --Hq 64 --Hkv 4 --dk 128 --dv 128 --reps 5 \
         "$v" --out "$SCRATCH/var" ;;
@@ -146,4 +145,4 @@ rm -rf "$SCRATCH"
   echo
   echo "== steps ($(($(date +%s) - T0))s in all)"
   printf '%s\n' "${SUMMARY[@]}"
-} | tee "$OUT/summary.txt"
+}

@@ -249,13 +249,30 @@ TEST_CASE("cuda forward vs reference: small cases (the sanitizer set)") {
     cases.push_back(g);
   }
   cases.push_back(make("T=300 G=3 (v0 fallback) dk=dv=64", paper(6, 2, 64, 64), {300}));
-  for (int64_t G : {1, 4, 16}) {  // kernel v1, kept for comparison, on the tile edges
-    GpuCase g = make(cat("packed T={1,63,64,65,130} G=", G, " dk=dv=64 kernel v1"), paper(G, 1, 64, 64),
-                     {1, 63, 64, 65, 130});
-    g.kernel = 1;
-    cases.push_back(g);
-  }
+  for (int kernel : {1, 2})  // the earlier tensor-core versions, kept for comparison, on the tile edges
+    for (int64_t G : {1, 4, 16}) {
+      GpuCase g = make(cat("packed T={1,63,64,65,130} G=", G, " dk=dv=64 kernel v", kernel), paper(G, 1, 64, 64),
+                       {1, 63, 64, 65, 130});
+      g.kernel = kernel;
+      cases.push_back(g);
+    }
   cases.push_back(make("T=400 G=16 fp32 (v0) dk=192 dv=128", paper(16, 1, 192, 128), {400}, Precision::FP32));
+  for (const auto& gc : cases) run_case(gc);
+}
+
+// compute-sanitizer racecheck runs this set: mean phi and given gates, so that only our kernels
+// run (cuBLAS's GEMM kernels synchronise through mbarriers that racecheck reports as hazards).
+TEST_CASE("cuda racecheck set: every tensor-core version on tile edges, no cuBLAS") {
+  std::vector<GpuCase> cases;
+  for (int kernel : {1, 2, 3})
+    for (int64_t G : {1, 4, 16}) {
+      Config c = paper(G, 1, 64, 64);
+      c.compress = CompressKind::Mean;
+      GpuCase g = make(cat("packed T={1,63,64,65,300} G=", G, " dk=dv=64 mean kernel v", kernel), c,
+                       {1, 63, 64, 65, 300});
+      g.kernel = kernel;
+      cases.push_back(g);
+    }
   for (const auto& gc : cases) run_case(gc);
 }
 
@@ -265,9 +282,11 @@ TEST_CASE("cuda forward vs reference: paper-sized cases") {
   cases.push_back(make("T=1025 G=16 dk=192 dv=128 mlp", paper(32, 2, 192, 128), {1025}));
   cases.push_back(make("T=2049 G=16 dk=dv=128 mlp", paper(16, 1, 128, 128), {2049}, Precision::FP16));
   {
-    GpuCase g = make("T=3000 G=16 dk=192 dv=128 mlp kernel v1", paper(16, 1, 192, 128), {3000});
-    g.kernel = 1;
-    cases.push_back(g);
+    for (int kernel : {1, 2}) {
+      GpuCase g = make(cat("T=3000 G=16 dk=192 dv=128 mlp kernel v", kernel), paper(16, 1, 192, 128), {3000});
+      g.kernel = kernel;
+      cases.push_back(g);
+    }
   }
   {
     Config c = paper(16, 2, 64, 64);
@@ -284,7 +303,7 @@ TEST_CASE("cuda forward vs reference: paper-sized cases") {
 TEST_CASE("cuda select: exactly tied scores go to the lower block index, as in the reference") {
   // Constant keys make every compressed key equal, so every interior block gets exactly the same
   // score in any summation order; the picks must be the lowest indices.
-  for (int kernel : {0, 1, 2}) {
+  for (int kernel : {0, 1, 2, 3}) {
     Config c = paper(16, 1, 128, 128);
     c.compress = CompressKind::Mean;
     GpuCase g = make(cat("T=1500 constant keys, kernel ", kernel), c, {1500});
