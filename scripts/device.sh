@@ -127,8 +127,8 @@ if has sdpa; then
   step "sdpa baseline" 200 env PYTHONUNBUFFERED=1 python3 experiments/sdpa_baseline.py --T "$TS" --out "$OUT/sdpa.json"
 fi
 if has peers && [ -f .peers/peers_bench.py ]; then
-  step "public NSA kernels" 200 env PYTHONUNBUFFERED=1 PEERS_DIR="$ROOT/.peers" OUT="$SCRATCH" ONLY_PEERS=1 \
-    LENS="$TS" python3 .peers/peers_bench.py && cp "$SCRATCH/anchor.json" "$OUT/peers.json"
+  step "public NSA kernels" 200 env PYTHONUNBUFFERED=1 PEERS_DIR="$ROOT/.peers" OUT="$SCRATCH" \
+    LENS="${PEER_TS:-8192,65536}" python3 .peers/peers_bench.py && cp "$SCRATCH/anchor.json" "$OUT/peers.json"
 fi
 
 # ---- 5. results ----
