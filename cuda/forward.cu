@@ -122,6 +122,8 @@ bool v1_has_dims(int dk, int dv) {
   return dispatch_dims(dk, dv, [](auto, auto) {});
 }
 
+bool v1_compiled(int dk, int dv) { return v1_has_dims(dk, dv); }
+
 int choose_kernel(const Config& cfg, const Options& opt, std::string* why) {
   const std::string obstacle = v1_obstacle(cfg, opt);
   if (opt.kernel == 0) {

@@ -55,6 +55,9 @@ struct Options {
   int device = 0;
 };
 
+// True when the tensor-core kernels (v1-v3) are compiled for these head dims (NSA_CUDA_DIMS).
+bool v1_compiled(int dk, int dv);
+
 // The version `choose_kernel` picks, or the override; throws ConfigError when the override cannot
 // run this config (the message says why). *why (if given) explains the choice.
 int choose_kernel(const Config& cfg, const Options& opt, std::string* why = nullptr);
