@@ -73,7 +73,11 @@ json decode_report(const Workload& w, const ref::DecodeRun<S>& run, int64_t pref
             {"elem_bytes", elem},
             {"kv_shared_with_selection", {{"cmp_k", sh.cmp_k}, {"cmp_v", sh.cmp_v}, {"win_k", sh.win_k}, {"win_v", sh.win_v}}},
             {"cache_bytes", bytes_json(cache)},
-            {"cache_bytes_allocated", allocated}};
+            {"cache_bytes_allocated", allocated},
+            {"prefill_seconds", run.prefill_seconds},
+            {"step_seconds", run.step_seconds},
+            {"step_calls", run.step_calls},
+            {"ms_per_step_call", run.step_calls ? 1e3 * run.step_seconds / double(run.step_calls) : 0.0}};
   if (!run.steps.empty()) {
     const double n = double(run.steps.size());
     mean.cmp /= n, mean.slc /= n, mean.win /= n, mean.emit /= n, mean.phi /= n, mean.full /= n;

@@ -6,9 +6,8 @@
 // summed over the blocks ascending, Eq. 10 over the group's heads ascending. So the block scores
 // agree with the prefill to round-off and the selections are the same blocks. Work is split over
 // (sequence, KV group) items: the G heads of a group share one gather of the selected rows.
-#include <omp.h>
-
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <numeric>
 
@@ -463,7 +462,10 @@ DecodeRun<S> decode_workload(const Config& cfg, const Inputs<S>& in, const std::
     for (int64_t t = 0; t < prefix[size_t(b)]; ++t) rows.push_back(cu[b] + t);
     cu_p.push_back(int64_t(rows.size()));
   }
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
   const ForwardResult<S> pre = prefill(run.cache, gather.take(rows, cu_p), {}, path);
+  run.prefill_seconds = std::chrono::duration<double>(clock::now() - t0).count();
   for (size_t i = 0; i < rows.size(); ++i) copy_outputs(pre, int64_t(i), out, rows[i]);
 
   for (int64_t k = 0;; ++k) {
@@ -475,7 +477,11 @@ DecodeRun<S> decode_workload(const Config& cfg, const Inputs<S>& in, const std::
         rows.push_back(cu[b] + prefix[size_t(b)] + k);
       }
     if (active.empty()) break;
-    const StepResult<S> step = decode_step(run.cache, gather.take(rows), active);
+    const Inputs<S>& step_in = gather.take(rows);
+    const auto t1 = clock::now();
+    const StepResult<S> step = decode_step(run.cache, step_in, active);
+    run.step_seconds += std::chrono::duration<double>(clock::now() - t1).count();
+    ++run.step_calls;
     for (size_t i = 0; i < rows.size(); ++i) {
       copy_outputs(step, int64_t(i), out, rows[i]);
       run.steps.push_back({active[i], step.pos[i], step.tokens[i]});

@@ -170,6 +170,9 @@ struct DecodeRun {
   ForwardResult<S> out;           // forward()'s layout for the whole workload
   std::vector<StepRecord> steps;  // every decode step of every sequence, in the order taken
   DecodeCache<S> cache;           // the cache at the end, every sequence complete
+  double prefill_seconds = 0;     // wall time of the prefill (forward pass on the prompts)
+  double step_seconds = 0;        // wall time of all decode steps
+  int64_t step_calls = 0;         // decode_step calls (each steps every sequence with tokens left)
 };
 
 // A whole workload through the cache, as `nsa decode` runs it: sequence b (of the packed
