@@ -165,15 +165,23 @@ void softmax_rows(Mat<S>& P, S* lse) {
   }
 }
 
+// Writes an Eigen-owned result into a tensor's rows. Products go into Eigen's own (aligned)
+// matrices first: into a Map over a tensor, Eigen peels scalar iterations up to the first
+// aligned address, and the scalar and vector paths round differently (FMA), so results would
+// depend on where malloc put the tensor (seen: a window output changing between runs).
+template <class S>
+void store(const Mat<S>& X, S* dst) {
+  Eigen::Map<Mat<S>>(dst, X.rows(), X.cols()) = X;
+}
+
 // Softmax attention of the group's G queries over the token rows `us` of one KV head, gathered
 // from the cache through `key`/`value` (row pointers [Hkv, D]). Writes O [G, dv] and lse [G].
 template <class S, class KeyRow, class ValueRow>
 void attend_rows(const Mat<S>& Q, const std::vector<int64_t>& us, KeyRow key, ValueRow value, int64_t g,
                  int64_t dk, int64_t dv, S scale, S* o, S* lse) {
   const int64_t G = Q.rows(), n = int64_t(us.size());
-  Eigen::Map<Mat<S>> O(o, G, dv);
   if (n == 0) {
-    O.setZero();
+    std::fill(o, o + G * dv, S(0));
     std::fill(lse, lse + G, neg_inf<S>());
     return;
   }
@@ -184,7 +192,8 @@ void attend_rows(const Mat<S>& Q, const std::vector<int64_t>& us, KeyRow key, Va
   }
   Mat<S> P = (Q * K.transpose()) * scale;
   softmax_rows(P, lse);
-  O.noalias() = P * V;
+  const Mat<S> O = P * V;
+  store(O, o);
 }
 
 }  // namespace
@@ -280,7 +289,6 @@ StepResult<S> decode_step(DecodeCache<S>& cache, const Inputs<S>& in, const std:
     // ---- Compression branch (Eq. 7) over the Nc(t+1) rows the token sees ----
     const int64_t nv = cfg.cmp_visible(t);
     Mat<S> P;  // [G, nv] p_cmp (Eq. 8)
-    Eigen::Map<Mat<S>> Ocmp(res.o_branch[0].row(r, g * G), G, dv);
     if (nv > 0) {
       // Scores and exponentials one key at a time, each by the same sequence of operations, so
       // equal compressed keys get exactly equal probabilities and exactly tied block scores stay
@@ -302,7 +310,9 @@ StepResult<S> decode_step(DecodeCache<S>& cache, const Inputs<S>& in, const std:
         for (int64_t i = 0; i < nv; ++i) P(hi, i) /= sum;
         lse[size_t(hi)] = mx + std::log(sum);
       }
-      Ocmp.noalias() = P * head_rows(cache.cmp_value(b, 0), Hkv, dv, g, 0, nv);
+      const Mat<S> Vc = head_rows(cache.cmp_value(b, 0), Hkv, dv, g, 0, nv);
+      const Mat<S> O = P * Vc;
+      store(O, res.o_branch[0].row(r, g * G));
       scatter_lse(0);
     }
 
