@@ -269,7 +269,7 @@ StepResult<S> decode_step(DecodeCache<S>& cache, const Inputs<S>& in, const std:
   // (measured: 90 steps of the tests' small config took 26 ms on 2 threads, 0.8 ms on one).
   double work = 0;
   for (int64_t t : res.pos) work += double(cfg.cmp_visible(t) + n * ls + cfg.window);
-  const bool parallel = work * double(Hq * (dk + dv)) > kParallelFlops;
+  const bool parallel = Bs * Hkv > 1 && work * double(Hq * (dk + dv)) > kParallelFlops;
   std::vector<int64_t> emitted(static_cast<size_t>(Bs));
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int64_t r = 0; r < Bs; ++r) emitted[size_t(r)] = append_seq(cache, in, seqs[size_t(r)], r, 1);
