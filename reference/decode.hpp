@@ -106,6 +106,9 @@ struct DecodeCache {
 };
 
 // An empty cache for B sequences of up to `capacity` tokens. cfg must be valid.
+// append, prefill and decode_step refuse before changing anything: InputError for sequences out
+// of range or addressed twice, inputs that do not match the addressed sequences or the cache's
+// sharing; ResourceError for tokens beyond the capacity.
 template <class S>
 DecodeCache<S> make_cache(const Config& cfg, const KvSharing& share, int64_t B, int64_t capacity);
 
