@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU-machine script (issue 4): build, validate, benchmark, in one device call.
-#   1. build with the `gpu` preset (sm_90a), unless binaries built for this machine beforehand
-#      are in .prebuilt/ (scripts/device_prebuild.sh; saves the GPU machine's minutes) and run;
+#   1. build with the `gpu` preset (sm_90a, every head-dim pair), with the Boost.Program_options
+#      and nlohmann/json that scripts/device_prepare.sh gathered into .carry/;
 #   2. the CUDA tests against the double reference, and `nsa forward --device cuda` against
 #      `--device cpu` through the command line;
 #   3. compute-sanitizer memcheck and racecheck on the small cases;
@@ -51,20 +51,10 @@ say "machine"
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } >>"$LOG" 2>&1
 
 # ---- 1. build ----
-BIN=""
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-[ -x .prebuilt/test_cuda ] && ! .prebuilt/test_cuda --list-test-cases >/dev/null 2>&1 &&
-  { echo "prebuilt test_cuda does not run here:"; .prebuilt/test_cuda --list-test-cases 2>&1 | head -3; ldd .prebuilt/test_cuda; } >>"$LOG" 2>&1
-if [ -x .prebuilt/nsa ] && [ -x .prebuilt/test_cuda ] && .prebuilt/test_cuda --list-test-cases >/dev/null 2>&1 &&
-  .prebuilt/nsa --help >/dev/null 2>&1; then
-  BIN=$ROOT/.prebuilt
-  say "build: using the binaries in .prebuilt/ ($(cat .prebuilt/BUILD_INFO 2>/dev/null))"
-else
-  step build-configure 300 cmake --preset gpu -DNSA_EXTRA_PREFIX="$ROOT/.carry" -DNSA_CUDA_ARCHS=90a -DNSA_NATIVE=OFF
-  step build 500 cmake --build build-gpu -j "$(nproc)" --target nsa test_cuda
-  BIN=$ROOT/build-gpu/tests
-  [ -x build-gpu/experiments/nsa ] && mkdir -p .bin && cp build-gpu/experiments/nsa build-gpu/tests/test_cuda .bin/ && BIN=$ROOT/.bin
-fi
+step build-configure 300 cmake --preset gpu -DNSA_EXTRA_PREFIX="$ROOT/.carry" -DNSA_CUDA_ARCHS=90a -DNSA_NATIVE=OFF
+step build 500 cmake --build build-gpu -j "$(nproc)" --target nsa test_cuda
+mkdir -p .bin && cp build-gpu/experiments/nsa build-gpu/tests/test_cuda .bin/
+BIN=$ROOT/.bin
 command -v cuobjdump >/dev/null && {
   echo "SASS of test_cuda: $(cuobjdump -sass "$BIN/test_cuda" 2>/dev/null | grep -c 'HMMA') HMMA, $(cuobjdump -sass "$BIN/test_cuda" 2>/dev/null | grep -c 'LDSM') LDSM, $(cuobjdump -sass "$BIN/test_cuda" 2>/dev/null | grep -cE 'LDL|STL') local-memory instructions" >>"$LOG"
 }
