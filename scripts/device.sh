@@ -10,7 +10,8 @@
 #      PyTorch SDPA (cuDNN, flash) on the same shapes; public NSA kernels if carried in .peers/;
 #   5. the merged results file and a summary table, printed last.
 # Logs and JSON go to $OUT (the device tool brings back at most 8 files).
-# usage: OUT=dir bash scripts/device.sh        (STEPS=test,sanitize,bench,sdpa,peers to choose)
+# usage: OUT=dir bash scripts/device.sh   (STEPS=test,sanitize,bench,profile,sdpa,peers chooses steps;
+#        default all but profile; DEADLINE=seconds bounds the whole run, default 560)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
