@@ -10,6 +10,7 @@
 #include <climits>
 
 #include "check.hpp"
+#include "attn_tile.cuh"
 #include "device.cuh"
 #include "kernels.hpp"
 #include "select.cuh"
@@ -102,6 +103,36 @@ __global__ void cmp_attn_v0_kernel(FwdParams p) {
 //   over the group's heads | sBlk [BT][NB] f32 group scores (Eq. 10) | sList [BT][n] int top-n
 constexpr int kKeys = 64;
 
+// Eq. 10 before Eq. 9 (both are sums): column sums of p over the G rows of each position, into
+// sCs[position][key]. Rows lane / 4 and lane / 4 + 8 of the warp belong to positions posA, posB;
+// the G rows of one position are the lanes whose lane / 4 differ in the low log2(G) bits
+// (G = 16: all of them, both rows). G <= 16.
+__device__ __forceinline__ void column_sums(const float (&s)[8][4], float* sCs, int posA, int posB, int G, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = nt * 8 + 2 * (lane & 3) + e;
+      float a = s[nt][e], c = s[nt][2 + e];
+      if (G == 16) {
+        a += c;
+        a += __shfl_xor_sync(0xffffffffu, a, 4);
+        a += __shfl_xor_sync(0xffffffffu, a, 8);
+        a += __shfl_xor_sync(0xffffffffu, a, 16);
+        if (lane < 4) sCs[posA * kKeys + col] = a;
+      } else {
+        for (int o = 4; o < 4 * G; o *= 2) {
+          a += __shfl_xor_sync(0xffffffffu, a, o);
+          c += __shfl_xor_sync(0xffffffffu, c, o);
+        }
+        if ((lane >> 2) % G == 0) {
+          sCs[posA * kKeys + col] = a;
+          sCs[posB * kKeys + col] = c;
+        }
+      }
+    }
+}
+
 struct CmpSmem {
   size_t q, k, v, cs, blk, list, total;
   __host__ __device__ CmpSmem(int R, int BT, int DK, int DV, int NB, int n, int esize, int stages = 2) {
@@ -114,23 +145,6 @@ struct CmpSmem {
     total = list + size_t(BT) * n * 4;
   }
 };
-
-// S = Q K^T for the warp's 16 rows and the tile's 64 keys: s[nt][e] as the mma D layout.
-template <class T, int DK>
-__device__ __forceinline__ void qk_tile(float (&s)[8][4], const uint32_t (&qa)[DK / 16][4], const T* sK, int lane) {
-  using Tile = SwizzledTile<DK>;
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0;
-#pragma unroll
-  for (int ks = 0; ks < DK / 16; ++ks)
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      uint32_t bk[4];
-      ldmatrix_x4(bk, sK + Tile::offset(np * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
-      mma16816<T>(s[2 * np], qa[ks], bk[0], bk[1]);
-      mma16816<T>(s[2 * np + 1], qa[ks], bk[2], bk[3]);
-    }
-}
 
 template <class T, int DK, int DV>
 __global__ void __launch_bounds__(128) cmp_attn_v1_kernel(FwdParams p, TileMap tm) {
@@ -194,9 +208,7 @@ __global__ void __launch_bounds__(128) cmp_attn_v1_kernel(FwdParams p, TileMap t
   const float sl2 = p.scale * kLog2e;  // scores in the log2 domain: exp(s x) = exp2(s log2e x)
 
   uint32_t qa[DK / 16][4];
-#pragma unroll
-  for (int ks = 0; ks < DK / 16; ++ks)
-    ldmatrix_x4(qa[ks], sQ + SwizzledTile<DK>::offset(16 * warp + (lane & 15), ks * 2 + (lane >> 4)));
+  load_q_smem<DK>(qa, sQ, 16 * warp, lane);
 
   // ---- pass 1: row max and sum of exp, i.e. lse ----
   float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
@@ -209,8 +221,7 @@ __global__ void __launch_bounds__(128) cmp_attn_v1_kernel(FwdParams p, TileMap t
     __syncthreads();
     if (kt * kKeys < nv_w) {
       float s[8][4];
-      qk_tile<T, DK>(s, qa, sK + (kt & 1) * kKeys * DK, lane);
-      float xa = -INFINITY, xb = -INFINITY;
+      qk_tile<T, DK, kKeys>(s, qa, sK + (kt & 1) * kKeys * DK, lane);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -218,34 +229,12 @@ __global__ void __launch_bounds__(128) cmp_attn_v1_kernel(FwdParams p, TileMap t
           const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
           s[nt][e] = ci < nvA ? s[nt][e] * sl2 : -INFINITY;
           s[nt][2 + e] = ci < nvB ? s[nt][2 + e] * sl2 : -INFINITY;
-          xa = fmaxf(xa, s[nt][e]);
-          xb = fmaxf(xb, s[nt][2 + e]);
         }
-      for (int o = 1; o < 4; o *= 2) {
-        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
-        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
-      }
-      const float nA = fmaxf(mA, xa), nB = fmaxf(mB, xb);
-      // With no visible key yet the maxima stay -inf: use 0 as the offset so that no -inf - -inf
-      // appears (every exp2 below is then exp2(-inf) = 0).
-      const float cA = nA == -INFINITY ? 0.0f : nA, cB = nB == -INFINITY ? 0.0f : nB;
-      lA *= exp2f(mA - cA);
-      lB *= exp2f(mB - cB);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          lA += exp2f(s[nt][e] - cA);
-          lB += exp2f(s[nt][2 + e] - cB);
-        }
-      mA = nA, mB = nB;
+      softmax_step_masked(s, mA, mB, lA, lB);  // p is not needed in pass 1
     }
     __syncthreads();
   }
-  for (int o = 1; o < 4; o *= 2) {
-    lA += __shfl_xor_sync(0xffffffffu, lA, o);
-    lB += __shfl_xor_sync(0xffffffffu, lB, o);
-  }
+  quad_sum(lA, lB);
   const float lseA = lA > 0 ? mA + log2f(lA) : -INFINITY;  // log2 domain
   const float lseB = lB > 0 ? mB + log2f(lB) : -INFINITY;
 
@@ -271,7 +260,7 @@ __global__ void __launch_bounds__(128) cmp_attn_v1_kernel(FwdParams p, TileMap t
     const bool active = kt * kKeys < nv_w;
     float s[8][4];
     if (active) {
-      qk_tile<T, DK>(s, qa, sK + (kt & 1) * kKeys * DK, lane);
+      qk_tile<T, DK, kKeys>(s, qa, sK + (kt & 1) * kKeys * DK, lane);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -280,52 +269,12 @@ __global__ void __launch_bounds__(128) cmp_attn_v1_kernel(FwdParams p, TileMap t
           s[nt][e] = ci < nvA ? exp2f(s[nt][e] * sl2 - lseA) : 0.0f;
           s[nt][2 + e] = ci < nvB ? exp2f(s[nt][2 + e] * sl2 - lseB) : 0.0f;
         }
-      // O += P V: the D layout of two adjacent key tiles is the A layout of one k16 step.
-      const T* sVt = sV + (kt & 1) * kKeys * DV;
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                                pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-        for (int nd = 0; nd < DV / 16; ++nd) {
-          uint32_t bv[4];
-          ldmatrix_x4_trans(bv, sVt + SwizzledTile<DV>::offset(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                              nd * 2 + (lane >> 4)));
-          mma16816<T>(oacc[2 * nd], pa, bv[0], bv[1]);
-          mma16816<T>(oacc[2 * nd + 1], pa, bv[2], bv[3]);
-        }
-      }
+      pv_tile<T, DV, kKeys>(oacc, s, sV + (kt & 1) * kKeys * DV, lane);
     } else {
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0;
     }
-    // Eq. 10 before Eq. 9 (both are sums): column sums of p over the G rows of each position.
-    // Rows g and g + 8 of the warp belong to positions posA, posB; the G rows of one position
-    // are lanes whose lane / 4 differ in the low log2(G) bits (G = 16: all of them, both rows).
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = nt * 8 + 2 * (lane & 3) + e;
-        float a = s[nt][e], c = s[nt][2 + e];
-        if (G == 16) {
-          a += c;
-          a += __shfl_xor_sync(0xffffffffu, a, 4);
-          a += __shfl_xor_sync(0xffffffffu, a, 8);
-          a += __shfl_xor_sync(0xffffffffu, a, 16);
-          if (lane < 4) sCs[posA * kKeys + col] = a;
-        } else {
-          for (int o = 4; o < 4 * G; o *= 2) {
-            a += __shfl_xor_sync(0xffffffffu, a, o);
-            c += __shfl_xor_sync(0xffffffffu, c, o);
-          }
-          if ((lane >> 2) % G == 0) {
-            sCs[posA * kKeys + col] = a;
-            sCs[posB * kKeys + col] = c;
-          }
-        }
-      }
+    column_sums(s, sCs, posA, posB, G, lane);  // Eq. 10, into the CTA's sCs
     __syncthreads();
     // Eq. 9: selection block j gathers the tile's compressed blocks i that overlap it. One thread
     // per (position, j) adds them in ascending i onto the running score, so every score is the
@@ -348,14 +297,9 @@ __global__ void __launch_bounds__(128) cmp_attn_v1_kernel(FwdParams p, TileMap t
   }
 
   // ---- outputs of the branch: O (already normalised), lse ----
-  T* ocmp = static_cast<T*>(p.o_cmp);
   const int hA = g * G + rA % G, hB = g * G + rB % G;
-#pragma unroll
-  for (int nd = 0; nd < DV / 8; ++nd) {
-    const int c = nd * 8 + 2 * (lane & 3);
-    if (okA) *reinterpret_cast<uint32_t*>(ocmp + ((row0 + tA) * p.Hq + hA) * DV + c) = pack2<T>(oacc[nd][0], oacc[nd][1]);
-    if (okB) *reinterpret_cast<uint32_t*>(ocmp + ((row0 + tB) * p.Hq + hB) * DV + c) = pack2<T>(oacc[nd][2], oacc[nd][3]);
-  }
+  store_rows<T, DV>(static_cast<T*>(p.o_cmp), ((row0 + tA) * p.Hq + hA) * DV, ((row0 + tB) * p.Hq + hB) * DV, okA,
+                   okB, oacc, 1.0f, 1.0f, lane);
   if ((lane & 3) == 0) {
     if (okA) p.lse_cmp[(row0 + tA) * p.Hq + hA] = lseA * kLn2;
     if (okB) p.lse_cmp[(row0 + tB) * p.Hq + hB] = lseB * kLn2;
@@ -471,9 +415,7 @@ __global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMa
   const float inv_d = 1.0f / float(p.d);
 
   uint32_t qa[DK / 16][4];
-#pragma unroll
-  for (int ks = 0; ks < DK / 16; ++ks)
-    ldmatrix_x4(qa[ks], sQ + SwizzledTile<DK>::offset(16 * warp + (lane & 15), ks * 2 + (lane >> 4)));
+  load_q_smem<DK>(qa, sQ, 16 * warp, lane);
 
   // ---- pass 1: lse ----
   float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
@@ -486,33 +428,12 @@ __global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMa
     cp_async_commit();
     if (kt * kKeys >= nv_w) continue;
     float s[8][4];
-    qk_tile<T, DK>(s, qa, sK + (kt % kStages2) * kKeys * DK, lane);
+    qk_tile<T, DK, kKeys>(s, qa, sK + (kt % kStages2) * kKeys * DK, lane);
     if (kLean && (kt + 1) * kKeys <= nv_min) {
       // Every row sees the whole tile: no masks, and the scale folded into one multiply-add.
-      float xa = -INFINITY, xb = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        xa = fmaxf(xa, fmaxf(s[nt][0], s[nt][1]));
-        xb = fmaxf(xb, fmaxf(s[nt][2], s[nt][3]));
-      }
-      for (int o = 1; o < 4; o *= 2) {
-        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
-        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
-      }
-      const float nA = fmaxf(mA, xa * sl2), nB = fmaxf(mB, xb * sl2);  // sl2 > 0: max commutes with it
-      lA *= fast_exp2(mA - nA);
-      lB *= fast_exp2(mB - nB);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          lA += fast_exp2(fmaf(s[nt][e], sl2, -nA));
-          lB += fast_exp2(fmaf(s[nt][2 + e], sl2, -nB));
-        }
-      mA = nA, mB = nB;
+      softmax_step_full(s, sl2, mA, mB, lA, lB);
       continue;
     }
-    float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -520,30 +441,10 @@ __global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMa
         const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
         s[nt][e] = ci < nvA ? s[nt][e] * sl2 : -INFINITY;
         s[nt][2 + e] = ci < nvB ? s[nt][2 + e] * sl2 : -INFINITY;
-        xa = fmaxf(xa, s[nt][e]);
-        xb = fmaxf(xb, s[nt][2 + e]);
       }
-    for (int o = 1; o < 4; o *= 2) {
-      xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
-      xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
-    }
-    const float nA = fmaxf(mA, xa), nB = fmaxf(mB, xb);
-    const float cA = nA == -INFINITY ? 0.0f : nA, cB = nB == -INFINITY ? 0.0f : nB;  // no -inf - -inf
-    lA *= exp2f(mA - cA);
-    lB *= exp2f(mB - cB);
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        lA += exp2f(s[nt][e] - cA);
-        lB += exp2f(s[nt][2 + e] - cB);
-      }
-    mA = nA, mB = nB;
+    softmax_step_masked(s, mA, mB, lA, lB);  // p is not needed in pass 1
   }
-  for (int o = 1; o < 4; o *= 2) {
-    lA += __shfl_xor_sync(0xffffffffu, lA, o);
-    lB += __shfl_xor_sync(0xffffffffu, lB, o);
-  }
+  quad_sum(lA, lB);
   const float lseA = lA > 0 ? mA + log2f(lA) : -INFINITY;
   const float lseB = lB > 0 ? mB + log2f(lB) : -INFINITY;
 
@@ -563,7 +464,7 @@ __global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMa
     cp_async_commit();
     if (kt * kKeys >= nv_w) continue;  // p = 0 for all the warp's rows: nothing to add anywhere
     float s[8][4];
-    qk_tile<T, DK>(s, qa, sK + (kt % kStages2) * kKeys * DK, lane);
+    qk_tile<T, DK, kKeys>(s, qa, sK + (kt % kStages2) * kKeys * DK, lane);
     if (kLean && (kt + 1) * kKeys <= nv_min) {
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
@@ -583,43 +484,8 @@ __global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMa
         }
     }
     const T* sVt = sV + (kt % kStages2) * kKeys * DV;
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int nd = 0; nd < DV / 16; ++nd) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, sVt + SwizzledTile<DV>::offset(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                            nd * 2 + (lane >> 4)));
-        mma16816<T>(oacc[2 * nd], pa, bv[0], bv[1]);
-        mma16816<T>(oacc[2 * nd + 1], pa, bv[2], bv[3]);
-      }
-    }
-    // Column sums of p over each position's G rows (as v1), into this warp's rows of sCs.
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = nt * 8 + 2 * (lane & 3) + e;
-        float a = s[nt][e], c = s[nt][2 + e];
-        if (G == 16) {
-          a += c;
-          a += __shfl_xor_sync(0xffffffffu, a, 4);
-          a += __shfl_xor_sync(0xffffffffu, a, 8);
-          a += __shfl_xor_sync(0xffffffffu, a, 16);
-          if (lane < 4) sCs[posA * kKeys + col] = a;
-        } else {
-          for (int o = 4; o < 4 * G; o *= 2) {
-            a += __shfl_xor_sync(0xffffffffu, a, o);
-            c += __shfl_xor_sync(0xffffffffu, c, o);
-          }
-          if ((lane >> 2) % G == 0) {
-            sCs[posA * kKeys + col] = a;
-            sCs[posB * kKeys + col] = c;
-          }
-        }
-      }
+    pv_tile<T, DV, kKeys>(oacc, s, sVt, lane);
+    column_sums(s, sCs, posA, posB, G, lane);  // Eq. 10, into this warp's rows of sCs
     __syncwarp();
     // Eq. 9 for the warp's positions, one lane per (position, block), ascending i onto the
     // running score as in v1.
@@ -642,14 +508,9 @@ __global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMa
     __syncwarp();  // the next tile's column sums overwrite sCs
   }
 
-  T* ocmp = static_cast<T*>(p.o_cmp);
   const int hA = g * G + rA % G, hB = g * G + rB % G;
-#pragma unroll
-  for (int nd = 0; nd < DV / 8; ++nd) {
-    const int c = nd * 8 + 2 * (lane & 3);
-    if (okA) *reinterpret_cast<uint32_t*>(ocmp + ((row0 + tA) * p.Hq + hA) * DV + c) = pack2<T>(oacc[nd][0], oacc[nd][1]);
-    if (okB) *reinterpret_cast<uint32_t*>(ocmp + ((row0 + tB) * p.Hq + hB) * DV + c) = pack2<T>(oacc[nd][2], oacc[nd][3]);
-  }
+  store_rows<T, DV>(static_cast<T*>(p.o_cmp), ((row0 + tA) * p.Hq + hA) * DV, ((row0 + tB) * p.Hq + hB) * DV, okA,
+                   okB, oacc, 1.0f, 1.0f, lane);
   if ((lane & 3) == 0) {
     if (okA) p.lse_cmp[(row0 + tA) * p.Hq + hA] = lseA * kLn2;
     if (okB) p.lse_cmp[(row0 + tB) * p.Hq + hB] = lseB * kLn2;

@@ -13,6 +13,7 @@
 #include <climits>
 
 #include "check.hpp"
+#include "attn_tile.cuh"
 #include "device.cuh"
 #include "kernels.hpp"
 
@@ -81,6 +82,49 @@ struct Item {
   int c;          // chunk of the block: tokens j l' + c*32 + [0, 32)
 };
 
+// The warp-uniform walk over the union of the P sorted block lists of a warp's positions, chunk by
+// chunk: lane p < P holds a cursor into position t0 + p's list; each new block is the minimum of
+// the lanes' heads, and the lanes holding it advance. head(cursor) is the calling lane's list
+// entry (INT_MAX past the end or at -1 padding).
+struct BlockUnion {
+  int hv = INT_MAX, cursor = 0, blk_j = -1, blk_chunks = 0, next_c = 0;
+  unsigned blk_mask = 0;
+  template <class Head>
+  __device__ __forceinline__ Item next(Head&& head, int ls, int t_maxw) {
+    if (blk_j >= 0 && next_c < blk_chunks) return {blk_j, blk_mask, next_c++};
+    int jm = hv;
+    for (int o = 16; o > 0; o /= 2) jm = min(jm, __shfl_xor_sync(0xffffffffu, jm, o));
+    if (jm == INT_MAX) return {INT_MAX, 0u, 0};
+    const unsigned mask = __ballot_sync(0xffffffffu, hv == jm);
+    if (hv == jm) hv = head(++cursor);
+    // Tokens past the warp's last position are masked for every row: not loaded.
+    const int len = min((jm + 1) * ls, t_maxw + 1) - jm * ls;
+    blk_j = jm, blk_mask = mask, blk_chunks = (len + kChunk - 1) / kChunk, next_c = 1;
+    return {jm, mask, 0};
+  }
+};
+
+// Copies chunk `it` (tokens [u0, u_end) of group g's K and V; zeros past u_end) into one stage,
+// with the warp's 32 lanes. kStrided: from a row base and stride (v3), else row by row (v1, v2).
+template <class T, int DK, int DV, bool kStrided>
+__device__ __forceinline__ void load_chunk(T* sKs, T* sVs, const Item& it, const T* K, const T* V, int64_t row0,
+                                           int Hkv, int g, int ls, int t_maxw, int lane) {
+  const int u0 = it.j * ls + it.c * kChunk, u_end = min((it.j + 1) * ls, t_maxw + 1);
+  if constexpr (kStrided) {
+    load_rows_async<DK>(sKs, kChunk, K + ((row0 + u0) * Hkv + g) * DK, int64_t(Hkv) * DK, u_end - u0, lane, 32);
+    load_rows_async<DV>(sVs, kChunk, V + ((row0 + u0) * Hkv + g) * DV, int64_t(Hkv) * DV, u_end - u0, lane, 32);
+  } else {
+    load_tile_async<DK>(
+        sKs, kChunk,
+        [&](int r) -> const T* { return u0 + r < u_end ? K + ((row0 + u0 + r) * Hkv + g) * DK : nullptr; }, K, lane,
+        32);
+    load_tile_async<DV>(
+        sVs, kChunk,
+        [&](int r) -> const T* { return u0 + r < u_end ? V + ((row0 + u0 + r) * Hkv + g) * DV : nullptr; }, V, lane,
+        32);
+  }
+}
+
 template <class T, int DK, int DV, bool kLean>
 __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap tm) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -122,62 +166,24 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
   const T* qA = q + ((row0 + (okA ? tA : 0)) * p.Hq + hA) * DK;
   const T* qB = q + ((row0 + (okB ? tB : 0)) * p.Hq + hB) * DK;
   uint32_t qa[DK / 16][4];
-#pragma unroll
-  for (int ks = 0; ks < DK / 16; ++ks) {
-    const int c = ks * 16 + 2 * (lane & 3);
-    qa[ks][0] = okA ? *reinterpret_cast<const uint32_t*>(qA + c) : 0u;
-    qa[ks][1] = okB ? *reinterpret_cast<const uint32_t*>(qB + c) : 0u;
-    qa[ks][2] = okA ? *reinterpret_cast<const uint32_t*>(qA + c + 8) : 0u;
-    qa[ks][3] = okB ? *reinterpret_cast<const uint32_t*>(qB + c + 8) : 0u;
-  }
+  load_q_global<DK>(qa, qA, qB, okA, okB, lane);
 
-  // The merge of the P sorted block lists: lane < P holds a cursor into position t0 + lane's.
+  // The union of the P block lists (v3: read from shared memory).
   const int32_t* mylist =
       lane < P && t0 + lane < T_b ? p.block_idx + ((row0 + t0 + lane) * Hkv + g) * p.n : nullptr;
-  int cursor = 0;
-  auto head = [&]() -> int {
-    if (!mylist || cursor >= p.n) return INT_MAX;
-    const int j = kLean ? sL[lane * p.n + cursor] : mylist[cursor];
+  auto head = [&](int c) -> int {
+    if (!mylist || c >= p.n) return INT_MAX;
+    const int j = kLean ? sL[lane * p.n + c] : mylist[c];
     return j >= 0 ? j : INT_MAX;  // -1 padding ends the list
   };
-  int hv = head();
-  int blk_j = -1, blk_chunks = 0, next_c = 0;
-  unsigned blk_mask = 0;
-  auto next = [&]() -> Item {  // warp-uniform
-    if (blk_j >= 0 && next_c < blk_chunks) return {blk_j, blk_mask, next_c++};
-    int jm = hv;
-    for (int o = 16; o > 0; o /= 2) jm = min(jm, __shfl_xor_sync(0xffffffffu, jm, o));
-    if (jm == INT_MAX) return {INT_MAX, 0u, 0};
-    const unsigned mask = __ballot_sync(0xffffffffu, hv == jm);
-    if (hv == jm) {
-      ++cursor;
-      hv = head();
-    }
-    // Tokens past the warp's last position are masked for every row: not loaded.
-    const int len = min((jm + 1) * p.ls, t_maxw + 1) - jm * p.ls;
-    blk_j = jm, blk_mask = mask, blk_chunks = (len + kChunk - 1) / kChunk, next_c = 1;
-    return {jm, mask, 0};
-  };
-
+  BlockUnion walk;
+  walk.hv = head(0);
+  auto next = [&]() { return walk.next(head, p.ls, t_maxw); };
   const T* K = static_cast<const T*>(p.k_slc);
   const T* V = static_cast<const T*>(p.v_slc);
   auto issue = [&](const Item& it, int stage) {
-    const int u0 = it.j * p.ls + it.c * kChunk, u_end = min((it.j + 1) * p.ls, t_maxw + 1);
-    if constexpr (kLean) {
-      load_rows_async<DK>(sK + stage * kChunk * DK, kChunk, K + ((row0 + u0) * Hkv + g) * DK, int64_t(Hkv) * DK,
-                          u_end - u0, lane, 32);
-      load_rows_async<DV>(sV + stage * kChunk * DV, kChunk, V + ((row0 + u0) * Hkv + g) * DV, int64_t(Hkv) * DV,
-                          u_end - u0, lane, 32);
-      return;
-    }
-    load_tile_async<DK>(
-        sK + stage * kChunk * DK, kChunk,
-        [&](int r) -> const T* { return u0 + r < u_end ? K + ((row0 + u0 + r) * Hkv + g) * DK : nullptr; }, K, lane,
-        32);
-    load_tile_async<DV>(
-        sV + stage * kChunk * DV, kChunk,
-        [&](int r) -> const T* { return u0 + r < u_end ? V + ((row0 + u0 + r) * Hkv + g) * DV : nullptr; }, V, lane,
-        32);
+    load_chunk<T, DK, DV, kLean>(sK + stage * kChunk * DK, sV + stage * kChunk * DV, it, K, V, row0, Hkv, g, p.ls,
+                                 t_maxw, lane);
   };
 
   const float sl2 = p.scale * kLog2e;
@@ -200,55 +206,15 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
     const T* sKs = sK + stage * kChunk * DK;
     const T* sVs = sV + stage * kChunk * DV;
     float s[4][4];
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0;
-#pragma unroll
-    for (int ks = 0; ks < DK / 16; ++ks)
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        uint32_t bk[4];
-        ldmatrix_x4(bk, sKs + SwizzledTile<DK>::offset(np * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                                       ks * 2 + ((lane >> 3) & 1)));
-        mma16816<T>(s[2 * np], qa[ks], bk[0], bk[1]);
-        mma16816<T>(s[2 * np + 1], qa[ks], bk[2], bk[3]);
-      }
+    qk_tile<T, DK, kChunk>(s, qa, sKs, lane);
     // Row masks: the position selected this block, and u <= t (the block end for the last chunk).
     const int u0 = cur.j * p.ls + cur.c * kChunk, blk_end = (cur.j + 1) * p.ls;
     const bool selA = okA && ((cur.mask >> posA) & 1u), selB = okB && ((cur.mask >> posB) & 1u);
     // kLean: a chunk inside its block, before the warp's first position, selected by all of the
     // warp's positions, is seen whole by every row: no masks, one FFMA + ex2 per element.
     if (kLean && u0 + kChunk <= blk_end && u0 + kChunk - 1 <= t0 && t0 + P <= T_b && cur.mask == all_pos) {
-      float xa = -INFINITY, xb = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        xa = fmaxf(xa, fmaxf(s[nt][0], s[nt][1]));
-        xb = fmaxf(xb, fmaxf(s[nt][2], s[nt][3]));
-      }
-      for (int o = 1; o < 4; o *= 2) {
-        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
-        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
-      }
-      const float nA = fmaxf(mA, xa * sl2), nB = fmaxf(mB, xb * sl2);
-      const float alA = fast_exp2(mA - nA), alB = fast_exp2(mB - nB);
-      lA *= alA;
-      lB *= alB;
-#pragma unroll
-      for (int nd = 0; nd < DV / 8; ++nd) {
-        oacc[nd][0] *= alA, oacc[nd][1] *= alA;
-        oacc[nd][2] *= alB, oacc[nd][3] *= alB;
-      }
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[nt][e] = fast_exp2(fmaf(s[nt][e], sl2, -nA));
-          s[nt][2 + e] = fast_exp2(fmaf(s[nt][2 + e], sl2, -nB));
-          lA += s[nt][e];
-          lB += s[nt][2 + e];
-        }
-      mA = nA, mB = nB;
+      rescale<DV>(oacc, softmax_step_full(s, sl2, mA, mB, lA, lB));
     } else {
-      float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
@@ -257,66 +223,19 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
           const bool in_blk = u < blk_end;
           s[nt][e] = selA && in_blk && u <= tA ? s[nt][e] * sl2 : -INFINITY;
           s[nt][2 + e] = selB && in_blk && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
-          xa = fmaxf(xa, s[nt][e]);
-          xb = fmaxf(xb, s[nt][2 + e]);
         }
-      for (int o = 1; o < 4; o *= 2) {
-        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
-        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
-      }
-      const float nA = fmaxf(mA, xa), nB = fmaxf(mB, xb);
-      const float cA = nA == -INFINITY ? 0.0f : nA, cB = nB == -INFINITY ? 0.0f : nB;  // no -inf - -inf
-      const float alA = exp2f(mA - cA), alB = exp2f(mB - cB);
-      lA *= alA;
-      lB *= alB;
-#pragma unroll
-      for (int nd = 0; nd < DV / 8; ++nd) {
-        oacc[nd][0] *= alA, oacc[nd][1] *= alA;
-        oacc[nd][2] *= alB, oacc[nd][3] *= alB;
-      }
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[nt][e] = exp2f(s[nt][e] - cA);
-          s[nt][2 + e] = exp2f(s[nt][2 + e] - cB);
-          lA += s[nt][e];
-          lB += s[nt][2 + e];
-        }
-      mA = nA, mB = nB;
+      rescale<DV>(oacc, softmax_step_masked(s, mA, mB, lA, lB));
     }
-#pragma unroll
-    for (int kk = 0; kk < kChunk / 16; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int nd = 0; nd < DV / 16; ++nd) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, sVs + SwizzledTile<DV>::offset(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                            nd * 2 + (lane >> 4)));
-        mma16816<T>(oacc[2 * nd], pa, bv[0], bv[1]);
-        mma16816<T>(oacc[2 * nd + 1], pa, bv[2], bv[3]);
-      }
-    }
+    pv_tile<T, DV, kChunk>(oacc, s, sVs, lane);
     __syncwarp();  // every lane is done with this stage before the next issue overwrites it
     cur = nx;
     stage ^= 1;
   }
 
-  for (int o = 1; o < 4; o *= 2) {
-    lA += __shfl_xor_sync(0xffffffffu, lA, o);
-    lB += __shfl_xor_sync(0xffffffffu, lB, o);
-  }
+  quad_sum(lA, lB);
   const float iA = lA > 0 ? 1.0f / lA : 0.0f, iB = lB > 0 ? 1.0f / lB : 0.0f;
-  T* out = static_cast<T*>(p.o_slc);
-#pragma unroll
-  for (int nd = 0; nd < DV / 8; ++nd) {
-    const int c = nd * 8 + 2 * (lane & 3);
-    if (okA) *reinterpret_cast<uint32_t*>(out + ((row0 + tA) * p.Hq + hA) * DV + c) =
-        pack2<T>(oacc[nd][0] * iA, oacc[nd][1] * iA);
-    if (okB) *reinterpret_cast<uint32_t*>(out + ((row0 + tB) * p.Hq + hB) * DV + c) =
-        pack2<T>(oacc[nd][2] * iB, oacc[nd][3] * iB);
-  }
+  store_rows<T, DV>(static_cast<T*>(p.o_slc), ((row0 + tA) * p.Hq + hA) * DV, ((row0 + tB) * p.Hq + hB) * DV, okA,
+                   okB, oacc, iA, iB, lane);
   if ((lane & 3) == 0) {
     if (okA) p.lse_slc[(row0 + tA) * p.Hq + hA] = lA > 0 ? (mA + log2f(lA)) * kLn2 : -INFINITY;
     if (okB) p.lse_slc[(row0 + tB) * p.Hq + hB] = lB > 0 ? (mB + log2f(lB)) * kLn2 : -INFINITY;
@@ -370,52 +289,22 @@ __global__ void __launch_bounds__(128) slc_attn_v2_kernel(FwdParams p, TileMap t
   const T* qA = q + ((row0 + (okA ? tA : 0)) * p.Hq + hA) * DK;
   const T* qB = q + ((row0 + (okB ? tB : 0)) * p.Hq + hB) * DK;
   uint32_t qa[DK / 16][4];
-#pragma unroll
-  for (int ks = 0; ks < DK / 16; ++ks) {
-    const int c = ks * 16 + 2 * (lane & 3);
-    qa[ks][0] = okA ? *reinterpret_cast<const uint32_t*>(qA + c) : 0u;
-    qa[ks][1] = okB ? *reinterpret_cast<const uint32_t*>(qB + c) : 0u;
-    qa[ks][2] = okA ? *reinterpret_cast<const uint32_t*>(qA + c + 8) : 0u;
-    qa[ks][3] = okB ? *reinterpret_cast<const uint32_t*>(qB + c + 8) : 0u;
-  }
+  load_q_global<DK>(qa, qA, qB, okA, okB, lane);
 
-  // The merge of the P sorted lists, as v1, reading them from shared memory.
-  int cursor = 0;
-  auto head = [&]() -> int {
-    if (lane >= P || cursor >= n) return INT_MAX;
-    const int j = sL[lane * n + cursor];
+  // The union of the P block lists, as v1, read from shared memory.
+  auto head = [&](int c) -> int {
+    if (lane >= P || c >= n) return INT_MAX;
+    const int j = sL[lane * n + c];
     return j >= 0 ? j : INT_MAX;
   };
-  int hv = head();
-  int blk_j = -1, blk_chunks = 0, next_c = 0;
-  unsigned blk_mask = 0;
-  auto next = [&]() -> Item {
-    if (blk_j >= 0 && next_c < blk_chunks) return {blk_j, blk_mask, next_c++};
-    int jm = hv;
-    for (int o = 16; o > 0; o /= 2) jm = min(jm, __shfl_xor_sync(0xffffffffu, jm, o));
-    if (jm == INT_MAX) return {INT_MAX, 0u, 0};
-    const unsigned mask = __ballot_sync(0xffffffffu, hv == jm);
-    if (hv == jm) {
-      ++cursor;
-      hv = head();
-    }
-    const int len = min((jm + 1) * p.ls, t_maxw + 1) - jm * p.ls;
-    blk_j = jm, blk_mask = mask, blk_chunks = (len + kChunk - 1) / kChunk, next_c = 1;
-    return {jm, mask, 0};
-  };
-
+  BlockUnion walk;
+  walk.hv = head(0);
+  auto next = [&]() { return walk.next(head, p.ls, t_maxw); };
   const T* K = static_cast<const T*>(p.k_slc);
   const T* V = static_cast<const T*>(p.v_slc);
   auto issue = [&](const Item& it, int stage) {
-    const int u0 = it.j * p.ls + it.c * kChunk, u_end = min((it.j + 1) * p.ls, t_maxw + 1);
-    load_tile_async<DK>(
-        sK + stage * kChunk * DK, kChunk,
-        [&](int r) -> const T* { return u0 + r < u_end ? K + ((row0 + u0 + r) * Hkv + g) * DK : nullptr; }, K, lane,
-        32);
-    load_tile_async<DV>(
-        sV + stage * kChunk * DV, kChunk,
-        [&](int r) -> const T* { return u0 + r < u_end ? V + ((row0 + u0 + r) * Hkv + g) * DV : nullptr; }, V, lane,
-        32);
+    load_chunk<T, DK, DV, false>(sK + stage * kChunk * DK, sV + stage * kChunk * DV, it, K, V, row0, Hkv, g, p.ls,
+                                 t_maxw, lane);
   };
 
   const float sl2 = p.scale * kLog2e;
@@ -446,21 +335,9 @@ __global__ void __launch_bounds__(128) slc_attn_v2_kernel(FwdParams p, TileMap t
     const T* sKs = sK + st * kChunk * DK;
     const T* sVs = sV + st * kChunk * DV;
     float s[4][4];
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0;
-#pragma unroll
-    for (int ks = 0; ks < DK / 16; ++ks)
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        uint32_t bk[4];
-        ldmatrix_x4(bk, sKs + SwizzledTile<DK>::offset(np * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                                       ks * 2 + ((lane >> 3) & 1)));
-        mma16816<T>(s[2 * np], qa[ks], bk[0], bk[1]);
-        mma16816<T>(s[2 * np + 1], qa[ks], bk[2], bk[3]);
-      }
+    qk_tile<T, DK, kChunk>(s, qa, sKs, lane);
     const int u0 = i0.j * p.ls + i0.c * kChunk, blk_end = (i0.j + 1) * p.ls;
     const bool selA = okA && ((i0.mask >> posA) & 1u), selB = okB && ((i0.mask >> posB) & 1u);
-    float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
@@ -469,65 +346,18 @@ __global__ void __launch_bounds__(128) slc_attn_v2_kernel(FwdParams p, TileMap t
         const bool in_blk = u < blk_end;
         s[nt][e] = selA && in_blk && u <= tA ? s[nt][e] * sl2 : -INFINITY;
         s[nt][2 + e] = selB && in_blk && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
-        xa = fmaxf(xa, s[nt][e]);
-        xb = fmaxf(xb, s[nt][2 + e]);
       }
-    for (int o = 1; o < 4; o *= 2) {
-      xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
-      xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
-    }
-    const float nA = fmaxf(mA, xa), nB = fmaxf(mB, xb);
-    const float cA = nA == -INFINITY ? 0.0f : nA, cB = nB == -INFINITY ? 0.0f : nB;  // no -inf - -inf
-    const float alA = exp2f(mA - cA), alB = exp2f(mB - cB);
-    lA *= alA;
-    lB *= alB;
-#pragma unroll
-    for (int nd = 0; nd < DV / 8; ++nd) {
-      oacc[nd][0] *= alA, oacc[nd][1] *= alA;
-      oacc[nd][2] *= alB, oacc[nd][3] *= alB;
-    }
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - cA);
-        s[nt][2 + e] = exp2f(s[nt][2 + e] - cB);
-        lA += s[nt][e];
-        lB += s[nt][2 + e];
-      }
-    mA = nA, mB = nB;
-#pragma unroll
-    for (int kk = 0; kk < kChunk / 16; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int nd = 0; nd < DV / 16; ++nd) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, sVs + SwizzledTile<DV>::offset(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                            nd * 2 + (lane >> 4)));
-        mma16816<T>(oacc[2 * nd], pa, bv[0], bv[1]);
-        mma16816<T>(oacc[2 * nd + 1], pa, bv[2], bv[3]);
-      }
-    }
+    rescale<DV>(oacc, softmax_step_masked(s, mA, mB, lA, lB));
+    pv_tile<T, DV, kChunk>(oacc, s, sVs, lane);
     __syncwarp();  // every lane is done with stage st before it is refilled
     i0 = i1, i1 = i2, i2 = nx;
     st = (st + 1) & 3;
   }
 
-  for (int o = 1; o < 4; o *= 2) {
-    lA += __shfl_xor_sync(0xffffffffu, lA, o);
-    lB += __shfl_xor_sync(0xffffffffu, lB, o);
-  }
+  quad_sum(lA, lB);
   const float iA = lA > 0 ? 1.0f / lA : 0.0f, iB = lB > 0 ? 1.0f / lB : 0.0f;
-  T* out = static_cast<T*>(p.o_slc);
-#pragma unroll
-  for (int nd = 0; nd < DV / 8; ++nd) {
-    const int c = nd * 8 + 2 * (lane & 3);
-    if (okA) *reinterpret_cast<uint32_t*>(out + ((row0 + tA) * p.Hq + hA) * DV + c) =
-        pack2<T>(oacc[nd][0] * iA, oacc[nd][1] * iA);
-    if (okB) *reinterpret_cast<uint32_t*>(out + ((row0 + tB) * p.Hq + hB) * DV + c) =
-        pack2<T>(oacc[nd][2] * iB, oacc[nd][3] * iB);
-  }
+  store_rows<T, DV>(static_cast<T*>(p.o_slc), ((row0 + tA) * p.Hq + hA) * DV, ((row0 + tB) * p.Hq + hB) * DV, okA,
+                   okB, oacc, iA, iB, lane);
   if ((lane & 3) == 0) {
     if (okA) p.lse_slc[(row0 + tA) * p.Hq + hA] = lA > 0 ? (mA + log2f(lA)) * kLn2 : -INFINITY;
     if (okB) p.lse_slc[(row0 + tB) * p.Hq + hB] = lB > 0 ? (mB + log2f(lB)) * kLn2 : -INFINITY;

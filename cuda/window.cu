@@ -5,6 +5,7 @@
 #include <climits>
 
 #include "check.hpp"
+#include "attn_tile.cuh"
 #include "device.cuh"
 #include "kernels.hpp"
 
@@ -49,6 +50,29 @@ __global__ void win_attn_v0_kernel(FwdParams p) {
       if (lane + 32 * k2 < p.dv) out[lane + 32 * k2] = from_f<T>(o[k2] / sum);
     if (lane == 0) p.lse_win[row * p.Hq + h] = m + logf(sum);  // the window holds t itself: sum > 0
   }
+}
+
+// The epilogue of v1-v3 for one row th = token * Hq + head (half 0: the thread's row A, 1: row B):
+// O_win normalised (stored only when asked for), lse_win, and Eq. 5 o = g_cmp O_cmp + g_slc O_slc
+// + g_win O_win, reading the other branches' outputs (they ran before).
+template <class T, int DV>
+__device__ __forceinline__ void epilogue(const FwdParams& p, int64_t th, float m, float l, float inv,
+                                         const float (&acc)[DV / 8][4], int half, int lane) {
+  const T* ocmp = static_cast<const T*>(p.o_cmp);
+  const T* oslc = static_cast<const T*>(p.o_slc);
+  T* owin = static_cast<T*>(p.o_win);
+  T* o = static_cast<T*>(p.o);
+  const float g0 = p.gates[th * 3], g1 = p.gates[th * 3 + 1], g2 = p.gates[th * 3 + 2];
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) {
+    const int64_t e = th * DV + nd * 8 + 2 * (lane & 3);
+    const float w0 = acc[nd][2 * half] * inv, w1 = acc[nd][2 * half + 1] * inv;
+    if (owin) *reinterpret_cast<uint32_t*>(owin + e) = pack2<T>(w0, w1);
+    const float o0 = g0 * to_f(ocmp[e]) + g1 * to_f(oslc[e]) + g2 * w0;
+    const float o1 = g0 * to_f(ocmp[e + 1]) + g1 * to_f(oslc[e + 1]) + g2 * w1;
+    *reinterpret_cast<uint32_t*>(o + e) = pack2<T>(o0, o1);
+  }
+  if ((lane & 3) == 0) p.lse_win[th] = l > 0 ? (m + log2f(l)) * kLn2 : -INFINITY;
 }
 
 // ============================== v1: tensor cores ==============================
@@ -122,26 +146,12 @@ __global__ void __launch_bounds__(128) win_attn_v1_kernel(FwdParams p, TileMap t
     else cp_async_wait<0>();
     __syncthreads();
     if (kt == 0) {
-#pragma unroll
-      for (int ks = 0; ks < DK / 16; ++ks)
-        ldmatrix_x4(qa[ks], sQ + SwizzledTile<DK>::offset(16 * warp + (lane & 15), ks * 2 + (lane >> 4)));
+      load_q_smem<DK>(qa, sQ, 16 * warp, lane);
     }
     const T* sKt = sK + (kt & 1) * kKeys * DK;
     const T* sVt = sV + (kt & 1) * kKeys * DV;
     float s[8][4];
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0;
-#pragma unroll
-    for (int ks = 0; ks < DK / 16; ++ks)
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t bk[4];
-        ldmatrix_x4(bk, sKt + SwizzledTile<DK>::offset(np * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                                       ks * 2 + ((lane >> 3) & 1)));
-        mma16816<T>(s[2 * np], qa[ks], bk[0], bk[1]);
-        mma16816<T>(s[2 * np + 1], qa[ks], bk[2], bk[3]);
-      }
-    float xa = -INFINITY, xb = -INFINITY;
+    qk_tile<T, DK, kKeys>(s, qa, sKt, lane);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -149,76 +159,16 @@ __global__ void __launch_bounds__(128) win_attn_v1_kernel(FwdParams p, TileMap t
         const int u = k_begin + kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
         s[nt][e] = okA && u >= loA && u <= tA ? s[nt][e] * sl2 : -INFINITY;
         s[nt][2 + e] = okB && u >= loB && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
-        xa = fmaxf(xa, s[nt][e]);
-        xb = fmaxf(xb, s[nt][2 + e]);
       }
-    for (int o = 1; o < 4; o *= 2) {
-      xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
-      xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
-    }
-    const float nA = fmaxf(mA, xa), nB = fmaxf(mB, xb);
-    const float cA = nA == -INFINITY ? 0.0f : nA, cB = nB == -INFINITY ? 0.0f : nB;  // no -inf - -inf
-    const float alA = exp2f(mA - cA), alB = exp2f(mB - cB);
-    lA *= alA;
-    lB *= alB;
-#pragma unroll
-    for (int nd = 0; nd < DV / 8; ++nd) {
-      oacc[nd][0] *= alA, oacc[nd][1] *= alA;
-      oacc[nd][2] *= alB, oacc[nd][3] *= alB;
-    }
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - cA);
-        s[nt][2 + e] = exp2f(s[nt][2 + e] - cB);
-        lA += s[nt][e];
-        lB += s[nt][2 + e];
-      }
-    mA = nA, mB = nB;
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int nd = 0; nd < DV / 16; ++nd) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, sVt + SwizzledTile<DV>::offset(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                            nd * 2 + (lane >> 4)));
-        mma16816<T>(oacc[2 * nd], pa, bv[0], bv[1]);
-        mma16816<T>(oacc[2 * nd + 1], pa, bv[2], bv[3]);
-      }
-    }
+    rescale<DV>(oacc, softmax_step_masked(s, mA, mB, lA, lB));
+    pv_tile<T, DV, kKeys>(oacc, s, sVt, lane);
     __syncthreads();
   }
 
-  for (int o = 1; o < 4; o *= 2) {
-    lA += __shfl_xor_sync(0xffffffffu, lA, o);
-    lB += __shfl_xor_sync(0xffffffffu, lB, o);
-  }
+  quad_sum(lA, lB);
   const float iA = lA > 0 ? 1.0f / lA : 0.0f, iB = lB > 0 ? 1.0f / lB : 0.0f;
-  // Epilogue: O_win, lse_win, and Eq. 5 o = g_cmp O_cmp + g_slc O_slc + g_win O_win.
-  const T* ocmp = static_cast<const T*>(p.o_cmp);
-  const T* oslc = static_cast<const T*>(p.o_slc);
-  T* owin = static_cast<T*>(p.o_win);
-  T* o = static_cast<T*>(p.o);
-  auto epilogue = [&](bool ok, int t, int h, float m, float l, float inv, float (&acc)[DV / 8][4], int half) {
-    if (!ok) return;
-    const int64_t th = (row0 + t) * p.Hq + h;
-    const float g0 = p.gates[th * 3], g1 = p.gates[th * 3 + 1], g2 = p.gates[th * 3 + 2];
-#pragma unroll
-    for (int nd = 0; nd < DV / 8; ++nd) {
-      const int64_t e = th * DV + nd * 8 + 2 * (lane & 3);
-      const float w0 = acc[nd][2 * half] * inv, w1 = acc[nd][2 * half + 1] * inv;
-      if (owin) *reinterpret_cast<uint32_t*>(owin + e) = pack2<T>(w0, w1);
-      const float o0 = g0 * to_f(ocmp[e]) + g1 * to_f(oslc[e]) + g2 * w0;
-      const float o1 = g0 * to_f(ocmp[e + 1]) + g1 * to_f(oslc[e + 1]) + g2 * w1;
-      *reinterpret_cast<uint32_t*>(o + e) = pack2<T>(o0, o1);
-    }
-    if ((lane & 3) == 0) p.lse_win[th] = l > 0 ? (m + log2f(l)) * kLn2 : -INFINITY;
-  };
-  epilogue(okA, tA, hA, mA, lA, iA, oacc, 0);
-  epilogue(okB, tB, hB, mB, lB, iB, oacc, 1);
+  if (okA) epilogue<T, DV>(p, (row0 + tA) * p.Hq + hA, mA, lA, iA, oacc, 0, lane);
+  if (okB) epilogue<T, DV>(p, (row0 + tB) * p.Hq + hB, mB, lB, iB, oacc, 1, lane);
 }
 
 
@@ -301,9 +251,7 @@ __global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMa
 #pragma unroll
   for (int nd = 0; nd < DV / 8; ++nd) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0;
   uint32_t qa[DK / 16][4];
-#pragma unroll
-  for (int ks = 0; ks < DK / 16; ++ks)
-    ldmatrix_x4(qa[ks], sQ + SwizzledTile<DK>::offset(16 * warp + (lane & 15), ks * 2 + (lane >> 4)));
+  load_q_smem<DK>(qa, sQ, 16 * warp, lane);
 
   for (int kt = 0; kt < ntiles; ++kt) {
     if (kt > 0) {
@@ -317,51 +265,11 @@ __global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMa
     const T* sKt = sK + (kt % kStages2) * kKeys * DK;
     const T* sVt = sV + (kt % kStages2) * kKeys * DV;
     float s[8][4];
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0;
-#pragma unroll
-    for (int ks = 0; ks < DK / 16; ++ks)
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t bk[4];
-        ldmatrix_x4(bk, sKt + SwizzledTile<DK>::offset(np * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                                       ks * 2 + ((lane >> 3) & 1)));
-        mma16816<T>(s[2 * np], qa[ks], bk[0], bk[1]);
-        mma16816<T>(s[2 * np + 1], qa[ks], bk[2], bk[3]);
-      }
+    qk_tile<T, DK, kKeys>(s, qa, sKt, lane);
     if (kLean && u0 >= all_lo && u0 + kKeys - 1 <= all_hi) {
       // Every row sees the whole tile: no masks, the scale folded into one multiply-add.
-      float xa = -INFINITY, xb = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        xa = fmaxf(xa, fmaxf(s[nt][0], s[nt][1]));
-        xb = fmaxf(xb, fmaxf(s[nt][2], s[nt][3]));
-      }
-      for (int o = 1; o < 4; o *= 2) {
-        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
-        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
-      }
-      const float nA = fmaxf(mA, xa * sl2), nB = fmaxf(mB, xb * sl2);
-      const float alA = fast_exp2(mA - nA), alB = fast_exp2(mB - nB);
-      lA *= alA;
-      lB *= alB;
-#pragma unroll
-      for (int nd = 0; nd < DV / 8; ++nd) {
-        oacc[nd][0] *= alA, oacc[nd][1] *= alA;
-        oacc[nd][2] *= alB, oacc[nd][3] *= alB;
-      }
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[nt][e] = fast_exp2(fmaf(s[nt][e], sl2, -nA));
-          s[nt][2 + e] = fast_exp2(fmaf(s[nt][2 + e], sl2, -nB));
-          lA += s[nt][e];
-          lB += s[nt][2 + e];
-        }
-      mA = nA, mB = nB;
+      rescale<DV>(oacc, softmax_step_full(s, sl2, mA, mB, lA, lB));
     } else {
-      float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -369,75 +277,16 @@ __global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMa
           const int u = u0 + nt * 8 + 2 * (lane & 3) + e;
           s[nt][e] = okA && u >= loA && u <= tA ? s[nt][e] * sl2 : -INFINITY;
           s[nt][2 + e] = okB && u >= loB && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
-          xa = fmaxf(xa, s[nt][e]);
-          xb = fmaxf(xb, s[nt][2 + e]);
         }
-      for (int o = 1; o < 4; o *= 2) {
-        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, o));
-        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, o));
-      }
-      const float nA = fmaxf(mA, xa), nB = fmaxf(mB, xb);
-      const float cA = nA == -INFINITY ? 0.0f : nA, cB = nB == -INFINITY ? 0.0f : nB;  // no -inf - -inf
-      const float alA = exp2f(mA - cA), alB = exp2f(mB - cB);
-      lA *= alA;
-      lB *= alB;
-#pragma unroll
-      for (int nd = 0; nd < DV / 8; ++nd) {
-        oacc[nd][0] *= alA, oacc[nd][1] *= alA;
-        oacc[nd][2] *= alB, oacc[nd][3] *= alB;
-      }
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[nt][e] = exp2f(s[nt][e] - cA);
-          s[nt][2 + e] = exp2f(s[nt][2 + e] - cB);
-          lA += s[nt][e];
-          lB += s[nt][2 + e];
-        }
-      mA = nA, mB = nB;
+      rescale<DV>(oacc, softmax_step_masked(s, mA, mB, lA, lB));
     }
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int nd = 0; nd < DV / 16; ++nd) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, sVt + SwizzledTile<DV>::offset(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                            nd * 2 + (lane >> 4)));
-        mma16816<T>(oacc[2 * nd], pa, bv[0], bv[1]);
-        mma16816<T>(oacc[2 * nd + 1], pa, bv[2], bv[3]);
-      }
-    }
+    pv_tile<T, DV, kKeys>(oacc, s, sVt, lane);
   }
 
-  for (int o = 1; o < 4; o *= 2) {
-    lA += __shfl_xor_sync(0xffffffffu, lA, o);
-    lB += __shfl_xor_sync(0xffffffffu, lB, o);
-  }
+  quad_sum(lA, lB);
   const float iA = lA > 0 ? 1.0f / lA : 0.0f, iB = lB > 0 ? 1.0f / lB : 0.0f;
-  const T* ocmp = static_cast<const T*>(p.o_cmp);
-  const T* oslc = static_cast<const T*>(p.o_slc);
-  T* owin = static_cast<T*>(p.o_win);
-  T* o = static_cast<T*>(p.o);
-  auto epilogue = [&](bool ok, int t, int h, float m, float l, float inv, float (&acc)[DV / 8][4], int half) {
-    if (!ok) return;
-    const int64_t th = (row0 + t) * p.Hq + h;
-    const float g0 = p.gates[th * 3], g1 = p.gates[th * 3 + 1], g2 = p.gates[th * 3 + 2];
-#pragma unroll
-    for (int nd = 0; nd < DV / 8; ++nd) {
-      const int64_t e = th * DV + nd * 8 + 2 * (lane & 3);
-      const float w0 = acc[nd][2 * half] * inv, w1 = acc[nd][2 * half + 1] * inv;
-      if (owin) *reinterpret_cast<uint32_t*>(owin + e) = pack2<T>(w0, w1);
-      const float o0 = g0 * to_f(ocmp[e]) + g1 * to_f(oslc[e]) + g2 * w0;
-      const float o1 = g0 * to_f(ocmp[e + 1]) + g1 * to_f(oslc[e + 1]) + g2 * w1;
-      *reinterpret_cast<uint32_t*>(o + e) = pack2<T>(o0, o1);
-    }
-    if ((lane & 3) == 0) p.lse_win[th] = l > 0 ? (m + log2f(l)) * kLn2 : -INFINITY;
-  };
-  epilogue(okA, tA, hA, mA, lA, iA, oacc, 0);
-  epilogue(okB, tB, hB, mB, lB, iB, oacc, 1);
+  if (okA) epilogue<T, DV>(p, (row0 + tA) * p.Hq + hA, mA, lA, iA, oacc, 0, lane);
+  if (okB) epilogue<T, DV>(p, (row0 + tB) * p.Hq + hB, mB, lB, iB, oacc, 1, lane);
 }
 
 template <class T>
