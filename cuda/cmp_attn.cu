@@ -21,12 +21,6 @@ namespace {
 
 using namespace dev;
 
-// Eq. 9: |[i d, i d + l) ∩ [j l', (j+1) l')| / d.
-__device__ __forceinline__ float overlap_weight(int i, int j, int l, int d, int ls) {
-  const int a = max(i * d, j * ls), b = min(i * d + l, (j + 1) * ls);
-  return b > a ? float(b - a) / float(d) : 0.0f;
-}
-
 // ============================== v0: fp32 CUDA cores ==============================
 // One CTA per (token, KV group); warp w handles heads w, w + nwarps, ... of the group, one key at
 // a time (lanes split the head dims). Shared memory: per-warp mapped probabilities [nwarps][NB],

@@ -72,13 +72,14 @@ __global__ void bias_act_kernel(const float* __restrict__ H, const float* __rest
   }
 }
 
-// out[ci, h, c] = Y[ci, h, c] + b[h, c]; n = Nc * Hkv * D.
+// out[row(ci), h, c] = Y[ci, h, c] + b[h, c]; n = Nc * Hkv * D; row(ci) = rows[ci], or ci.
 template <class T>
 __global__ void bias_out_kernel(const float* __restrict__ Y, const float* __restrict__ bias, int Hkv, int D,
-                                int64_t n, T* __restrict__ out) {
+                                int64_t n, const int64_t* __restrict__ rows, T* __restrict__ out) {
+  const int64_t HD = int64_t(Hkv) * D;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t hc = e % (int64_t(Hkv) * D);  // h * D + c
-    out[e] = from_f<T>(Y[e] + bias[hc]);
+    const int64_t ci = e / HD, hc = e % HD;  // hc = h * D + c
+    out[(rows ? rows[ci] : ci) * HD + hc] = from_f<T>(Y[e] + bias[hc]);
   }
 }
 
@@ -92,6 +93,30 @@ cudaDataType_t cuda_type(Precision prec) {
 }
 
 template <class T>
+void phi_gathered_typed(const Config& cfg, Precision prec, int64_t Nc, int Hkv, int D, int hc, const PhiDevice& phi,
+                        const PhiWorkspace& ws, const int64_t* rows, T* out, cublasHandle_t blas, cudaStream_t s) {
+  const int64_t lD = int64_t(cfg.cmp_len) * D, nout = Nc * Hkv * D;
+  if (cfg.compress == CompressKind::Linear) {
+    // Y[ci, h, :] = X[h, ci, :] W[h]^T
+    gemm(blas, prec, true, Hkv, int(Nc), D, int(lD), ws.X, lD, Nc * lD, phi.w, lD, D * lD, ws.Y, int64_t(Hkv) * D,
+         D);
+    bias_out_kernel<T><<<grid_for(nout, 256), 256, 0, s>>>(ws.Y, phi.b, Hkv, D, nout, rows, out);
+    NSA_CUDA_CHECK_LAUNCH("bias_out_kernel");
+    return;
+  }
+  // mlp: H[h] = X[h] W1[h]^T, Hb = act(H + b1), Y[ci, h, :] = Hb[h, ci, :] W2[h]^T + b2
+  gemm(blas, prec, true, Hkv, int(Nc), hc, int(lD), ws.X, lD, Nc * lD, phi.w1, lD, int64_t(hc) * lD, ws.H, hc,
+       Nc * hc);
+  const int64_t nh = int64_t(Hkv) * Nc * hc;
+  bias_act_kernel<T><<<grid_for(nh, 256), 256, 0, s>>>(ws.H, phi.b1, Nc, hc, nh, cfg.cmp_act, static_cast<T*>(ws.Hb));
+  NSA_CUDA_CHECK_LAUNCH("bias_act_kernel");
+  gemm(blas, prec, true, Hkv, int(Nc), D, hc, ws.Hb, hc, Nc * hc, phi.w2, hc, int64_t(D) * hc, ws.Y,
+       int64_t(Hkv) * D, D);
+  bias_out_kernel<T><<<grid_for(nout, 256), 256, 0, s>>>(ws.Y, phi.b2, Hkv, D, nout, rows, out);
+  NSA_CUDA_CHECK_LAUNCH("bias_out_kernel");
+}
+
+template <class T>
 void compress_typed(const Config& cfg, const FwdParams& p, Precision prec, const T* x, int D, int hc,
                     const PhiDevice& phi, const PhiWorkspace& ws, T* out, cublasHandle_t blas, cudaStream_t s) {
   if (p.Nc == 0) return;
@@ -101,28 +126,9 @@ void compress_typed(const Config& cfg, const FwdParams& p, Precision prec, const
     NSA_CUDA_CHECK_LAUNCH("mean_kernel");
     return;
   }
-  const int64_t lD = int64_t(p.l) * D, Nc = p.Nc;
   gather_kernel<T><<<grid, 256, 0, s>>>(p, x, phi.pe, D, static_cast<T*>(ws.X));
   NSA_CUDA_CHECK_LAUNCH("gather_kernel");
-  const int64_t nout = Nc * p.Hkv * D;
-  if (cfg.compress == CompressKind::Linear) {
-    // Y[ci, h, :] = X[h, ci, :] W[h]^T
-    gemm(blas, prec, true, p.Hkv, int(Nc), D, int(lD), ws.X, lD, Nc * lD, phi.w, lD, D * lD, ws.Y,
-         int64_t(p.Hkv) * D, D);
-    bias_out_kernel<T><<<grid_for(nout, 256), 256, 0, s>>>(ws.Y, phi.b, p.Hkv, D, nout, out);
-    NSA_CUDA_CHECK_LAUNCH("bias_out_kernel");
-    return;
-  }
-  // mlp: H[h] = X[h] W1[h]^T, Hb = act(H + b1), Y[ci, h, :] = Hb[h, ci, :] W2[h]^T + b2
-  gemm(blas, prec, true, p.Hkv, int(Nc), hc, int(lD), ws.X, lD, Nc * lD, phi.w1, lD, int64_t(hc) * lD, ws.H, hc,
-       Nc * hc);
-  const int64_t nh = int64_t(p.Hkv) * Nc * hc;
-  bias_act_kernel<T><<<grid_for(nh, 256), 256, 0, s>>>(ws.H, phi.b1, Nc, hc, nh, cfg.cmp_act, static_cast<T*>(ws.Hb));
-  NSA_CUDA_CHECK_LAUNCH("bias_act_kernel");
-  gemm(blas, prec, true, p.Hkv, int(Nc), D, hc, ws.Hb, hc, Nc * hc, phi.w2, hc, int64_t(D) * hc, ws.Y,
-       int64_t(p.Hkv) * D, D);
-  bias_out_kernel<T><<<grid_for(nout, 256), 256, 0, s>>>(ws.Y, phi.b2, p.Hkv, D, nout, out);
-  NSA_CUDA_CHECK_LAUNCH("bias_out_kernel");
+  phi_gathered_typed<T>(cfg, prec, p.Nc, p.Hkv, D, hc, phi, ws, nullptr, out, blas, s);
 }
 
 }  // namespace
@@ -138,6 +144,22 @@ void gemm(cublasHandle_t blas, Precision prec, bool transB, int batch, int M, in
   NSA_CUBLAS_CHECK(cublasGemmStridedBatchedEx(blas, transB ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one,
                                               B, t, int(ldb), strideB, A, t, int(lda), strideA, &zero, C,
                                               CUDA_R_32F, int(ldc), strideC, batch, ct, CUBLAS_GEMM_DEFAULT));
+}
+
+void phi_gathered(const Config& cfg, Precision prec, int64_t M, int Hkv, int D, int hc, const PhiDevice& phi,
+                  const PhiWorkspace& ws, const int64_t* rows, void* out, cublasHandle_t blas, cudaStream_t s) {
+  if (M == 0) return;
+  switch (prec) {
+    case Precision::BF16:
+      phi_gathered_typed(cfg, prec, M, Hkv, D, hc, phi, ws, rows, static_cast<__nv_bfloat16*>(out), blas, s);
+      break;
+    case Precision::FP16:
+      phi_gathered_typed(cfg, prec, M, Hkv, D, hc, phi, ws, rows, static_cast<__half*>(out), blas, s);
+      break;
+    case Precision::FP32:
+      phi_gathered_typed(cfg, prec, M, Hkv, D, hc, phi, ws, rows, static_cast<float*>(out), blas, s);
+      break;
+  }
 }
 
 void compress_phi(const Config& cfg, const FwdParams& p, Precision prec, const void* x, int D, int hc,

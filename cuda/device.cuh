@@ -55,6 +55,20 @@ __device__ __forceinline__ int cmp_visible(int t, int l, int d) { return num_cmp
 __device__ __forceinline__ int slc_valid(int t, int ls) { return t / ls + 1; }
 __device__ __forceinline__ int win_start(int t, int w) { return t - w + 1 > 0 ? t - w + 1 : 0; }
 
+// Eq. 9: |[i d, i d + l) ∩ [j l', (j+1) l')| / d, the weight of compressed block i in selection block j.
+__device__ __forceinline__ float overlap_weight(int i, int j, int l, int d, int ls) {
+  const int a = max(i * d, j * ls), b = min(i * d + l, (j + 1) * ls);
+  return b > a ? float(b - a) / float(d) : 0.0f;
+}
+
+// The compressed blocks i that overlap selection block j: [first, last] (empty when first > last),
+// i.e. i d + l > j l' and i d < (j + 1) l'.
+__device__ __forceinline__ int overlap_first(int j, int l, int d, int ls) {
+  const int num = j * ls - l + 1;
+  return num > 0 ? (num + d - 1) / d : 0;
+}
+__device__ __forceinline__ int overlap_last(int j, int d, int ls) { return ((j + 1) * ls - 1) / d; }
+
 // The sequence holding offset x of a [B+1] prefix array (largest b with cu[b] <= x, b < B).
 __device__ __forceinline__ int find_seq(const int64_t* cu, int B, int64_t x) {
   int lo = 0, hi = B - 1;

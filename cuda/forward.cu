@@ -142,14 +142,6 @@ int choose_kernel(const Config& cfg, const Options& opt, std::string* why) {
 }
 
 // ---------------------------------------------------------------- the plan
-namespace {
-
-struct DeviceBuffer {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-};
-
-// Host float -> device elements of the precision (rounded to nearest even).
 std::vector<char> to_elems(Precision prec, const float* x, size_t n) {
   std::vector<char> out(n * size_t(element_size(prec)));
   if (prec == Precision::FP32) {
@@ -175,6 +167,13 @@ void from_elems(Precision prec, const char* src, size_t n, float* out) {
     for (size_t i = 0; i < n; ++i) out[i] = __half2float(s[i]);
   }
 }
+
+namespace {
+
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+};
 
 // Deterministic pseudo-random fills for benchmarks (splitmix64 of the index).
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {
@@ -210,6 +209,22 @@ __global__ void fill_uniform(float* x, int64_t n, uint64_t seed) {
 }
 
 }  // namespace
+
+void fill_random_normal(Precision prec, void* x, int64_t n, uint64_t seed, cudaStream_t s) {
+  if (n == 0) return;
+  switch (prec) {
+    case Precision::BF16: fill_normal<<<1024, 256, 0, s>>>(static_cast<__nv_bfloat16*>(x), n, seed); break;
+    case Precision::FP16: fill_normal<<<1024, 256, 0, s>>>(static_cast<__half*>(x), n, seed); break;
+    case Precision::FP32: fill_normal<<<1024, 256, 0, s>>>(static_cast<float*>(x), n, seed); break;
+  }
+  NSA_CUDA_CHECK_LAUNCH("fill_normal");
+}
+
+void fill_random_uniform(float* x, int64_t n, uint64_t seed, cudaStream_t s) {
+  if (n == 0) return;
+  fill_uniform<<<1024, 256, 0, s>>>(x, n, seed);
+  NSA_CUDA_CHECK_LAUNCH("fill_uniform");
+}
 
 struct Plan::Impl {
   Config cfg;
