@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <type_traits>
+#include <vector>
 
 #include "config.hpp"
 #include "nsa_cuda.hpp"
@@ -40,6 +41,11 @@ struct PhiWorkspace {
 void compress_phi(const Config& cfg, const FwdParams& p, Precision prec, const void* x, int D, int hc,
                   const PhiDevice& phi, const PhiWorkspace& ws, void* out, cublasHandle_t blas, cudaStream_t s);
 
+// phi's products and epilogues on blocks already gathered (linear, mlp): ws.X [Hkv, M, l*D] elem
+// (rows + pe) -> the [Hkv, D] row of block e at out + rows[e] * Hkv * D (rows nullptr: row e).
+void phi_gathered(const Config& cfg, Precision prec, int64_t M, int Hkv, int D, int hc, const PhiDevice& phi,
+                  const PhiWorkspace& ws, const int64_t* rows, void* out, cublasHandle_t blas, cudaStream_t s);
+
 // Row-major batched C = A op(B) with fp32 output: A [M, K] (lda), B [N, K] (ldb) when
 // transB, else [K, N]; C [M, N] (ldc); `stride*` between batch entries.
 void gemm(cublasHandle_t blas, Precision prec, bool transB, int batch, int M, int N, int K, const void* A,
@@ -59,6 +65,13 @@ struct GateMlpDevice {
 };
 void gates_from_mlp(const FwdParams& p, const GateMlpDevice& m, float* gates, cublasHandle_t blas, cudaStream_t s);
 void fill(float* x, int64_t n, float value, cudaStream_t s);
+// forward.cu: host floats <-> device elements of the precision (rounded to nearest even).
+std::vector<char> to_elems(Precision prec, const float* x, size_t n);
+void from_elems(Precision prec, const char* src, size_t n, float* out);
+// forward.cu: pseudo-random fills for benchmarks (splitmix64 of the index): N(0, 1) elements of
+// the precision, U(0, 1) floats.
+void fill_random_normal(Precision prec, void* x, int64_t n, uint64_t seed, cudaStream_t s);
+void fill_random_uniform(float* x, int64_t n, uint64_t seed, cudaStream_t s);
 void combine_v0(Precision prec, const FwdParams& p, cudaStream_t s);
 
 // ---- cmp_attn.cu: compression attention + Eq. 8-11 (scores, top-n) ----
@@ -89,6 +102,28 @@ size_t win_attn_v1_smem(const FwdParams& p);
 // v2: 16 * nwarps rows per CTA (tm: tiles of 16 * nwarps / G positions), 3 stages.
 void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
 size_t win_attn_v2_smem(const FwdParams& p, int nwarps);
+
+// ---- decode_attn.cu: the decode step (NSA-SPEC.md 8) ----
+constexpr int kDecTile = 32;  // keys per warp tile of the split kernel; split sizes are multiples
+// The compressed rows a step emits: rows[e], rows[M + e], rows[2M + e] = cache sequence b, first
+// raw token u0 = i*d of block i, destination row b * Ncap + i (device, int64 [3, M]).
+struct DecEmit {
+  int M = 0;
+  const int64_t* rows = nullptr;
+};
+size_t dec_split_smem(const DecParams& p, Precision prec);
+int dec_split_ctas_per_sm(Precision prec, const DecParams& p);  // occupancy of the split kernel
+// The split kernel: the compression and window splits (and the append) or the selection splits.
+void dec_split(Precision prec, const DecParams& p, bool selection, cudaStream_t s);
+// NBcap = selection blocks at the cache's capacity (the shared-memory block scores).
+size_t dec_select_smem(const DecParams& p, int NBcap);
+void dec_select(Precision prec, const DecParams& p, int NBcap, cudaStream_t s);
+void dec_combine(Precision prec, const DecParams& p, cudaStream_t s);
+void dec_append(Precision prec, const DecParams& p, cudaStream_t s);
+void dec_emit_mean(Precision prec, const DecParams& p, const DecEmit& em, bool values, cudaStream_t s);
+// X [Hkv, M, l*D] for phi_gathered, from the cache's raw rows (the tail ring or the history).
+void dec_emit_gather(Precision prec, const DecParams& p, const DecEmit& em, bool values, const float* pe, void* X,
+                     cudaStream_t s);
 
 // True when kernel v1 is compiled for these head dims (NSA_CUDA_DIMS).
 bool v1_has_dims(int dk, int dv);

@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "decode.hpp"
 #include "nsa_ref.hpp"
 
 struct CUstream_st;  // cudaStream_t, without the CUDA headers
@@ -123,5 +124,78 @@ class Plan {
 
 // forward = Plan + upload + run + download: same shapes and meanings as ref::forward.
 ref::ForwardResult<float> forward(const Config& cfg, const ref::Inputs<float>& in, const Options& opt);
+
+// ---- Decoding with a KV cache (NSA-SPEC.md 8; docs/cuda_decode.md) ------------------------------
+//
+// The CUDA twin of ref::DecodeCache and ref::decode_step (reference/decode.hpp): the cache lives on
+// the device in the same layout (elements of the precision: compressed rows, the raw history, the
+// rings of branches with keys/values of their own), and a step appends one token to each addressed
+// sequence, emits a compressed row where the token completes a block, and returns every output
+// and intermediate of ref::StepResult. Operands bf16 or fp16, fp32 accumulation; G <= 16 and the
+// head dims of NSA_CUDA_DIMS (the same as kernels v1-v3). Options::kernel is ignored by the step
+// (one version) and applies to the prefill's forward pass.
+
+class Decoder;
+// A step's time and what it was split into (bench_decode).
+struct DecodeTiming {
+  double ms = 0;                  // median step latency (L2 flushed before each repeat)
+  std::vector<StageTime> stages;  // per-kernel medians
+  int splits_cmp = 0, splits_win = 0, splits_slc = 0;  // CTAs per item of each branch
+  int keys_cmp = 0, keys_win = 0, keys_slc = 0;        // keys per split
+};
+struct DecodeBench {
+  DecodeTiming step;  // a step that emits no compressed row: the token at position s
+  DecodeTiming emit;  // a step that emits one (the next position t >= s with (t + 1 - l) % d == 0)
+  int64_t pos = 0, pos_emit = 0;
+  size_t device_bytes = 0;
+};
+// Latency of one decode step for B sequences holding s tokens each (history, compressed rows and
+// step inputs ~ N(0, 1), gates ~ U(0, 1), phi = ref::random_compress_params(seed), shared K/V):
+// medians of `reps` steps after `warmup`, each step repeated at the same position (it rewrites the
+// same cache rows), the L2 cache flushed before each repeat so that the cache is read from memory
+// as when a model steps through its layers.
+DecodeBench bench_decode(const Config& cfg, int64_t B, int64_t s, const Options& opt, int warmup, int reps,
+                         uint64_t seed = 1);
+
+class Decoder {
+ public:
+  // An empty cache for B sequences of up to `capacity` tokens. Throws ConfigError for what the
+  // step cannot run (fp32, G > 16, dims not compiled), ResourceError when it does not fit.
+  Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int64_t capacity, const Options& opt);
+  ~Decoder();
+  Decoder(const Decoder&) = delete;
+  Decoder& operator=(const Decoder&) = delete;
+
+  // phi's parameters (linear, mlp), read by the steps that emit. A step uploads its inputs' phi
+  // when none was set (once: a layer's phi does not change between steps).
+  void set_phi(const ref::CompressParams<float>& phi);
+  // Copies a host cache of the same config, sharing, B and capacity onto the device (rounded to
+  // the precision), its lengths included; download() is the inverse.
+  void upload(const ref::DecodeCache<float>& cache);
+  ref::DecodeCache<float> download() const;
+  // ref::prefill on the device: the CUDA forward pass on the prompts (packed, one per listed empty
+  // sequence), whose outputs are returned; the cache takes the prompts' rows and the forward
+  // pass's compressed rows.
+  ref::ForwardResult<float> prefill(const ref::Inputs<float>& in, const std::vector<int64_t>& seqs = {});
+  // ref::decode_step on the device: row b of `in` (one token per stepped sequence) goes to
+  // sequence seqs[b]. Gates come from the inputs (given, the gate MLP evaluated on the host, or
+  // ones). Refuses what ref::decode_step refuses, with the same error types.
+  ref::StepResult<float> step(const ref::Inputs<float>& in, const std::vector<int64_t>& seqs = {});
+
+  const std::vector<int64_t>& lengths() const;
+  const Config& config() const;
+  size_t device_bytes() const;
+  struct Impl;
+
+ private:
+  friend DecodeBench bench_decode(const Config&, int64_t, int64_t, const Options&, int, int, uint64_t);
+  Impl* impl_;
+};
+
+// ref::decode_workload on the device: each sequence's first prefix[b] tokens through
+// Decoder::prefill (the CUDA forward pass), the rest one token per step, every sequence with
+// tokens left stepping together; the returned cache is the device cache downloaded at the end.
+ref::DecodeRun<float> decode_workload(const Config& cfg, const ref::Inputs<float>& in,
+                                      const std::vector<int64_t>& prefix, const Options& opt);
 
 }  // namespace nsa::cuda

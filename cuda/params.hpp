@@ -59,3 +59,65 @@ struct FwdParams {
 NSA_HD inline int num_cmp_blocks(int T, int l, int d) { return T >= l ? (T - l) / d + 1 : 0; }
 
 }  // namespace nsa::cuda
+
+namespace nsa::cuda {
+
+// The parameters of the decode-step kernels (cuda/decode_attn.cu): the device cache in the layout
+// of ref::DecodeCache (reference/decode.hpp), the step's rows, its outputs, and the split-softmax
+// partials. One step appends one token to each of Bs cache sequences; row r of the step goes to
+// cache sequence seq[r] at position pos[r] (the cache held pos[r] tokens before the step). An
+// item is a (row, KV group) pair, item = r * Hkv + g: the G query heads of the group share every
+// K/V row the item reads (group-centric).
+struct DecParams {
+  // ---- shapes (NSA-SPEC.md names) ----
+  int Bs = 0;                   // rows of this step
+  int Hq = 0, Hkv = 0, G = 0;   // G = Hq / Hkv <= 16
+  int dk = 0, dv = 0;
+  int l = 0, d = 0, ls = 0, n = 0, init_blocks = 0, local_blocks = 0, w = 0;
+  float scale = 0;
+  int64_t capacity = 0;  // tokens per cache sequence
+  int Ncap = 0;          // compressed rows per cache sequence, Nc(capacity)
+  int L = 0, W = 0;      // rows of the compression tail ring (min(l, capacity)) and window ring (min(w, capacity))
+  int NBs = 0;           // columns of block_scores this step: max over rows of slc_valid(pos)
+
+  // ---- the cache (elem = the operand precision) ----
+  void* k_cmp = nullptr;   // [B, Ncap, Hkv, dk]  compressed keys, row i = phi(raw keys [i*d, i*d + l))
+  void* v_cmp = nullptr;   // [B, Ncap, Hkv, dv]
+  void* k_tail = nullptr;  // [B, L, Hkv, dk]  ring, token u at slot u % l; nullptr: shared, read k_slc
+  void* v_tail = nullptr;  // [B, L, Hkv, dv]
+  void* k_slc = nullptr;   // [B, capacity, Hkv, dk]  the full raw history, token u at row u
+  void* v_slc = nullptr;   // [B, capacity, Hkv, dv]
+  void* k_win = nullptr;   // [B, W, Hkv, dk]  ring, token u at slot u % w; nullptr: shared, read k_slc
+  void* v_win = nullptr;   // [B, W, Hkv, dv]
+
+  // ---- the step's rows ----
+  const int32_t* seq = nullptr;  // [Bs] cache sequence of row r
+  const int32_t* pos = nullptr;  // [Bs] position t of row r's token
+  const void* q = nullptr;       // [Bs, Hq, dk] elem
+  const void* k_new[3] = {};     // [Bs, Hkv, dk] elem: the new token's keys per branch (cmp, slc, win),
+  const void* v_new[3] = {};     // [Bs, Hkv, dv] elem  aliases where a branch shares the selection's
+  const float* gates = nullptr;  // [Bs, Hq, 3] fp32, order (cmp, slc, win)
+
+  // ---- outputs ----
+  void* o = nullptr;              // [Bs, Hq, dv] elem  Eq. 5
+  void* o_cmp = nullptr;          // [Bs, Hq, dv] elem
+  void* o_slc = nullptr;          // [Bs, Hq, dv] elem
+  void* o_win = nullptr;          // [Bs, Hq, dv] elem
+  float* lse_cmp = nullptr;       // [Bs, Hq]  natural log; -inf where no key is visible
+  float* lse_slc = nullptr;       // [Bs, Hq]
+  float* lse_win = nullptr;       // [Bs, Hq]
+  int32_t* block_idx = nullptr;   // [Bs, Hkv, n]  ascending, -1 padding at the end
+  float* block_scores = nullptr;  // [Bs, Hkv, NBs] Eq. 10, 0 for invalid blocks; nullptr: not stored
+
+  // ---- split softmax (flash-decoding): each branch's key list of an item is cut into splits of
+  // r* keys, one CTA each; partial slot s of an item: cmp splits [0, sc), window [sc, sc + sw),
+  // selection [sc + sw, S), S = sc + sw + ss ----
+  int sc = 0, sw = 0, ss = 0;   // splits per item of the compression, window and selection branch
+  int rc = 0, rw = 0, rs = 0;   // keys per split (multiples of 32)
+  float* part_ml = nullptr;     // [Bs*Hkv, S, 2, 16]  per query row: max m (log2 domain), sum l of exp2(x - m)
+  float* part_o = nullptr;      // [Bs*Hkv, S, 16, dv] per query row: sum of exp2(x - m) v (unnormalised)
+  float* scores = nullptr;      // [Bs*Hkv, G, Ncap]   s q.k of every compressed row (log2 domain), for Eq. 8-10
+  bool append = true;           // the first split kernel also writes the new token's rows into the cache
+};
+
+}  // namespace nsa::cuda

@@ -1,0 +1,505 @@
+// The decode step's kernels (NSA-SPEC.md 8): the CUDA twin of the attention part of
+// ref::decode_step (reference/decode.cpp). One step computes one new token per sequence, so its
+// work is the keys it reads; the kernels are built to stream them at the card's memory rate even
+// at batch 1, where a step has only Bs * Hkv items (an item = one token's KV group):
+//
+//   split    (dec_split_kernel) each branch's key list of an item is cut into splits, one CTA
+//            each (flash-decoding): the compressed rows and the window in one launch (they do not
+//            depend on the selection), the selected blocks in a second. A CTA holds the item's G
+//            query heads as the 16 rows of mma.sync m16n8k16 tiles (group-centric: every K/V row
+//            is loaded once for all G heads); its warps stream 32-key tiles through their own
+//            double-buffered shared memory (cp.async), keep an online softmax, and the CTA writes
+//            one partial (max, sum, unnormalised O) per query row. The compression CTAs also
+//            write every score s q.k (Eq. 8 needs them normalised by the final lse, which no split
+//            knows), and the first CTA of each item appends the new token's rows to the cache.
+//   select   (dec_select_kernel) per item: merges the compression partials into O_cmp and lse,
+//            forms p = exp(s q.k - lse), sums it over the group's heads (Eq. 10), maps it onto the
+//            selection blocks (Eq. 9) and runs the top-n (Eq. 11, cuda/select.cuh).
+//   combine  (dec_combine_kernel) per item: merges the window and selection partials and forms
+//            o = g_cmp O_cmp + g_slc O_slc + g_win O_win (Eq. 5).
+// A step that completes a compressed block first appends (dec_append_kernel) and runs phi on the
+// block's l raw rows (dec_emit_*; the mlp/linear products through compress.cu's cuBLAS path).
+#include <climits>
+
+#include "attn_tile.cuh"
+#include "check.hpp"
+#include "device.cuh"
+#include "kernels.hpp"
+#include "select.cuh"
+
+namespace nsa::cuda {
+
+namespace {
+
+using namespace dev;
+
+constexpr int kWarps = 2;  // warps per split CTA: 2 x 2 stages x 32 keys x (dk + dv) bf16 = 64 KB at
+                           // dk = dv = 128, so 3 CTAs share an SM and one's merge overlaps the
+                           // others' streaming
+constexpr int kTile = kDecTile;  // keys per warp tile (lane i computes key i's row addresses)
+constexpr int kRows = 16;  // query rows of an item: heads g*G .. g*G + G - 1, zero rows past G
+enum Kind { kCmp = 0, kWin = 1, kSlc = 2 };
+
+// The [Hkv, D] row of token u of cache sequence b as a branch with a ring sees it: the ring
+// (slot u % period) when the branch keeps one, else the history.
+template <class T>
+__device__ __forceinline__ const T* raw_row(const DecParams& p, const void* ring, int ring_rows, int period,
+                                            const void* hist, int64_t b, int u, int D) {
+  return ring ? static_cast<const T*>(ring) + (b * ring_rows + u % period) * p.Hkv * D
+              : static_cast<const T*>(hist) + (b * p.capacity + u) * p.Hkv * D;
+}
+
+// Copies D elements (D * sizeof(T) a multiple of 16 bytes) with the threads [tid, nth).
+template <class T>
+__device__ __forceinline__ void copy_vec(T* dst, const T* src, int D, int tid, int nth) {
+  const int n16 = D * int(sizeof(T)) / 16;
+  for (int i = tid; i < n16; i += nth) reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+}
+
+// The new token of row r enters the cache (group g's slices): the history always, the rings
+// where a branch keeps its own keys/values (decode.hpp's store_raw).
+template <class T>
+__device__ void append_group(const DecParams& p, int r, int g, int tid, int nth) {
+  const int64_t b = p.seq[r];
+  const int t = p.pos[r];
+  const int64_t H = p.Hkv;
+  const int64_t nk = (int64_t(r) * H + g) * p.dk, nvv = (int64_t(r) * H + g) * p.dv;
+  auto k_in = [&](int c) { return static_cast<const T*>(p.k_new[c]) + nk; };
+  auto v_in = [&](int c) { return static_cast<const T*>(p.v_new[c]) + nvv; };
+  copy_vec(static_cast<T*>(p.k_slc) + ((b * p.capacity + t) * H + g) * p.dk, k_in(1), p.dk, tid, nth);
+  copy_vec(static_cast<T*>(p.v_slc) + ((b * p.capacity + t) * H + g) * p.dv, v_in(1), p.dv, tid, nth);
+  if (p.k_tail) copy_vec(static_cast<T*>(p.k_tail) + ((b * p.L + t % p.l) * H + g) * p.dk, k_in(0), p.dk, tid, nth);
+  if (p.v_tail) copy_vec(static_cast<T*>(p.v_tail) + ((b * p.L + t % p.l) * H + g) * p.dv, v_in(0), p.dv, tid, nth);
+  if (p.k_win) copy_vec(static_cast<T*>(p.k_win) + ((b * p.W + t % p.w) * H + g) * p.dk, k_in(2), p.dk, tid, nth);
+  if (p.v_win) copy_vec(static_cast<T*>(p.v_win) + ((b * p.W + t % p.w) * H + g) * p.dv, v_in(2), p.dv, tid, nth);
+}
+
+// Key x of an item's list for a branch -> its K and V rows (nullptr: masked). Compression: the
+// compressed row x. Window: token u = ws + x. Selection: token u = j l' + x % l' of the
+// (x / l')-th selected block j, masked when there is none (-1) or u > t. The new token (u = t)
+// comes from the step's inputs: the cache row is written by the same launch.
+template <class T, int DK, int DV>
+__device__ __forceinline__ void key_rows(const DecParams& p, int kind, int r, int g, int64_t b, int t, int ws,
+                                         const int* sList, int x, const T*& kp, const T*& vp) {
+  const int64_t H = p.Hkv;
+  if (kind == kCmp) {
+    const int64_t row = (b * p.Ncap + x) * H + g;
+    kp = static_cast<const T*>(p.k_cmp) + row * DK;
+    vp = static_cast<const T*>(p.v_cmp) + row * DV;
+    return;
+  }
+  int u = ws + x;
+  if (kind == kSlc) {
+    const int j = sList[x / p.ls];
+    u = j * p.ls + x % p.ls;
+    if (j < 0 || u > t) {
+      kp = vp = nullptr;
+      return;
+    }
+  }
+  if (u == t) {
+    const int c = kind == kWin ? 2 : 1;
+    kp = static_cast<const T*>(p.k_new[c]) + (int64_t(r) * H + g) * DK;
+    vp = static_cast<const T*>(p.v_new[c]) + (int64_t(r) * H + g) * DV;
+    return;
+  }
+  const bool win = kind == kWin;
+  kp = raw_row<T>(p, win ? p.k_win : nullptr, p.W, p.w, p.k_slc, b, u, DK) + g * DK;
+  vp = raw_row<T>(p, win ? p.v_win : nullptr, p.W, p.w, p.v_slc, b, u, DV) + g * DV;
+}
+
+// One warp copies a tile of kTile rows into a swizzled [kTile, D] tile with cp.async: lane i
+// computed the address of row i (nullptr: zero-filled), the others take it by a shuffle.
+template <int D, class T>
+__device__ __forceinline__ void copy_tile(T* tile, const T* my_row, const T* fallback, int lane) {
+  constexpr int C = D / 8;
+  const unsigned long long mine = reinterpret_cast<unsigned long long>(my_row);
+  for (int c = lane; c < kTile * C; c += 32) {
+    const int rr = c / C, ch = c - rr * C;
+    const T* src = reinterpret_cast<const T*>(__shfl_sync(0xffffffffu, mine, rr));
+    cp_async_16(tile + SwizzledTile<D>::offset(rr, ch), src ? src + ch * 8 : fallback, src != nullptr);
+  }
+}
+
+// Shared memory of a split CTA: per warp two stages of a K and a V tile, then the selection
+// CTAs' block list. The warps' partials reuse the stages after the loop.
+template <int DK, int DV>
+__host__ __device__ constexpr size_t split_stage_bytes(int esize) {
+  return size_t(kWarps) * 2 * kTile * (DK + DV) * esize;
+}
+
+// grid (splits, Bs * Hkv): first == kCmp: splits [0, sc) of the compression branch, then sw of
+// the window; first == kSlc: ss splits of the selection branch (after dec_select).
+template <class T, int DK, int DV>
+__global__ void __launch_bounds__(kWarps * 32) dec_split_kernel(DecParams p, int first) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int item = blockIdx.y, r = item / p.Hkv, g = item % p.Hkv;
+  const int64_t b = p.seq[r];
+  const int t = p.pos[r], G = p.G;
+  int kind = first, split = blockIdx.x;
+  if (kind == kCmp && split >= p.sc) kind = kWin, split -= p.sc;
+  int count, R, slot;
+  if (kind == kCmp) {
+    count = cmp_visible(t, p.l, p.d), R = p.rc, slot = split;
+  } else if (kind == kWin) {
+    count = t - win_start(t, p.w) + 1, R = p.rw, slot = p.sc + split;
+  } else {
+    count = min(p.n, slc_valid(t, p.ls)) * p.ls, R = p.rs, slot = p.sc + p.sw + split;
+  }
+  const int x0 = split * R, x1 = min(x0 + R, count);
+  const int ntiles = x1 > x0 ? (x1 - x0 + kTile - 1) / kTile : 0;
+  const int ws = win_start(t, p.w);
+
+  if (first == kCmp && blockIdx.x == 0 && p.append) append_group<T>(p, r, g, tid, blockDim.x);
+  int* sList = reinterpret_cast<int*>(smem + split_stage_bytes<DK, DV>(sizeof(T)));
+  if (kind == kSlc) {
+    for (int i = tid; i < p.n; i += blockDim.x) sList[i] = p.block_idx[int64_t(item) * p.n + i];
+    __syncthreads();
+  }
+
+  // The item's query rows: rows A = lane / 4 and B = A + 8 of the mma layout are heads g*G + A, + B.
+  const int rA = lane >> 2, rB = rA + 8;
+  const T* q = static_cast<const T*>(p.q) + (int64_t(r) * p.Hq + g * G) * DK;
+  uint32_t qa[DK / 16][4];
+  load_q_global<DK>(qa, q + rA * DK, q + rB * DK, rA < G, rB < G, lane);
+
+  T* sK = reinterpret_cast<T*>(smem) + size_t(warp) * 2 * kTile * (DK + DV);
+  T* sV = sK + 2 * kTile * DK;
+  const T* fallback = static_cast<const T*>(p.k_slc);
+  // Starts the copy of a tile into stage st; returns its mask (bit i: key i is visible).
+  auto load = [&](int tile, int st) {
+    const int x = x0 + tile * kTile + lane;
+    const T* kp = nullptr;
+    const T* vp = nullptr;
+    if (x < x1) key_rows<T, DK, DV>(p, kind, r, g, b, t, ws, sList, x, kp, vp);
+    copy_tile<DK>(sK + st * kTile * DK, kp, fallback, lane);
+    copy_tile<DV>(sV + st * kTile * DV, vp, fallback, lane);
+    return __ballot_sync(0xffffffffu, kp != nullptr);
+  };
+
+  const float sl2 = p.scale * kLog2e;  // scores in the log2 domain: exp(s x) = exp2(s log2e x)
+  float* scores = p.scores + int64_t(item) * G * p.Ncap;
+  float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
+  float oacc[DV / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0;
+
+  // Warp w takes tiles w, w + kWarps, ...: its own pipeline, no CTA barrier in the loop.
+  unsigned vm = warp < ntiles ? load(warp, 0) : 0u, vm_next = 0u;
+  cp_async_commit();
+  for (int k = 0, tile = warp; tile < ntiles; ++k, tile += kWarps) {
+    const int st = k & 1;
+    const bool more = tile + kWarps < ntiles;
+    if (more) vm_next = load(tile + kWarps, st ^ 1);
+    cp_async_commit();
+    if (more) cp_async_wait<1>();
+    else cp_async_wait<0>();
+    __syncwarp();
+    float s[kTile / 8][4];
+    qk_tile<T, DK, kTile>(s, qa, sK + st * kTile * DK, lane);
+    const int xt = x0 + tile * kTile;
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = nt * 8 + 2 * (lane & 3) + e;
+        const bool ok = (vm >> col) & 1u;
+        s[nt][e] = ok ? s[nt][e] * sl2 : -INFINITY;
+        s[nt][2 + e] = ok ? s[nt][2 + e] * sl2 : -INFINITY;
+        if (kind == kCmp && ok) {  // Eq. 8 needs every score once the lse is known (dec_select)
+          if (rA < G) scores[int64_t(rA) * p.Ncap + xt + col] = s[nt][e];
+          if (rB < G) scores[int64_t(rB) * p.Ncap + xt + col] = s[nt][2 + e];
+        }
+      }
+    rescale<DV>(oacc, softmax_step_masked(s, mA, mB, lA, lB));
+    pv_tile<T, DV, kTile>(oacc, s, sV + st * kTile * DV, lane);
+    vm = vm_next;
+    __syncwarp();  // the next iteration's copy overwrites this stage
+  }
+  quad_sum(lA, lB);
+
+  // The CTA's partial: the warps' (m, l, O) merged in shared memory (the stages are free now).
+  __syncthreads();
+  float* sM = reinterpret_cast<float*>(smem);  // [kWarps][16]
+  float* sL = sM + kWarps * kRows;              // [kWarps][16]
+  float* sO = sL + kWarps * kRows;              // [kWarps][16][DV]
+  if ((lane & 3) == 0) {
+    sM[warp * kRows + rA] = mA, sM[warp * kRows + rB] = mB;
+    sL[warp * kRows + rA] = lA, sL[warp * kRows + rB] = lB;
+  }
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) {
+    const int c = nd * 8 + 2 * (lane & 3);
+    sO[(warp * kRows + rA) * DV + c] = oacc[nd][0], sO[(warp * kRows + rA) * DV + c + 1] = oacc[nd][1];
+    sO[(warp * kRows + rB) * DV + c] = oacc[nd][2], sO[(warp * kRows + rB) * DV + c + 1] = oacc[nd][3];
+  }
+  __syncthreads();
+  const int S = p.sc + p.sw + p.ss;
+  const int64_t part = int64_t(item) * S + slot;
+  auto factor = [&](int w, int row) {  // exp2(m_w - M) of warp w's partial of a row
+    float M = -INFINITY;
+    for (int v = 0; v < kWarps; ++v) M = fmaxf(M, sM[v * kRows + row]);
+    return M == -INFINITY ? 0.0f : exp2f(sM[w * kRows + row] - M);
+  };
+  for (int e = tid; e < kRows * DV; e += blockDim.x) {
+    const int row = e / DV;
+    float acc = 0;
+    for (int w = 0; w < kWarps; ++w) acc += factor(w, row) * sO[w * kRows * DV + e];
+    p.part_o[part * kRows * DV + e] = acc;
+  }
+  if (tid < kRows) {
+    float M = -INFINITY, Lsum = 0;
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sM[w * kRows + tid]);
+    for (int w = 0; w < kWarps; ++w) Lsum += factor(w, tid) * sL[w * kRows + tid];
+    p.part_ml[part * 2 * kRows + tid] = M;
+    p.part_ml[part * 2 * kRows + kRows + tid] = Lsum;
+  }
+}
+
+// Merges the partials of slots [s0, s0 + ns) of an item for its G heads: lse in the log2 domain
+// (-inf when no key was seen) into sLse[h], and each slot's weight exp2(m_s - lse) into
+// sF[s * 16 + h]. Then O[h] = sum_s sF[s, h] * O_s[h].
+__device__ void merge_stats(const DecParams& p, int item, int s0, int ns, float* sLse, float* sF, int tid, int nth) {
+  const int S = p.sc + p.sw + p.ss;
+  const float* ml = p.part_ml + (int64_t(item) * S + s0) * 2 * kRows;
+  if (tid < p.G) {
+    float M = -INFINITY, Lsum = 0;
+    for (int s = 0; s < ns; ++s) M = fmaxf(M, ml[s * 2 * kRows + tid]);
+    for (int s = 0; s < ns; ++s) {
+      const float m = ml[s * 2 * kRows + tid];
+      if (m != -INFINITY) Lsum += ml[s * 2 * kRows + kRows + tid] * exp2f(m - M);
+    }
+    sLse[tid] = Lsum > 0 ? M + log2f(Lsum) : -INFINITY;
+  }
+  __syncthreads();
+  for (int e = tid; e < ns * p.G; e += nth) {
+    const int s = e / p.G, h = e % p.G;
+    const float m = ml[s * 2 * kRows + h], lse = sLse[h];
+    sF[s * kRows + h] = m == -INFINITY || lse == -INFINITY ? 0.0f : exp2f(m - lse);
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ float merged_o(const DecParams& p, int item, int s0, int ns, const float* sF, int h, int c) {
+  const int S = p.sc + p.sw + p.ss;
+  const float* po = p.part_o + (int64_t(item) * S + s0) * kRows * p.dv;
+  float acc = 0;
+  for (int s = 0; s < ns; ++s) acc += sF[s * kRows + h] * po[(s * kRows + h) * p.dv + c];
+  return acc;
+}
+
+// grid (Bs * Hkv). Shared memory: sLse [16] | sF [sc][16] | sCol [Ncap] | sP [NBcap] | sList [n].
+template <class T>
+__global__ void __launch_bounds__(256) dec_select_kernel(DecParams p, int NBcap) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, nth = blockDim.x;
+  const int item = blockIdx.x, r = item / p.Hkv, g = item % p.Hkv, t = p.pos[r], G = p.G;
+  const int nv = cmp_visible(t, p.l, p.d), valid = slc_valid(t, p.ls);
+  const int ns = nv > 0 ? (nv + p.rc - 1) / p.rc : 0;  // compression splits that saw keys
+  float* sLse = reinterpret_cast<float*>(smem);
+  float* sF = sLse + kRows;
+  float* sCol = sF + p.sc * kRows;
+  float* sP = sCol + p.Ncap;
+  int* sList = reinterpret_cast<int*>(sP + NBcap);
+
+  merge_stats(p, item, 0, ns, sLse, sF, tid, nth);
+  const int64_t th0 = int64_t(r) * p.Hq + g * G;  // the group's first (token, head) row
+  if (tid < G) p.lse_cmp[th0 + tid] = sLse[tid] == -INFINITY ? -INFINITY : sLse[tid] * kLn2;
+  T* oc = static_cast<T*>(p.o_cmp) + th0 * p.dv;
+  for (int e = tid; e < G * p.dv; e += nth) oc[e] = from_f<T>(merged_o(p, item, 0, ns, sF, e / p.dv, e % p.dv));
+
+  // Eq. 8 and 10: p = exp(s q.k - lse) of every visible compressed row, summed over the group's
+  // heads in ascending order; each column by the same operations, so equal keys give equal sums.
+  const float* sc = p.scores + int64_t(item) * G * p.Ncap;
+  for (int i = tid; i < nv; i += nth) {
+    float a = 0;
+    for (int h = 0; h < G; ++h) a += exp2f(sc[int64_t(h) * p.Ncap + i] - sLse[h]);
+    sCol[i] = a;
+  }
+  __syncthreads();
+  // Eq. 9: each block's overlapping compressed rows in ascending order (a sequential sum that is
+  // the same whatever the splits, so exactly tied blocks stay tied, as in the forward kernels).
+  for (int j = tid; j < valid; j += nth) {
+    const int ia = overlap_first(j, p.l, p.d, p.ls), ib = min(nv - 1, overlap_last(j, p.d, p.ls));
+    float acc = 0;
+    for (int i = ia; i <= ib; ++i) acc += sCol[i] * overlap_weight(i, j, p.l, p.d, p.ls);
+    sP[j] = acc;
+  }
+  __syncthreads();
+  if (p.block_scores)
+    for (int j = tid; j < p.NBs; j += nth) p.block_scores[int64_t(item) * p.NBs + j] = j < valid ? sP[j] : 0.0f;
+  if (tid < 32) {  // Eq. 11, one warp
+    FwdParams fp;
+    fp.ls = p.ls, fp.n = p.n, fp.init_blocks = p.init_blocks, fp.local_blocks = p.local_blocks;
+    select_warp(sP, t, fp, sList, p.block_idx + int64_t(item) * p.n, tid);
+  }
+}
+
+// grid (Bs * Hkv). Shared memory: sLse [2][16] | sF [sw + ss][16].
+template <class T>
+__global__ void __launch_bounds__(256) dec_combine_kernel(DecParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, nth = blockDim.x;
+  const int item = blockIdx.x, r = item / p.Hkv, g = item % p.Hkv, t = p.pos[r], G = p.G;
+  const int nwin = (t - win_start(t, p.w) + 1 + p.rw - 1) / p.rw;
+  const int nslc = (min(p.n, slc_valid(t, p.ls)) * p.ls + p.rs - 1) / p.rs;
+  float* sLw = reinterpret_cast<float*>(smem);
+  float* sLs = sLw + kRows;
+  float* sFw = sLs + kRows;
+  float* sFs = sFw + p.sw * kRows;
+  merge_stats(p, item, p.sc, nwin, sLw, sFw, tid, nth);
+  merge_stats(p, item, p.sc + p.sw, nslc, sLs, sFs, tid, nth);
+  const int64_t th0 = int64_t(r) * p.Hq + g * G;
+  if (tid < G) {
+    p.lse_win[th0 + tid] = sLw[tid] == -INFINITY ? -INFINITY : sLw[tid] * kLn2;
+    p.lse_slc[th0 + tid] = sLs[tid] == -INFINITY ? -INFINITY : sLs[tid] * kLn2;
+  }
+  const T* oc = static_cast<const T*>(p.o_cmp) + th0 * p.dv;
+  T* os = static_cast<T*>(p.o_slc) + th0 * p.dv;
+  T* ow = static_cast<T*>(p.o_win) + th0 * p.dv;
+  T* o = static_cast<T*>(p.o) + th0 * p.dv;
+  for (int e = tid; e < G * p.dv; e += nth) {
+    const int h = e / p.dv, c = e % p.dv;
+    const T vs = from_f<T>(merged_o(p, item, p.sc + p.sw, nslc, sFs, h, c));
+    const T vw = from_f<T>(merged_o(p, item, p.sc, nwin, sFw, h, c));
+    os[e] = vs;
+    ow[e] = vw;
+    const float* gt = p.gates + (th0 + h) * 3;  // Eq. 5 on the stored branch outputs
+    o[e] = from_f<T>(gt[0] * to_f(oc[e]) + gt[1] * to_f(vs) + gt[2] * to_f(vw));
+  }
+}
+
+// grid (Bs, Hkv): the new tokens' rows into the cache, before a compressed row is emitted.
+template <class T>
+__global__ void dec_append_kernel(DecParams p) {
+  append_group<T>(p, blockIdx.x, blockIdx.y, threadIdx.x, blockDim.x);
+}
+
+// phi = mean for the emitted blocks: grid (M, Hkv); the fp32 sum of the l rows divided by l
+// (ref::compress's order). emit: [3, M] = sequence b, first token u0, destination row b*Ncap + i.
+template <class T>
+__global__ void dec_emit_mean_kernel(DecParams p, DecEmit em, bool values) {
+  const int e = blockIdx.x, h = blockIdx.y, M = em.M;
+  const int64_t b = em.rows[e], u0 = em.rows[M + e], dst = em.rows[2 * M + e];
+  const int D = values ? p.dv : p.dk;
+  const void* tail = values ? p.v_tail : p.k_tail;
+  const void* hist = values ? p.v_slc : p.k_slc;
+  T* out = static_cast<T*>(values ? p.v_cmp : p.k_cmp) + (dst * p.Hkv + h) * D;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+    float s = 0;
+    for (int rr = 0; rr < p.l; ++rr) s += to_f(raw_row<T>(p, tail, p.L, p.l, hist, b, int(u0 + rr), D)[h * D + c]);
+    out[c] = from_f<T>(s / float(p.l));
+  }
+}
+
+// linear/mlp: X[h, e, rr*D + c] = raw(b, u0 + rr)[h, c] + pe[h, rr, c]; grid (M, Hkv).
+template <class T>
+__global__ void dec_emit_gather_kernel(DecParams p, DecEmit em, bool values, const float* __restrict__ pe,
+                                       T* __restrict__ X) {
+  const int e = blockIdx.x, h = blockIdx.y, M = em.M;
+  const int64_t b = em.rows[e], u0 = em.rows[M + e];
+  const int D = values ? p.dv : p.dk;
+  const void* tail = values ? p.v_tail : p.k_tail;
+  const void* hist = values ? p.v_slc : p.k_slc;
+  const int64_t lD = int64_t(p.l) * D;
+  T* dst = X + (int64_t(h) * M + e) * lD;
+  for (int64_t x = threadIdx.x; x < lD; x += blockDim.x) {
+    const int rr = int(x / D), c = int(x % D);
+    dst[x] = from_f<T>(to_f(raw_row<T>(p, tail, p.L, p.l, hist, b, int(u0 + rr), D)[h * D + c]) +
+                       pe[(int64_t(h) * p.l + rr) * D + c]);
+  }
+}
+
+template <class Fn>
+void dispatch_elem(Precision prec, Fn&& fn) {
+  if (prec == Precision::BF16) fn(__nv_bfloat16{});
+  else if (prec == Precision::FP16) fn(__half{});
+  else throw ConfigError("the decode kernels take bf16 or fp16 operands (fp32 has no decode step)");
+}
+
+}  // namespace
+
+size_t dec_split_smem(const DecParams& p, Precision prec) {
+  return size_t(kWarps) * 2 * kTile * (p.dk + p.dv) * element_size(prec) + size_t(p.n) * 4;
+}
+
+int dec_split_ctas_per_sm(Precision prec, const DecParams& p) {
+  int ctas = 0;
+  const size_t smem = dec_split_smem(p, prec);
+  dispatch_elem(prec, [&](auto e) {
+    using T = decltype(e);
+    dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
+      auto* k = dec_split_kernel<T, decltype(DK)::value, decltype(DV)::value>;
+      NSA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      NSA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, k, kWarps * 32, smem));
+    });
+  });
+  return ctas;
+}
+
+void dec_split(Precision prec, const DecParams& p, bool selection, cudaStream_t s) {
+  const size_t smem = dec_split_smem(p, prec);
+  const dim3 grid(unsigned(selection ? p.ss : p.sc + p.sw), unsigned(p.Bs * p.Hkv));
+  dispatch_elem(prec, [&](auto e) {
+    using T = decltype(e);
+    const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
+      auto* k = dec_split_kernel<T, decltype(DK)::value, decltype(DV)::value>;
+      NSA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      k<<<grid, kWarps * 32, smem, s>>>(p, selection ? kSlc : kCmp);
+    });
+    if (!ok) throw ConfigError(cat("dk = ", p.dk, ", dv = ", p.dv, " are not compiled for the decode kernels (NSA_CUDA_DIMS)"));
+  });
+  NSA_CUDA_CHECK_LAUNCH("dec_split_kernel");
+}
+
+size_t dec_select_smem(const DecParams& p, int NBcap) {
+  return (size_t(kRows) + size_t(p.sc) * kRows + size_t(p.Ncap) + size_t(NBcap) + size_t(p.n)) * 4;
+}
+
+void dec_select(Precision prec, const DecParams& p, int NBcap, cudaStream_t s) {
+  const size_t smem = dec_select_smem(p, NBcap);
+  dispatch_elem(prec, [&](auto e) {
+    using T = decltype(e);
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(dec_select_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    dec_select_kernel<T><<<p.Bs * p.Hkv, 256, smem, s>>>(p, NBcap);
+  });
+  NSA_CUDA_CHECK_LAUNCH("dec_select_kernel");
+}
+
+void dec_combine(Precision prec, const DecParams& p, cudaStream_t s) {
+  const size_t smem = (size_t(2) * kRows + size_t(p.sw + p.ss) * kRows) * 4;
+  dispatch_elem(prec, [&](auto e) {
+    using T = decltype(e);
+    dec_combine_kernel<T><<<p.Bs * p.Hkv, 256, smem, s>>>(p);
+  });
+  NSA_CUDA_CHECK_LAUNCH("dec_combine_kernel");
+}
+
+void dec_append(Precision prec, const DecParams& p, cudaStream_t s) {
+  dispatch_elem(prec, [&](auto e) {
+    using T = decltype(e);
+    dec_append_kernel<T><<<dim3(unsigned(p.Bs), unsigned(p.Hkv)), 64, 0, s>>>(p);
+  });
+  NSA_CUDA_CHECK_LAUNCH("dec_append_kernel");
+}
+
+void dec_emit_mean(Precision prec, const DecParams& p, const DecEmit& em, bool values, cudaStream_t s) {
+  dispatch_elem(prec, [&](auto e) {
+    using T = decltype(e);
+    dec_emit_mean_kernel<T><<<dim3(unsigned(em.M), unsigned(p.Hkv)), 128, 0, s>>>(p, em, values);
+  });
+  NSA_CUDA_CHECK_LAUNCH("dec_emit_mean_kernel");
+}
+
+void dec_emit_gather(Precision prec, const DecParams& p, const DecEmit& em, bool values, const float* pe, void* X,
+                     cudaStream_t s) {
+  dispatch_elem(prec, [&](auto e) {
+    using T = decltype(e);
+    dec_emit_gather_kernel<T><<<dim3(unsigned(em.M), unsigned(p.Hkv)), 256, 0, s>>>(p, em, values, pe,
+                                                                                    static_cast<T*>(X));
+  });
+  NSA_CUDA_CHECK_LAUNCH("dec_emit_gather_kernel");
+}
+
+}  // namespace nsa::cuda
