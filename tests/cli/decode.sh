@@ -47,6 +47,6 @@ ok $NSA decode $IN $S --cu-seqlens cu.npy --precision float --prefill 40 --out d
 ok $NSA compare df ff --metric rel_l2 --rtol 1e-5
 # Refusals name the problem.
 refused 1 "prefill = -1" $NSA decode $IN $S --prefill -1 --out bad
-refused 1 "device = cuda" $NSA decode $IN $S --device cuda --out bad
+refused 1 "device = 'gpu'" $NSA decode $IN $S --device gpu --out bad
 [ ! -e bad/o.npy ] || fail "a refused run left outputs"
 echo "decode: ok"
