@@ -18,6 +18,7 @@
 #include "cli.hpp"
 #include "commands.hpp"
 #include "cost.hpp"
+#include "decode.hpp"
 #include "rng.hpp"
 #ifdef NSA_WITH_CUDA
 #include "nsa_cuda.hpp"
@@ -212,6 +213,77 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
               << std::defaultfloat;
   }
 }
+
+// --op decode: the latency of one decode step (cuda::bench_decode) for each cache length s
+// (--T: tokens held before the step) and batch (--batch), against the bytes the step must read
+// (the traffic model of reference/decode.hpp: ref::step_tokens at the cache length s + 1 that
+// the step attends over, times Hkv (dk + dv) element bytes, per sequence; phi's parameters once
+// per step, shared by the batch) and the card's measured copy bandwidth. PyTorch SDPA decode is
+// timed by experiments/sdpa_baseline.py --decode in the same device call.
+void bench_cuda_decode(const Config& base, const std::vector<int64_t>& Ts, const std::vector<int64_t>& batches,
+                       int warmup, int reps, cuda::Precision prec, BenchRun& run, json& device) {
+  const cuda::Ceilings ceil = cuda::measure_ceilings(prec);
+  device = {{"name", cuda::device_name()},
+            {"ceilings",
+             {{"matmul_tflops", ceil.matmul_tflops}, {"copy_tbps", ceil.copy_tbps}, {"l2_read_tbps", ceil.l2_read_tbps}}}};
+  const std::string dtype = cuda::to_string(prec);
+  const int elem = cuda::element_size(prec);
+  std::cout << "device: " << cuda::device_name() << "; measured ceilings: copy " << std::fixed << std::setprecision(2)
+            << ceil.copy_tbps << " TB/s, L2 reads " << ceil.l2_read_tbps << " TB/s\n"
+            << std::defaultfloat;
+  for (int64_t T : Ts)
+    for (int64_t B : batches) {
+      cuda::Options opt;
+      opt.dtype = prec;
+      const cuda::DecodeBench r = cuda::bench_decode(base, B, T, opt, warmup, reps, 1000 + uint64_t(T));
+      // Bytes the step must read for B sequences (the model); phi's parameters once per step.
+      auto model = [&](int64_t pos) {
+        const ref::StepBytes b = ref::step_bytes(base, ref::step_tokens(base, pos + 1), elem);
+        return std::pair<double, ref::StepBytes>{double(B) * (b.cmp + b.slc + b.win + b.emit) + b.phi, b};
+      };
+      const auto [bytes, sb] = model(r.pos);
+      const auto [bytes_emit, sbe] = model(r.pos_emit);
+      const double d = double(base.cmp_stride);
+      const double ms_mean = ((d - 1) * r.step.ms + r.emit.ms) / d;  // one step in d emits
+      const double bytes_mean = ((d - 1) * bytes + bytes_emit) / d;
+      const double full_bytes = double(B) * sb.full;
+      auto stages_json = [](const cuda::DecodeTiming& t) {
+        json a = json::array();
+        for (const auto& st : t.stages) a.push_back({{"stage", st.stage}, {"ms", st.ms}});
+        return a;
+      };
+      auto splits_json = [](const cuda::DecodeTiming& t) {
+        return json{{"cmp", {t.splits_cmp, t.keys_cmp}}, {"win", {t.splits_win, t.keys_win}}, {"slc", {t.splits_slc, t.keys_slc}}};
+      };
+      const double tbps = bytes / r.step.ms / 1e9;
+      json rec{{"op", "decode"}, {"impl", "nsa_cuda"}, {"T", T}, {"kv_len", T + 1}, {"B", B}, {"Hq", base.Hq},
+               {"Hkv", base.Hkv}, {"dk", base.dk}, {"dv", base.dv}, {"dtype", dtype}, {"ms", r.step.ms},
+               {"ms_emit", r.emit.ms}, {"ms_mean", ms_mean}, {"pos", r.pos}, {"pos_emit", r.pos_emit},
+               {"bytes", bytes}, {"bytes_emit", bytes_emit}, {"bytes_mean", bytes_mean},
+               {"bytes_by_branch_per_seq", {{"cmp", sb.cmp}, {"slc", sb.slc}, {"win", sb.win}, {"emit", sbe.emit},
+                                            {"phi_params_per_step", sbe.phi}}},
+               {"tbps", tbps}, {"tbps_mean", bytes_mean / ms_mean / 1e9}, {"copy_tbps", ceil.copy_tbps},
+               {"pct_of_copy", 100 * tbps / ceil.copy_tbps},
+               {"model_ms_at_copy", bytes / ceil.copy_tbps / 1e9}, {"model_ms_mean_at_copy", bytes_mean / ceil.copy_tbps / 1e9},
+               {"full_bytes", full_bytes}, {"full_model_ms_at_copy", full_bytes / ceil.copy_tbps / 1e9},
+               {"stages", stages_json(r.step)}, {"stages_emit", stages_json(r.emit)}, {"splits", splits_json(r.step)},
+               {"splits_slc_emit", splits_json(r.emit)}, {"device_bytes", r.device_bytes}, {"reps", reps},
+               {"warmup", warmup}, {"l2_flushed", true}, {"config", config_json(base)}};
+      run.records.push_back(rec);
+      run.csv << "decode,nsa_cuda," << T << "," << dtype << "," << r.step.ms << ",,," << 100 * tbps / ceil.copy_tbps
+              << ",\n";
+      std::ostringstream st;
+      st << std::fixed << std::setprecision(1);
+      for (const auto& x : r.step.stages) st << " " << x.stage << " " << 1e3 * x.ms << "us";
+      std::cout << "decode nsa_cuda s=" << std::setw(6) << T << " B=" << std::setw(2) << B << " " << dtype << "  median "
+                << std::fixed << std::setprecision(1) << std::setw(7) << 1e3 * r.step.ms << " us (emitting step "
+                << 1e3 * r.emit.ms << " us, mean " << 1e3 * ms_mean << " us)  " << std::setprecision(1) << bytes / 1e6
+                << " MB -> " << std::setprecision(2) << tbps << " TB/s = " << std::setprecision(0)
+                << 100 * tbps / ceil.copy_tbps << "% of copy (model at copy " << std::setprecision(1)
+                << 1e6 * bytes / ceil.copy_tbps / 1e12 << " us) |" << st.str() << "\n"
+                << std::defaultfloat;
+    }
+}
 #endif
 
 }  // namespace
@@ -228,7 +300,10 @@ int cmd_bench(const Args& args) {
       "dv", po::value<int64_t>()->default_value(64), "value head dim")(
       "precisions", po::value<std::string>()->default_value("float,double"), "CPU arithmetic, comma-separated")(
       "warmup", po::value<int>()->default_value(1), "untimed runs first")(
-      "reps", po::value<int>()->default_value(3), "timed runs; the median is reported");
+      "reps", po::value<int>()->default_value(3), "timed runs; the median is reported")(
+      "op", po::value<std::string>()->default_value("forward"),
+      "forward, or decode (--device cuda): one decode step at cache lengths --T for each --batch")(
+      "batch", po::value<std::string>()->default_value("1,16,64"), "decode: sequences per step, comma-separated");
   cmd.add(o);
   cmd.add(nsa_options());
   po::options_description r("Run");
@@ -261,11 +336,20 @@ int cmd_bench(const Args& args) {
   run.csv << "op,impl,T,dtype,ms,gflop,gflops,pct_of_ceiling,speedup_vs_full\n";
   std::string command = "nsa bench";
   for (const auto& a : args) command += " " + a;
+  const std::string op = vm["op"].as<std::string>();
+  if (op != "forward" && op != "decode") throw ConfigError(cat("op = '", op, "' is not one of: forward, decode"));
+  if (op == "decode" && !on_cuda) throw ConfigError("op = decode: the decode benchmark runs with --device cuda");
+  const auto batches = parse_list<int64_t>(vm["batch"].as<std::string>(), "batch");
+  for (int64_t B : batches)
+    if (B < 1) throw ConfigError(cat("batch = ", B, " is invalid: expected >= 1"));
   if (on_cuda) {
 #ifdef NSA_WITH_CUDA
     json device;
-    bench_cuda(base, Ts, warmup, reps, cuda::parse_precision(vm["dtype"].as<std::string>()), vm["kernel"].as<int>(),
-               run, device);
+    const cuda::Precision prec = cuda::parse_precision(vm["dtype"].as<std::string>());
+    if (op == "decode")
+      bench_cuda_decode(base, Ts, batches, warmup, reps, prec, run, device);
+    else
+      bench_cuda(base, Ts, warmup, reps, prec, vm["kernel"].as<int>(), run, device);
     json j{{"device", device["name"]}, {"date", today()}, {"command", command}, {"config", config_json(base)},
            {"ceilings", device["ceilings"]}, {"records", run.records}};
     out.add_text("bench.csv", run.csv.str());

@@ -11,6 +11,9 @@
 #include "cli.hpp"
 #include "commands.hpp"
 #include "decode.hpp"
+#ifdef NSA_WITH_CUDA
+#include "nsa_cuda.hpp"
+#endif
 
 namespace nsa::cli {
 
@@ -42,10 +45,10 @@ json tokens_json(const ref::StepTokens& t) {
 
 // The traffic of the run: every step's tokens and bytes in decode_steps.csv, and in config.json
 // the cache at the end, the mean bytes a step read, and the model at the longest sequence's length.
+// Bytes count `elem` bytes per element: the run's arithmetic (8, 4) or the device's precision (2).
 template <class S>
-json decode_report(const Workload& w, const ref::DecodeRun<S>& run, int64_t prefill, std::string& csv) {
+json decode_report(const Workload& w, const ref::DecodeRun<S>& run, int64_t prefill, int elem, std::string& csv) {
   const Config& cfg = w.cfg;
-  const int elem = sizeof(S);
   std::ostringstream os;
   os << "seq,pos,cache_len,cmp_tokens,slc_tokens,win_tokens,emit_tokens,full_tokens,bytes_read,full_bytes_read\n";
   ref::StepBytes mean;
@@ -110,8 +113,8 @@ int cmd_decode(const Args& args) {
   cmd.add(output_options());
   const auto vm = cmd.parse(args);
   if (!vm.count("out")) throw UsageError("the option '--out' is required");
-  require_cpu_device(vm, "decode");
-  const bool dbl = use_double(vm);
+  const bool on_cuda = use_cuda_device(vm, "decode");
+  const bool dbl = !on_cuda && use_double(vm);
   const ref::Path path = parse_path(vm);
   const int64_t prefill = vm["prefill"].as<int64_t>();
   if (prefill < 0) throw ConfigError(cat("prefill = ", prefill, " is invalid: expected >= 0 tokens"));
@@ -119,7 +122,8 @@ int cmd_decode(const Args& args) {
   std::vector<int64_t> prefix;
   int64_t Tmax = 0;
   for (int64_t T : w.seqlens) prefix.push_back(std::min(prefill, T)), Tmax = std::max(Tmax, T);
-  // The outputs (as forward's), the cache at capacity for every sequence, the prefill's outputs.
+  // The outputs (as forward's), the cache at capacity for every sequence, the prefill's outputs
+  // (on the host, in float for the CUDA run: its cache is downloaded at the end).
   const int elem = dbl ? 8 : 4;
   const Config& c = w.cfg;
   const double out_bytes = double(w.in.N()) * (c.Hq * (4.0 * c.dv + 6) + c.Hkv * (c.slc_count + c.num_slc_blocks(Tmax)));
@@ -132,27 +136,42 @@ int cmd_decode(const Args& args) {
   json report;
   std::string csv;
   size_t steps = 0;
-  auto run_in = [&](const auto& in) {
-    const auto run = ref::decode_workload(w.cfg, in, prefix, path);
+  std::string arith = dbl ? "double" : "float";
+  json device_json;
+  auto report_run = [&](const auto& run, int bytes) {
     write_forward(w, run.out, out);
-    report = decode_report(w, run, prefill, csv);
+    report = decode_report(w, run, prefill, bytes, csv);
     steps = run.steps.size();
   };
-  if (dbl)
-    run_in(w.in);
-  else
-    run_in(w.in.cast<float>());
+  if (on_cuda) {
+#ifdef NSA_WITH_CUDA
+    // The prefill is the CUDA forward pass on the prompts, the steps the CUDA decode step; the
+    // device rounds the inputs to --dtype and every output comes back as float32.
+    cuda::Options opt;
+    opt.dtype = cuda::parse_precision(vm["dtype"].as<std::string>());
+    opt.kernel = vm["kernel"].as<int>();
+    report_run(cuda::decode_workload(w.cfg, w.in.cast<float>(), prefix, opt), cuda::element_size(opt.dtype));
+    arith = cat("cuda ", cuda::to_string(opt.dtype));
+    device_json = {{"name", cuda::device_name()}, {"dtype", cuda::to_string(opt.dtype)},
+                   {"prefill_kernel", cuda::choose_kernel(w.cfg, opt)}};
+#endif
+  } else if (dbl) {
+    report_run(ref::decode_workload(w.cfg, w.in, prefix, path), 8);
+  } else {
+    report_run(ref::decode_workload(w.cfg, w.in.cast<float>(), prefix, path), 4);
+  }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   json j = resolved_config(cmd, vm);
   j["config"] = config_json(w.cfg);
   j["workload"] = workload_json(w);
   j["decode"] = report;
   j["seconds"] = secs;
+  if (on_cuda) j["cuda"] = device_json;
   out.add_text("decode_steps.csv", csv);
   out.add_text("config.json", j.dump(2) + "\n");
   out.commit();
   std::cout << "decode: " << w.in.N() << " tokens in " << w.seqlens.size() << " sequence(s), prefill " << prefill
-            << ", " << steps << " decode steps, " << (dbl ? "double" : "float") << ", " << secs << " s -> "
+            << ", " << steps << " decode steps, " << arith << ", " << secs << " s -> "
             << out.dir() << "\n";
   return 0;
 }

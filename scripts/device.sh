@@ -8,10 +8,16 @@
 #   4. `nsa bench --device cuda` at T = 8k..64k, B = 1, Hq = 64, Hkv = 4, dk = dv = 128 and
 #      dk = 192 / dv = 128, the paper's l = 32, d = 16, l' = 64, n = 16, w = 512, bf16;
 #      PyTorch SDPA (cuDNN, flash) on the same shapes; public NSA kernels if carried in .peers/;
-#   5. the merged results file and a summary table, printed last.
+#   5. the merged results file and a summary table, printed last;
+#   decode (step `decode`, not in the default): `nsa bench --device cuda --op decode` at cache
+#      lengths TS_DEC x batches BATCH (Hq = 64, Hkv = 4, dk = dv = 128, paper blocks, bf16) and SDPA
+#      decode (experiments/sdpa_baseline.py --decode), merged into today's results file
+#      (experiments/results/h100-<date>.json, its records kept) as $OUT/results_decode.json.
 # Logs and JSON go to $OUT (the device tool brings back at most 8 files).
-# usage: OUT=dir bash scripts/device.sh   (STEPS=test,sanitize,bench,profile,sdpa,peers chooses steps;
-#        default all but profile; DEADLINE=seconds bounds the whole run, default 560)
+# usage: OUT=dir bash scripts/device.sh   (STEPS=test,sanitize,bench,profile,sdpa,peers,decode chooses
+#        steps; default test,sanitize,bench,sdpa,peers; DEADLINE=seconds bounds the whole run, default
+#        560; DIMS=paper builds only the paper's head dims (faster); TESTS=doctest filter of test_cuda;
+#        MEMCHECK_TESTS, RACECHECK_TESTS: the sanitizers' test filters)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -52,7 +58,8 @@ say "machine"
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } >>"$LOG" 2>&1
 
 # ---- 1. build ----
-step build-configure 300 cmake --preset gpu -DNSA_EXTRA_PREFIX="$ROOT/.carry" -DNSA_CUDA_ARCHS=90a -DNSA_NATIVE=OFF
+step build-configure 300 cmake --preset gpu -DNSA_EXTRA_PREFIX="$ROOT/.carry" -DNSA_CUDA_ARCHS=90a -DNSA_NATIVE=OFF \
+  -DNSA_CUDA_DIMS="${DIMS:-all}"
 step build 500 cmake --build build-gpu -j "$(nproc)" --target nsa test_cuda
 mkdir -p .bin && cp build-gpu/experiments/nsa build-gpu/tests/test_cuda .bin/
 BIN=$ROOT/.bin
@@ -62,8 +69,11 @@ command -v cuobjdump >/dev/null && {
 
 # ---- 2. tests ----
 if has test; then
-  step test_cuda 200 "$BIN/test_cuda" --duration=true
+  TARGS=()
+  [ -n "${TESTS:-}" ] && TARGS=(-tc="$TESTS")
+  step test_cuda 240 "$BIN/test_cuda" --duration=true ${TARGS[@]+"${TARGS[@]}"}
   step cli_cuda_forward 90 bash tests/cli/cuda_forward.sh "$BIN/nsa"
+  step cli_cuda_decode 90 bash tests/cli/cuda_decode.sh "$BIN/nsa"
 fi
 
 # ---- 3. compute-sanitizer on the small cases ----
@@ -71,7 +81,8 @@ fi
 # the racecheck set, where only our kernels run: cuBLAS's own GEMM kernels synchronise through
 # mbarriers that racecheck reports as hazards (seen on the H100), and a kernel-name filter made
 # the sanitizer fail with an internal error.
-SMALL='cuda forward vs reference: small*,cuda racecheck set*,cuda select*,cuda errors*'
+MEMCHECK_TESTS=${MEMCHECK_TESTS:-'cuda forward vs reference: small*,cuda racecheck set*,cuda select*,cuda errors*,cuda decode: small*,cuda decode racecheck*,cuda decode: refusals*'}
+RACECHECK_TESTS=${RACECHECK_TESTS:-'cuda racecheck set*,cuda decode racecheck*'}
 if has sanitize; then
   : >"$SAN"
   say "sanitize: memcheck and racecheck -> sanitizer.log"
@@ -80,7 +91,7 @@ if has sanitize; then
     echo "== compute-sanitizer --tool $tool" >>"$SAN"
     lim=$(left); [ "$lim" -gt 200 ] && lim=200
     [ "$lim" -lt 15 ] && { SUMMARY+=("sanitizer $tool SKIP (deadline)"); continue; }
-    cases=$SMALL; [ $tool = racecheck ] && cases='cuda racecheck set*'
+    cases=$MEMCHECK_TESTS; [ $tool = racecheck ] && cases=$RACECHECK_TESTS
     timeout "$lim" compute-sanitizer --tool $tool --error-exitcode 9 "$BIN/test_cuda" -tc="$cases" >>"$SAN" 2>&1
     rc=$?
     SUMMARY+=("$(printf '%-28s %-5s %4ss  rc=%s' "sanitizer $tool" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" $(($(date +%s) - t)) $rc)")
@@ -117,6 +128,23 @@ fi
 if has sdpa; then
   step "sdpa baseline" 200 env PYTHONUNBUFFERED=1 python3 experiments/sdpa_baseline.py --T "$TS" --out "$OUT/sdpa.json"
 fi
+if has decode; then
+  TS_DEC=${TS_DEC:-8192,16384,32768,65536,131072}
+  BATCH=${BATCH:-1,16,64}
+  step "bench nsa_cuda decode" 200 "$BIN/nsa" bench --device cuda --op decode --T "$TS_DEC" --batch "$BATCH" \
+    --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$SCRATCH/dec" && cp "$SCRATCH/dec/bench.json" "$OUT/bench_decode.json"
+  # Split-count variants at 64k, batch 16 (log only).
+  for wv in ${DEC_VARIANTS:-2 4}; do
+    step "variant NSA_DEC_WAVES=$wv" 45 env NSA_DEC_WAVES=$wv "$BIN/nsa" bench --device cuda --op decode --T 65536 \
+      --batch 1,16 --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$SCRATCH/decvar"
+  done
+  step "sdpa decode" 200 env PYTHONUNBUFFERED=1 python3 experiments/sdpa_baseline.py --decode --T "$TS_DEC" \
+    --batch "$BATCH" --dims 128:128 --out "$OUT/sdpa_decode.json"
+  BASE=experiments/results/h100-$(date +%Y%m%d).json
+  python3 experiments/merge_results.py --command "scripts/device.sh (STEPS=$STEPS TS_DEC=$TS_DEC BATCH=$BATCH)" \
+    $([ -f "$BASE" ] && echo --base "$BASE") --out "$OUT/results_decode.json" "$OUT/bench_decode.json" \
+    "$OUT/sdpa_decode.json" >>"$LOG" 2>&1
+fi
 if has peers && [ -f .peers/peers_bench.py ]; then
   step "public NSA kernels" 200 env PYTHONUNBUFFERED=1 PEERS_DIR="$ROOT/.peers" OUT="$SCRATCH" \
     LENS="${PEER_TS:-8192,65536}" python3 .peers/peers_bench.py && cp "$SCRATCH/anchor.json" "$OUT/peers.json"
@@ -131,8 +159,9 @@ rm -rf "$SCRATCH"
 {
   echo
   echo "== test and benchmark lines"
-  grep -E "^(\[doctest\] (test cases|assertions)|forward |cuda forward through|FAILED|SKIPPED|device:|ERROR SUMMARY|RACECHECK SUMMARY)" "$LOG" $([ -f "$SAN" ] && echo "$SAN") | cut -c1-300
-  sed -n '/^== .*measured ceilings/,$p' "$LOG"
+  grep -E "^(\[doctest\] (test cases|assertions)|forward |cuda forward through|cuda decode through|FAILED|SKIPPED|device:|ERROR SUMMARY|RACECHECK SUMMARY)" "$LOG" $([ -f "$SAN" ] && echo "$SAN") | cut -c1-300
+  if has bench || has sdpa; then sed -n '/^== .*measured ceilings/,$p' "$LOG"; fi
+  if has decode; then sed -n '/^== decode step/,/^$/p' "$LOG"; fi
   echo
   echo "== steps ($(($(date +%s) - T0))s in all)"
   printf '%s\n' "${SUMMARY[@]}"
