@@ -17,7 +17,8 @@
 # usage: OUT=dir bash scripts/device.sh   (STEPS=test,sanitize,bench,profile,sdpa,peers,decode chooses
 #        steps; default test,sanitize,bench,sdpa,peers; DEADLINE=seconds bounds the whole run, default
 #        560; DIMS=paper builds only the paper's head dims (faster); TESTS=doctest filter of test_cuda;
-#        MEMCHECK_TESTS, RACECHECK_TESTS: the sanitizers' test filters)
+#        MEMCHECK_TESTS, RACECHECK_TESTS: the sanitizers' test filters; SAN_LIMIT: seconds per sanitizer,
+#        default 200)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -76,6 +77,35 @@ if has test; then
   step cli_cuda_decode 90 bash tests/cli/cuda_decode.sh "$BIN/nsa"
 fi
 
+# ---- decode: step latency and SDPA decode (before the sanitizers, which may take long) ----
+DSCRATCH=$(mktemp -d)
+if has decode; then
+  TS_DEC=${TS_DEC:-8192,16384,32768,65536,131072}
+  BATCH=${BATCH:-1,16,64}
+  # One call per cache length (a failure loses one length, not all), then one file of records.
+  for T in ${TS_DEC//,/ }; do
+    step "bench nsa_cuda decode s=$T" 90 "$BIN/nsa" bench --device cuda --op decode --T "$T" --batch "$BATCH" \
+      --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/dec$T"
+  done
+  python3 -c 'import json, sys
+files = [json.load(open(f)) for f in sys.argv[2:]]
+out = dict(files[0]) if files else {"records": []}
+out["records"] = [r for f in files for r in f["records"]]
+json.dump(out, open(sys.argv[1], "w"), indent=1)' "$OUT/bench_decode.json" $(ls "$DSCRATCH"/dec*/bench.json 2>/dev/null | sort -V) >>"$LOG" 2>&1
+  # Split-count variants at 64k, batch 16 (log only).
+  for wv in ${DEC_VARIANTS:-2 4}; do
+    step "variant NSA_DEC_WAVES=$wv" 45 env NSA_DEC_WAVES=$wv "$BIN/nsa" bench --device cuda --op decode --T 65536 \
+      --batch 1,16 --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/variant"
+  done
+  step "sdpa decode" 200 env PYTHONUNBUFFERED=1 python3 experiments/sdpa_baseline.py --decode --T "$TS_DEC" \
+    --batch "$BATCH" --dims 128:128 --out "$OUT/sdpa_decode.json"
+  BASE=experiments/results/h100-$(date +%Y%m%d).json
+  python3 experiments/merge_results.py --command "scripts/device.sh (STEPS=$STEPS TS_DEC=$TS_DEC BATCH=$BATCH)" \
+    $([ -f "$BASE" ] && echo --base "$BASE") --out "$OUT/results_decode.json" "$OUT/bench_decode.json" \
+    "$OUT/sdpa_decode.json" >>"$LOG" 2>&1
+fi
+rm -rf "$DSCRATCH"
+
 # ---- 3. compute-sanitizer on the small cases ----
 # memcheck on every kernel (cuBLAS's too) of the small cases; racecheck (shared-memory hazards) on
 # the racecheck set, where only our kernels run: cuBLAS's own GEMM kernels synchronise through
@@ -89,7 +119,7 @@ if has sanitize; then
   for tool in memcheck racecheck; do
     t=$(date +%s)
     echo "== compute-sanitizer --tool $tool" >>"$SAN"
-    lim=$(left); [ "$lim" -gt 200 ] && lim=200
+    lim=$(left); [ "$lim" -gt "${SAN_LIMIT:-200}" ] && lim=${SAN_LIMIT:-200}
     [ "$lim" -lt 15 ] && { SUMMARY+=("sanitizer $tool SKIP (deadline)"); continue; }
     cases=$MEMCHECK_TESTS; [ $tool = racecheck ] && cases=$RACECHECK_TESTS
     timeout "$lim" compute-sanitizer --tool $tool --error-exitcode 9 "$BIN/test_cuda" -tc="$cases" >>"$SAN" 2>&1
@@ -127,23 +157,6 @@ if has profile && command -v ncu >/dev/null; then
 fi
 if has sdpa; then
   step "sdpa baseline" 200 env PYTHONUNBUFFERED=1 python3 experiments/sdpa_baseline.py --T "$TS" --out "$OUT/sdpa.json"
-fi
-if has decode; then
-  TS_DEC=${TS_DEC:-8192,16384,32768,65536,131072}
-  BATCH=${BATCH:-1,16,64}
-  step "bench nsa_cuda decode" 200 "$BIN/nsa" bench --device cuda --op decode --T "$TS_DEC" --batch "$BATCH" \
-    --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$SCRATCH/dec" && cp "$SCRATCH/dec/bench.json" "$OUT/bench_decode.json"
-  # Split-count variants at 64k, batch 16 (log only).
-  for wv in ${DEC_VARIANTS:-2 4}; do
-    step "variant NSA_DEC_WAVES=$wv" 45 env NSA_DEC_WAVES=$wv "$BIN/nsa" bench --device cuda --op decode --T 65536 \
-      --batch 1,16 --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$SCRATCH/decvar"
-  done
-  step "sdpa decode" 200 env PYTHONUNBUFFERED=1 python3 experiments/sdpa_baseline.py --decode --T "$TS_DEC" \
-    --batch "$BATCH" --dims 128:128 --out "$OUT/sdpa_decode.json"
-  BASE=experiments/results/h100-$(date +%Y%m%d).json
-  python3 experiments/merge_results.py --command "scripts/device.sh (STEPS=$STEPS TS_DEC=$TS_DEC BATCH=$BATCH)" \
-    $([ -f "$BASE" ] && echo --base "$BASE") --out "$OUT/results_decode.json" "$OUT/bench_decode.json" \
-    "$OUT/sdpa_decode.json" >>"$LOG" 2>&1
 fi
 if has peers && [ -f .peers/peers_bench.py ]; then
   step "public NSA kernels" 200 env PYTHONUNBUFFERED=1 PEERS_DIR="$ROOT/.peers" OUT="$SCRATCH" \
