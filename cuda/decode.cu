@@ -3,8 +3,10 @@
 // lengths (it decides positions, emissions and splits) and the device does the rest. A step is
 //   [append + phi on the completed blocks, when a token completes one]
 //   dec_split (compression + window splits; appends the new tokens when nothing is emitted)
-//   dec_select (Eq. 8-11) -> dec_split (selection splits) -> dec_combine (Eq. 5),
-// the kernels of decode_attn.cu. docs/cuda_decode.md has the design and the measurements.
+//   dec_select (Eq. 8-11) -> dec_split (selection splits) -> dec_combine (the merges, Eq. 5),
+// the kernels of decode_attn.cu (O_cmp, O_win, O_slc are all merged in dec_combine; dec_select
+// merges only the compression branch's statistics, for the scores). docs/cuda_decode.md has the
+// design and the measurements.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -22,6 +24,9 @@
 namespace nsa::cuda {
 
 namespace {
+
+// The split kernel's version when Options::decode_kernel is -1 (docs/cuda_decode.md: measured).
+constexpr int kDefaultDecodeKernel = 2;
 
 // Keys per split CTA at most: beyond this a branch takes more splits (several waves of CTAs)
 // rather than longer ones, so that the tail of a launch stays short.
@@ -280,6 +285,10 @@ Decoder::Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int6
     p.scale = float(cfg.softmax_scale());
     p.capacity = capacity;
     p.Ncap = int(cfg.num_cmp_blocks(capacity));
+    p.Ncs = std::max(4, (p.Ncap + 3) / 4 * 4);
+    if (opt.decode_kernel != -1 && (opt.decode_kernel < 1 || opt.decode_kernel > 3))
+      throw ConfigError(cat("decode kernel = ", opt.decode_kernel, " is invalid: expected 1, 2, 3 or -1 (auto)"));
+    p.kernel = opt.decode_kernel == -1 ? kDefaultDecodeKernel : opt.decode_kernel;
     p.L = int(std::min(capacity, cfg.cmp_len)), p.W = int(std::min(capacity, cfg.window));
     I.NBcap = capacity > 0 ? int(cfg.slc_valid(capacity - 1)) : 0;
     p.sc = p.sw = p.ss = 1;
@@ -321,7 +330,7 @@ Decoder::Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int6
     p.lse_win = I.alloc_t<float>(BH, "lse_win");
     p.block_idx = I.alloc_t<int32_t>(B * p.Hkv * p.n, "block_idx");
     p.block_scores = I.alloc_t<float>(B * p.Hkv * I.NBcap, "block_scores");
-    p.scores = I.alloc_t<float>(BH * p.Ncap, "compressed scores");
+    p.scores = I.alloc_t<float>(BH * p.Ncs, "compressed scores");
     I.rows = I.alloc_t<int32_t>(2 * B, "step rows");
     I.emit_rows = I.alloc_t<int64_t>(3 * B, "emitted blocks");
     if (cfg.compress != CompressKind::Mean && B > 0) {
@@ -689,6 +698,7 @@ DecodeTiming time_step(Decoder::Impl& I, int warmup, int reps) {
   for (size_t i = 0; i < st.size(); ++i) t.stages.push_back({st[i].first, median(per[i])});
   t.splits_cmp = I.p.sc, t.splits_win = I.p.sw, t.splits_slc = I.p.ss;
   t.keys_cmp = I.p.rc, t.keys_win = I.p.rw, t.keys_slc = I.p.rs;
+  t.kernel = I.p.kernel;
   return t;
 }
 

@@ -12,11 +12,16 @@
 //            one partial (max, sum, unnormalised O) per query row. The compression CTAs also
 //            write every score s q.k (Eq. 8 needs them normalised by the final lse, which no split
 //            knows), and the first CTA of each item appends the new token's rows to the cache.
-//   select   (dec_select_kernel) per item: merges the compression partials into O_cmp and lse,
-//            forms p = exp(s q.k - lse), sums it over the group's heads (Eq. 10), maps it onto the
-//            selection blocks (Eq. 9) and runs the top-n (Eq. 11, cuda/select.cuh).
-//   combine  (dec_combine_kernel) per item: merges the window and selection partials and forms
-//            o = g_cmp O_cmp + g_slc O_slc + g_win O_win (Eq. 5).
+//   select   (dec_select_kernel) per item: merges the compression partials' statistics into each
+//            head's lse, forms p = exp(s q.k - lse), sums it over the group's heads (Eq. 10), maps
+//            it onto the selection blocks (Eq. 9) and runs the top-n (Eq. 11, select_cta in
+//            cuda/select.cuh, all warps of the CTA).
+//   combine  (dec_combine_kernel) per (item, head): merges the three branches' partials into
+//            O_cmp, O_win, O_slc and their lse, and forms o = g_cmp O_cmp + g_slc O_slc + g_win O_win
+//            (Eq. 5).
+// The merges spread their loads over lanes and issue them together: the first version looped over
+// the splits (and heads) in one thread, one dependent L2 load after another, and took 30-200 us
+// per step whatever the batch (H100, docs/cuda_decode.md).
 // A step that completes a compressed block first appends (dec_append_kernel) and runs phi on the
 // block's l raw rows (dec_emit_*; the mlp/linear products through compress.cu's cuBLAS path).
 #include <climits>
@@ -33,10 +38,18 @@ namespace {
 
 using namespace dev;
 
-constexpr int kWarps = 2;  // warps per split CTA: 2 x 2 stages x 32 keys x (dk + dv) bf16 = 64 KB at
-                           // dk = dv = 128, so 3 CTAs share an SM and one's merge overlaps the
-                           // others' streaming
-constexpr int kTile = kDecTile;  // keys per warp tile (lane i computes key i's row addresses)
+// The split kernel's shapes per version: keys per warp tile (lane i computes key i's row
+// addresses in the general path) and warps per CTA. Every version holds two stages of a K and a V
+// tile per warp, 2 x 2 x 32 or 4 x 2 x 16 keys x (dk + dv) bf16 = 64 KB at dk = dv = 128, so 3 CTAs
+// share an SM and one's merge overlaps the others' streaming; v3 has twice v2's warps per SM
+// (12 against 6) on tiles of half the size.
+template <int V>
+struct SplitShape {
+  static constexpr bool kLean = V >= 2;
+  static constexpr int kTile = V == 3 ? 16 : 32;
+  static constexpr int kWarps = V == 3 ? 4 : 2;
+};
+static_assert(kDecTile % 32 == 0, "split sizes must be whole tiles of every version");
 constexpr int kRows = 16;  // query rows of an item: heads g*G .. g*G + G - 1, zero rows past G
 enum Kind { kCmp = 0, kWin = 1, kSlc = 2 };
 
@@ -110,7 +123,7 @@ __device__ __forceinline__ void key_rows(const DecParams& p, int kind, int r, in
 
 // One warp copies a tile of kTile rows into a swizzled [kTile, D] tile with cp.async: lane i
 // computed the address of row i (nullptr: zero-filled), the others take it by a shuffle.
-template <int D, class T>
+template <int D, int kTile, class T>
 __device__ __forceinline__ void copy_tile(T* tile, const T* my_row, const T* fallback, int lane) {
   constexpr int C = D / 8;
   const unsigned long long mine = reinterpret_cast<unsigned long long>(my_row);
@@ -123,15 +136,26 @@ __device__ __forceinline__ void copy_tile(T* tile, const T* my_row, const T* fal
 
 // Shared memory of a split CTA: per warp two stages of a K and a V tile, then the selection
 // CTAs' block list. The warps' partials reuse the stages after the loop.
-template <int DK, int DV>
-__host__ __device__ constexpr size_t split_stage_bytes(int esize) {
-  return size_t(kWarps) * 2 * kTile * (DK + DV) * esize;
+template <int V>
+__host__ __device__ constexpr size_t split_stage_bytes(int dk, int dv, int esize) {
+  return size_t(SplitShape<V>::kWarps) * 2 * SplitShape<V>::kTile * (dk + dv) * esize;
 }
 
 // grid (splits, Bs * Hkv): first == kCmp: splits [0, sc) of the compression branch, then sw of
 // the window; first == kSlc: ss splits of the selection branch (after dec_select).
-template <class T, int DK, int DV>
-__global__ void __launch_bounds__(kWarps * 32) dec_split_kernel(DecParams p, int first) {
+// kLean (v2): a tile whose rows are evenly strided in the cache (every compression tile; window
+// and selection tiles inside the history that do not hold the new token) is copied from a base
+// and a stride, without the per-row addresses and shuffles of the general path, and a tile whose
+// keys are all visible takes the unmasked softmax step (one FFMA + ex2.approx per score). v1
+// takes the general path for every tile. Measured on the H100: docs/cuda_decode.md.
+// v3: 16-key tiles and 4 warps per CTA (the register budget of 3 CTAs per SM asked for where
+// dk <= 128).
+template <class T, int DK, int DV, int V>
+__global__ void __launch_bounds__(SplitShape<V>::kWarps * 32, (V == 3 && DK <= 128) ? 3 : 1)
+    dec_split_kernel(DecParams p, int first) {
+  constexpr bool kLean = SplitShape<V>::kLean;
+  constexpr int kTile = SplitShape<V>::kTile, kWarps = SplitShape<V>::kWarps;
+  constexpr unsigned kFull = kTile == 32 ? 0xffffffffu : (1u << kTile) - 1u;
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int item = blockIdx.y, r = item / p.Hkv, g = item % p.Hkv;
@@ -152,7 +176,7 @@ __global__ void __launch_bounds__(kWarps * 32) dec_split_kernel(DecParams p, int
   const int ws = win_start(t, p.w);
 
   if (first == kCmp && blockIdx.x == 0 && p.append) append_group<T>(p, r, g, tid, blockDim.x);
-  int* sList = reinterpret_cast<int*>(smem + split_stage_bytes<DK, DV>(sizeof(T)));
+  int* sList = reinterpret_cast<int*>(smem + split_stage_bytes<V>(DK, DV, sizeof(T)));
   if (kind == kSlc) {
     for (int i = tid; i < p.n; i += blockDim.x) sList[i] = p.block_idx[int64_t(item) * p.n + i];
     __syncthreads();
@@ -167,19 +191,54 @@ __global__ void __launch_bounds__(kWarps * 32) dec_split_kernel(DecParams p, int
   T* sK = reinterpret_cast<T*>(smem) + size_t(warp) * 2 * kTile * (DK + DV);
   T* sV = sK + 2 * kTile * DK;
   const T* fallback = static_cast<const T*>(p.k_slc);
+  // Regular tiles (kLean): the K and V rows of keys [xt, xt + kTile) at kb + i * sk, vb + i * sv.
+  const int64_t H = p.Hkv;
+  auto regular = [&](int xt, int valid, const T*& kb, const T*& vb) -> bool {
+    int64_t row;  // (sequence, token or compressed row) of key xt, in rows of H heads
+    if (kind == kCmp) {
+      row = b * p.Ncap + xt;
+      kb = static_cast<const T*>(p.k_cmp) + (row * H + g) * DK;
+      vb = static_cast<const T*>(p.v_cmp) + (row * H + g) * DV;
+      return true;
+    }
+    int u0 = ws + xt;
+    if (kind == kWin) {
+      if (p.k_win || p.v_win) return false;  // a ring of its own: rows wrap
+    } else {
+      if (p.ls % kTile) return false;  // a tile may span two blocks
+      const int j = sList[xt / p.ls];
+      if (j < 0) return false;
+      u0 = j * p.ls + xt % p.ls;
+    }
+    if (u0 + valid - 1 >= t) return false;  // holds the new token (from the inputs) or keys past t
+    row = b * p.capacity + u0;
+    kb = static_cast<const T*>(p.k_slc) + (row * H + g) * DK;
+    vb = static_cast<const T*>(p.v_slc) + (row * H + g) * DV;
+    return true;
+  };
   // Starts the copy of a tile into stage st; returns its mask (bit i: key i is visible).
   auto load = [&](int tile, int st) {
+    if (kLean) {
+      const int xt = x0 + tile * kTile, valid = min(kTile, x1 - xt);
+      const T* kb;
+      const T* vb;
+      if (regular(xt, valid, kb, vb)) {
+        load_rows_async<DK>(sK + st * kTile * DK, kTile, kb, H * DK, valid, lane, 32);
+        load_rows_async<DV>(sV + st * kTile * DV, kTile, vb, H * DV, valid, lane, 32);
+        return valid == kTile ? kFull : (1u << valid) - 1u;
+      }
+    }
     const int x = x0 + tile * kTile + lane;
     const T* kp = nullptr;
     const T* vp = nullptr;
-    if (x < x1) key_rows<T, DK, DV>(p, kind, r, g, b, t, ws, sList, x, kp, vp);
-    copy_tile<DK>(sK + st * kTile * DK, kp, fallback, lane);
-    copy_tile<DV>(sV + st * kTile * DV, vp, fallback, lane);
+    if (lane < kTile && x < x1) key_rows<T, DK, DV>(p, kind, r, g, b, t, ws, sList, x, kp, vp);
+    copy_tile<DK, kTile>(sK + st * kTile * DK, kp, fallback, lane);
+    copy_tile<DV, kTile>(sV + st * kTile * DV, vp, fallback, lane);
     return __ballot_sync(0xffffffffu, kp != nullptr);
   };
 
   const float sl2 = p.scale * kLog2e;  // scores in the log2 domain: exp(s x) = exp2(s log2e x)
-  float* scores = p.scores + int64_t(item) * G * p.Ncap;
+  float* scores = p.scores + int64_t(item) * G * p.Ncs;
   float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
   float oacc[DV / 8][4];
 #pragma unroll
@@ -199,20 +258,31 @@ __global__ void __launch_bounds__(kWarps * 32) dec_split_kernel(DecParams p, int
     float s[kTile / 8][4];
     qk_tile<T, DK, kTile>(s, qa, sK + st * kTile * DK, lane);
     const int xt = x0 + tile * kTile;
+    if (kLean && vm == kFull) {
+      if (kind == kCmp)  // Eq. 8 needs every score once the lse is known (dec_select)
 #pragma unroll
-    for (int nt = 0; nt < kTile / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = nt * 8 + 2 * (lane & 3) + e;
-        const bool ok = (vm >> col) & 1u;
-        s[nt][e] = ok ? s[nt][e] * sl2 : -INFINITY;
-        s[nt][2 + e] = ok ? s[nt][2 + e] * sl2 : -INFINITY;
-        if (kind == kCmp && ok) {  // Eq. 8 needs every score once the lse is known (dec_select)
-          if (rA < G) scores[int64_t(rA) * p.Ncap + xt + col] = s[nt][e];
-          if (rB < G) scores[int64_t(rB) * p.Ncap + xt + col] = s[nt][2 + e];
+        for (int nt = 0; nt < kTile / 8; ++nt) {
+          const int col = xt + nt * 8 + 2 * (lane & 3);  // even; Ncs is a multiple of 4
+          if (rA < G) *reinterpret_cast<float2*>(scores + int64_t(rA) * p.Ncs + col) = {s[nt][0] * sl2, s[nt][1] * sl2};
+          if (rB < G) *reinterpret_cast<float2*>(scores + int64_t(rB) * p.Ncs + col) = {s[nt][2] * sl2, s[nt][3] * sl2};
         }
-      }
-    rescale<DV>(oacc, softmax_step_masked(s, mA, mB, lA, lB));
+      rescale<DV>(oacc, softmax_step_full(s, sl2, mA, mB, lA, lB));
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = nt * 8 + 2 * (lane & 3) + e;
+          const bool ok = (vm >> col) & 1u;
+          s[nt][e] = ok ? s[nt][e] * sl2 : -INFINITY;
+          s[nt][2 + e] = ok ? s[nt][2 + e] * sl2 : -INFINITY;
+          if (kind == kCmp && ok) {
+            if (rA < G) scores[int64_t(rA) * p.Ncs + xt + col] = s[nt][e];
+            if (rB < G) scores[int64_t(rB) * p.Ncs + xt + col] = s[nt][2 + e];
+          }
+        }
+      rescale<DV>(oacc, softmax_step_masked(s, mA, mB, lA, lB));
+    }
     pv_tile<T, DV, kTile>(oacc, s, sV + st * kTile * DV, lane);
     vm = vm_next;
     __syncwarp();  // the next iteration's copy overwrites this stage
@@ -257,64 +327,65 @@ __global__ void __launch_bounds__(kWarps * 32) dec_split_kernel(DecParams p, int
   }
 }
 
-// Merges the partials of slots [s0, s0 + ns) of an item for its G heads: lse in the log2 domain
-// (-inf when no key was seen) into sLse[h], and each slot's weight exp2(m_s - lse) into
-// sF[s * 16 + h]. Then O[h] = sum_s sF[s, h] * O_s[h].
-__device__ void merge_stats(const DecParams& p, int item, int s0, int ns, float* sLse, float* sF, int tid, int nth) {
-  const int S = p.sc + p.sw + p.ss;
-  const float* ml = p.part_ml + (int64_t(item) * S + s0) * 2 * kRows;
-  if (tid < p.G) {
-    float M = -INFINITY, Lsum = 0;
-    for (int s = 0; s < ns; ++s) M = fmaxf(M, ml[s * 2 * kRows + tid]);
-    for (int s = 0; s < ns; ++s) {
-      const float m = ml[s * 2 * kRows + tid];
-      if (m != -INFINITY) Lsum += ml[s * 2 * kRows + kRows + tid] * exp2f(m - M);
-    }
-    sLse[tid] = Lsum > 0 ? M + log2f(Lsum) : -INFINITY;
-  }
-  __syncthreads();
-  for (int e = tid; e < ns * p.G; e += nth) {
-    const int s = e / p.G, h = e % p.G;
-    const float m = ml[s * 2 * kRows + h], lse = sLse[h];
-    sF[s * kRows + h] = m == -INFINITY || lse == -INFINITY ? 0.0f : exp2f(m - lse);
-  }
-  __syncthreads();
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
 }
 
-__device__ __forceinline__ float merged_o(const DecParams& p, int item, int s0, int ns, const float* sF, int h, int c) {
-  const int S = p.sc + p.sw + p.ss;
-  const float* po = p.part_o + (int64_t(item) * S + s0) * kRows * p.dv;
-  float acc = 0;
-  for (int s = 0; s < ns; ++s) acc += sF[s * kRows + h] * po[(s * kRows + h) * p.dv + c];
-  return acc;
+// One warp: the lse (log2 domain; -inf when no key was seen) of query row h over the partials of
+// slots [0, ns) at ml (an item's part_ml from its first slot of the branch), the lanes striding
+// over the slots (a few dependent loads per lane, not one chain of ns).
+__device__ __forceinline__ float warp_lse(const float* ml, int ns, int h, int lane) {
+  float M = -INFINITY;
+  for (int s = lane; s < ns; s += 32) M = fmaxf(M, ml[s * 2 * kRows + h]);
+  M = warp_max(M);
+  float Lsum = 0;
+  for (int s = lane; s < ns; s += 32) {
+    const float m = ml[s * 2 * kRows + h];
+    if (m != -INFINITY) Lsum += ml[s * 2 * kRows + kRows + h] * exp2f(m - M);
+  }
+  Lsum = warp_sum(Lsum);
+  return Lsum > 0 ? M + log2f(Lsum) : -INFINITY;
 }
 
-// grid (Bs * Hkv). Shared memory: sLse [16] | sF [sc][16] | sCol [Ncap] | sP [NBcap] | sList [n].
+// grid (Bs * Hkv), kSelectThreads threads. Shared memory: sLse [16] | sCol [Ncap] | sP [NBcap] |
+// sCand [nwarps * n] | sList [n].
+constexpr int kSelectThreads = 512;
 template <class T>
-__global__ void __launch_bounds__(256) dec_select_kernel(DecParams p, int NBcap) {
+__global__ void __launch_bounds__(kSelectThreads) dec_select_kernel(DecParams p, int NBcap) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int tid = threadIdx.x, nth = blockDim.x;
-  const int item = blockIdx.x, r = item / p.Hkv, g = item % p.Hkv, t = p.pos[r], G = p.G;
+  const int tid = threadIdx.x, nth = blockDim.x, warp = tid / 32, lane = tid % 32;
+  const int item = blockIdx.x, r = item / p.Hkv, t = p.pos[r], G = p.G;
   const int nv = cmp_visible(t, p.l, p.d), valid = slc_valid(t, p.ls);
   const int ns = nv > 0 ? (nv + p.rc - 1) / p.rc : 0;  // compression splits that saw keys
   float* sLse = reinterpret_cast<float*>(smem);
-  float* sF = sLse + kRows;
-  float* sCol = sF + p.sc * kRows;
+  float* sCol = sLse + kRows;
   float* sP = sCol + p.Ncap;
-  int* sList = reinterpret_cast<int*>(sP + NBcap);
+  int* sCand = reinterpret_cast<int*>(sP + NBcap);
+  int* sList = sCand + (nth / 32) * p.n;
 
-  merge_stats(p, item, 0, ns, sLse, sF, tid, nth);
-  const int64_t th0 = int64_t(r) * p.Hq + g * G;  // the group's first (token, head) row
-  if (tid < G) p.lse_cmp[th0 + tid] = sLse[tid] == -INFINITY ? -INFINITY : sLse[tid] * kLn2;
-  T* oc = static_cast<T*>(p.o_cmp) + th0 * p.dv;
-  for (int e = tid; e < G * p.dv; e += nth) oc[e] = from_f<T>(merged_o(p, item, 0, ns, sF, e / p.dv, e % p.dv));
-
+  const int S = p.sc + p.sw + p.ss;
+  for (int h = warp; h < G; h += nth / 32) {
+    const float lse = warp_lse(p.part_ml + int64_t(item) * S * 2 * kRows, ns, h, lane);
+    if (lane == 0) sLse[h] = lse;
+  }
+  __syncthreads();
   // Eq. 8 and 10: p = exp(s q.k - lse) of every visible compressed row, summed over the group's
   // heads in ascending order; each column by the same operations, so equal keys give equal sums.
-  const float* sc = p.scores + int64_t(item) * G * p.Ncap;
+  // The G loads of a column are issued together (no chain of dependent loads).
+  const float* sc = p.scores + int64_t(item) * G * p.Ncs;
   for (int i = tid; i < nv; i += nth) {
+    float v[kRows];
+#pragma unroll
+    for (int h = 0; h < kRows; ++h) v[h] = h < G ? sc[int64_t(h) * p.Ncs + i] : 0.0f;
     float a = 0;
-    for (int h = 0; h < G; ++h) a += exp2f(sc[int64_t(h) * p.Ncap + i] - sLse[h]);
+#pragma unroll
+    for (int h = 0; h < kRows; ++h)
+      if (h < G) a += exp2f(v[h] - sLse[h]);
     sCol[i] = a;
   }
   __syncthreads();
@@ -329,44 +400,72 @@ __global__ void __launch_bounds__(256) dec_select_kernel(DecParams p, int NBcap)
   __syncthreads();
   if (p.block_scores)
     for (int j = tid; j < p.NBs; j += nth) p.block_scores[int64_t(item) * p.NBs + j] = j < valid ? sP[j] : 0.0f;
-  if (tid < 32) {  // Eq. 11, one warp
-    FwdParams fp;
-    fp.ls = p.ls, fp.n = p.n, fp.init_blocks = p.init_blocks, fp.local_blocks = p.local_blocks;
-    select_warp(sP, t, fp, sList, p.block_idx + int64_t(item) * p.n, tid);
-  }
+  FwdParams fp;  // what the top-n reads
+  fp.ls = p.ls, fp.n = p.n, fp.init_blocks = p.init_blocks, fp.local_blocks = p.local_blocks;
+  select_cta(sP, t, fp, sCand, sList, p.block_idx + int64_t(item) * p.n, tid, nth);
 }
 
-// grid (Bs * Hkv). Shared memory: sLse [2][16] | sF [sw + ss][16].
-template <class T>
-__global__ void __launch_bounds__(256) dec_combine_kernel(DecParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int tid = threadIdx.x, nth = blockDim.x;
-  const int item = blockIdx.x, r = item / p.Hkv, g = item % p.Hkv, t = p.pos[r], G = p.G;
-  const int nwin = (t - win_start(t, p.w) + 1 + p.rw - 1) / p.rw;
-  const int nslc = (min(p.n, slc_valid(t, p.ls)) * p.ls + p.rs - 1) / p.rs;
-  float* sLw = reinterpret_cast<float*>(smem);
-  float* sLs = sLw + kRows;
-  float* sFw = sLs + kRows;
-  float* sFs = sFw + p.sw * kRows;
-  merge_stats(p, item, p.sc, nwin, sLw, sFw, tid, nth);
-  merge_stats(p, item, p.sc + p.sw, nslc, sLs, sFs, tid, nth);
-  const int64_t th0 = int64_t(r) * p.Hq + g * G;
-  if (tid < G) {
-    p.lse_win[th0 + tid] = sLw[tid] == -INFINITY ? -INFINITY : sLw[tid] * kLn2;
-    p.lse_slc[th0 + tid] = sLs[tid] == -INFINITY ? -INFINITY : sLs[tid] * kLn2;
+// sum_s f[s] * x[s * stride] in ascending s, eight loads in flight at a time.
+__device__ __forceinline__ float weighted_sum(const float* f, const float* x, int64_t stride, int ns) {
+  float acc = 0;
+  int s = 0;
+  for (; s + 8 <= ns; s += 8) {
+    float v[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = x[(s + k) * stride];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc += f[s + k] * v[k];
   }
-  const T* oc = static_cast<const T*>(p.o_cmp) + th0 * p.dv;
-  T* os = static_cast<T*>(p.o_slc) + th0 * p.dv;
-  T* ow = static_cast<T*>(p.o_win) + th0 * p.dv;
-  T* o = static_cast<T*>(p.o) + th0 * p.dv;
-  for (int e = tid; e < G * p.dv; e += nth) {
-    const int h = e / p.dv, c = e % p.dv;
-    const T vs = from_f<T>(merged_o(p, item, p.sc + p.sw, nslc, sFs, h, c));
-    const T vw = from_f<T>(merged_o(p, item, p.sc, nwin, sFw, h, c));
-    os[e] = vs;
-    ow[e] = vw;
-    const float* gt = p.gates + (th0 + h) * 3;  // Eq. 5 on the stored branch outputs
-    o[e] = from_f<T>(gt[0] * to_f(oc[e]) + gt[1] * to_f(vs) + gt[2] * to_f(vw));
+  for (; s < ns; ++s) acc += f[s] * x[s * stride];
+  return acc;
+}
+
+// grid (Bs * Hkv, G), 128 threads: one query head of an item. Warps 0-2 merge the statistics of
+// the compression, window and selection partials into lse and per-slot weights exp2(m_s - lse);
+// then each thread forms its output columns of O_cmp, O_win, O_slc and Eq. 5.
+// Shared memory: sF [S] | sLse [3].
+template <class T>
+__global__ void __launch_bounds__(128) dec_combine_kernel(DecParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, nth = blockDim.x, warp = tid / 32, lane = tid % 32;
+  const int item = blockIdx.x, h = blockIdx.y, r = item / p.Hkv, g = item % p.Hkv, t = p.pos[r];
+  const int S = p.sc + p.sw + p.ss;
+  float* sF = reinterpret_cast<float*>(smem);
+  float* sLse = sF + S;
+  // The branches' slots: first slot and the number that saw keys.
+  const int nv = cmp_visible(t, p.l, p.d);
+  const int s0[3] = {0, p.sc, p.sc + p.sw};
+  const int ns[3] = {nv > 0 ? (nv + p.rc - 1) / p.rc : 0, (t - win_start(t, p.w) + 1 + p.rw - 1) / p.rw,
+                     (min(p.n, slc_valid(t, p.ls)) * p.ls + p.rs - 1) / p.rs};
+  const float* ml = p.part_ml + int64_t(item) * S * 2 * kRows;
+  if (warp < 3) {
+    const float* mlb = ml + s0[warp] * 2 * kRows;
+    const float lse = warp_lse(mlb, ns[warp], h, lane);
+    for (int s = lane; s < ns[warp]; s += 32) {
+      const float m = mlb[s * 2 * kRows + h];
+      sF[s0[warp] + s] = m == -INFINITY || lse == -INFINITY ? 0.0f : exp2f(m - lse);
+    }
+    if (lane == 0) sLse[warp] = lse;
+  }
+  __syncthreads();
+  const int64_t th = int64_t(r) * p.Hq + g * p.G + h;  // (token, head) row
+  if (tid < 3) {
+    float* lse_out = tid == 0 ? p.lse_cmp : tid == 1 ? p.lse_win : p.lse_slc;
+    lse_out[th] = sLse[tid] == -INFINITY ? -INFINITY : sLse[tid] * kLn2;
+  }
+  const float* po = p.part_o + (int64_t(item) * S * kRows + h) * p.dv;  // slot s at po + s * 16 * dv
+  const int64_t stride = int64_t(kRows) * p.dv;
+  T* oc = static_cast<T*>(p.o_cmp) + th * p.dv;
+  T* ow = static_cast<T*>(p.o_win) + th * p.dv;
+  T* os = static_cast<T*>(p.o_slc) + th * p.dv;
+  T* o = static_cast<T*>(p.o) + th * p.dv;
+  const float* gt = p.gates + th * 3;
+  for (int c = tid; c < p.dv; c += nth) {
+    const T vc = from_f<T>(weighted_sum(sF, po + c, stride, ns[0]));
+    const T vw = from_f<T>(weighted_sum(sF + s0[1], po + s0[1] * stride + c, stride, ns[1]));
+    const T vs = from_f<T>(weighted_sum(sF + s0[2], po + s0[2] * stride + c, stride, ns[2]));
+    oc[c] = vc, ow[c] = vw, os[c] = vs;
+    o[c] = from_f<T>(gt[0] * to_f(vc) + gt[1] * to_f(vs) + gt[2] * to_f(vw));  // Eq. 5 on the stored outputs
   }
 }
 
@@ -421,19 +520,37 @@ void dispatch_elem(Precision prec, Fn&& fn) {
 }  // namespace
 
 size_t dec_split_smem(const DecParams& p, Precision prec) {
-  return size_t(kWarps) * 2 * kTile * (p.dk + p.dv) * element_size(prec) + size_t(p.n) * 4;
+  const size_t stages = p.kernel == 3   ? split_stage_bytes<3>(p.dk, p.dv, element_size(prec))
+                        : p.kernel == 2 ? split_stage_bytes<2>(p.dk, p.dv, element_size(prec))
+                                        : split_stage_bytes<1>(p.dk, p.dv, element_size(prec));
+  return stages + size_t(p.n) * 4;
+}
+
+int dec_split_threads(const DecParams& p) {
+  return 32 * (p.kernel == 3 ? SplitShape<3>::kWarps : p.kernel == 2 ? SplitShape<2>::kWarps : SplitShape<1>::kWarps);
+}
+
+// Calls fn(kernel) with the split kernel of the precision, head dims and version.
+template <class Fn>
+void with_split_kernel(Precision prec, const DecParams& p, Fn&& fn) {
+  dispatch_elem(prec, [&](auto e) {
+    using T = decltype(e);
+    const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
+      constexpr int A = decltype(DK)::value, B = decltype(DV)::value;
+      if (p.kernel == 1) fn(dec_split_kernel<T, A, B, 1>);
+      else if (p.kernel == 2) fn(dec_split_kernel<T, A, B, 2>);
+      else fn(dec_split_kernel<T, A, B, 3>);
+    });
+    if (!ok) throw ConfigError(cat("dk = ", p.dk, ", dv = ", p.dv, " are not compiled for the decode kernels (NSA_CUDA_DIMS)"));
+  });
 }
 
 int dec_split_ctas_per_sm(Precision prec, const DecParams& p) {
   int ctas = 0;
   const size_t smem = dec_split_smem(p, prec);
-  dispatch_elem(prec, [&](auto e) {
-    using T = decltype(e);
-    dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-      auto* k = dec_split_kernel<T, decltype(DK)::value, decltype(DV)::value>;
-      NSA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-      NSA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, k, kWarps * 32, smem));
-    });
+  with_split_kernel(prec, p, [&](auto* k) {
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    NSA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, k, dec_split_threads(p), smem));
   });
   return ctas;
 }
@@ -441,20 +558,15 @@ int dec_split_ctas_per_sm(Precision prec, const DecParams& p) {
 void dec_split(Precision prec, const DecParams& p, bool selection, cudaStream_t s) {
   const size_t smem = dec_split_smem(p, prec);
   const dim3 grid(unsigned(selection ? p.ss : p.sc + p.sw), unsigned(p.Bs * p.Hkv));
-  dispatch_elem(prec, [&](auto e) {
-    using T = decltype(e);
-    const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-      auto* k = dec_split_kernel<T, decltype(DK)::value, decltype(DV)::value>;
-      NSA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-      k<<<grid, kWarps * 32, smem, s>>>(p, selection ? kSlc : kCmp);
-    });
-    if (!ok) throw ConfigError(cat("dk = ", p.dk, ", dv = ", p.dv, " are not compiled for the decode kernels (NSA_CUDA_DIMS)"));
+  with_split_kernel(prec, p, [&](auto* k) {
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    k<<<grid, dec_split_threads(p), smem, s>>>(p, selection ? kSlc : kCmp);
   });
   NSA_CUDA_CHECK_LAUNCH("dec_split_kernel");
 }
 
 size_t dec_select_smem(const DecParams& p, int NBcap) {
-  return (size_t(kRows) + size_t(p.sc) * kRows + size_t(p.Ncap) + size_t(NBcap) + size_t(p.n)) * 4;
+  return (size_t(kRows) + size_t(p.Ncap) + size_t(NBcap) + size_t(kSelectThreads / 32 + 1) * p.n) * 4;
 }
 
 void dec_select(Precision prec, const DecParams& p, int NBcap, cudaStream_t s) {
@@ -462,16 +574,17 @@ void dec_select(Precision prec, const DecParams& p, int NBcap, cudaStream_t s) {
   dispatch_elem(prec, [&](auto e) {
     using T = decltype(e);
     NSA_CUDA_CHECK(cudaFuncSetAttribute(dec_select_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    dec_select_kernel<T><<<p.Bs * p.Hkv, 256, smem, s>>>(p, NBcap);
+    dec_select_kernel<T><<<p.Bs * p.Hkv, kSelectThreads, smem, s>>>(p, NBcap);
   });
   NSA_CUDA_CHECK_LAUNCH("dec_select_kernel");
 }
 
 void dec_combine(Precision prec, const DecParams& p, cudaStream_t s) {
-  const size_t smem = (size_t(2) * kRows + size_t(p.sw + p.ss) * kRows) * 4;
+  const size_t smem = (size_t(p.sc + p.sw + p.ss) + 4) * 4;
   dispatch_elem(prec, [&](auto e) {
     using T = decltype(e);
-    dec_combine_kernel<T><<<p.Bs * p.Hkv, 256, smem, s>>>(p);
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(dec_combine_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    dec_combine_kernel<T><<<dim3(unsigned(p.Bs * p.Hkv), unsigned(p.G)), 128, smem, s>>>(p);
   });
   NSA_CUDA_CHECK_LAUNCH("dec_combine_kernel");
 }

@@ -104,7 +104,7 @@ void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwar
 size_t win_attn_v2_smem(const FwdParams& p, int nwarps);
 
 // ---- decode_attn.cu: the decode step (NSA-SPEC.md 8) ----
-constexpr int kDecTile = 32;  // keys per warp tile of the split kernel; split sizes are multiples
+constexpr int kDecTile = 32;  // split sizes are multiples of this many keys (whole tiles of every version)
 // The compressed rows a step emits: rows[e], rows[M + e], rows[2M + e] = cache sequence b, first
 // raw token u0 = i*d of block i, destination row b * Ncap + i (device, int64 [3, M]).
 struct DecEmit {

@@ -54,6 +54,9 @@ struct Options {
   bool intermediates = true;  // also produce o_win and block_scores (o_cmp, o_slc, lse, block_idx
                               // and the compressed K/V are always produced: later stages use them)
   int device = 0;
+  int decode_kernel = -1;     // the decode step's split kernel (-1: the default): 1 every tile by the
+                              // general path; 2 regular tiles by strided copies and an unmasked softmax;
+                              // 3 = 2 with 16-key tiles and twice the warps per SM
 };
 
 // True when the tensor-core kernels (v1-v3) are compiled for these head dims (NSA_CUDA_DIMS).
@@ -132,8 +135,8 @@ ref::ForwardResult<float> forward(const Config& cfg, const ref::Inputs<float>& i
 // rings of branches with keys/values of their own), and a step appends one token to each addressed
 // sequence, emits a compressed row where the token completes a block, and returns every output
 // and intermediate of ref::StepResult. Operands bf16 or fp16, fp32 accumulation; G <= 16 and the
-// head dims of NSA_CUDA_DIMS (the same as kernels v1-v3). Options::kernel is ignored by the step
-// (one version) and applies to the prefill's forward pass.
+// head dims of NSA_CUDA_DIMS (the same as kernels v1-v3). Options::kernel applies to the prefill's
+// forward pass, Options::decode_kernel to the step.
 
 class Decoder;
 // A step's time and what it was split into (bench_decode).
@@ -142,6 +145,7 @@ struct DecodeTiming {
   std::vector<StageTime> stages;  // per-kernel medians
   int splits_cmp = 0, splits_win = 0, splits_slc = 0;  // CTAs per item of each branch
   int keys_cmp = 0, keys_win = 0, keys_slc = 0;        // keys per split
+  int kernel = 0;                                      // the split kernel's version
 };
 struct DecodeBench {
   DecodeTiming step;  // a step that emits no compressed row: the token at position s

@@ -116,8 +116,10 @@ struct DecParams {
   int rc = 0, rw = 0, rs = 0;   // keys per split (multiples of 32)
   float* part_ml = nullptr;     // [Bs*Hkv, S, 2, 16]  per query row: max m (log2 domain), sum l of exp2(x - m)
   float* part_o = nullptr;      // [Bs*Hkv, S, 16, dv] per query row: sum of exp2(x - m) v (unnormalised)
-  float* scores = nullptr;      // [Bs*Hkv, G, Ncap]   s q.k of every compressed row (log2 domain), for Eq. 8-10
+  float* scores = nullptr;      // [Bs*Hkv, G, Ncs]    s q.k of every compressed row (log2 domain), for Eq. 8-10
+  int Ncs = 0;                  // row stride of scores: Ncap rounded up to a multiple of 4 (aligned pairs)
   bool append = true;           // the first split kernel also writes the new token's rows into the cache
+  int kernel = 2;               // split kernel version (Options::decode_kernel): 1, 2 or 3
 };
 
 }  // namespace nsa::cuda

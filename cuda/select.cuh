@@ -108,4 +108,66 @@ __device__ inline void select_warp(const float* P, int t, const FwdParams& p, in
   __syncwarp();
 }
 
+// All warps of a CTA (the decode step: one query per CTA, many blocks): select_warp's result in
+// two rounds. Each warp picks the K = n - nf best non-forced blocks of its contiguous
+// range by select_warp's rounds, then warp 0 picks the K best of those nwarps * K candidates (the
+// best K of a union are among the best K of each part, and the ranking is a strict total order,
+// so the result is exactly select_warp's). cand[nwarps * n], list[n] shared scratch; out global.
+__device__ inline void select_cta(const float* P, int t, const FwdParams& p, int* cand, int* list, int32_t* out,
+                                  int tid, int nth) {
+  const int valid = slc_valid(t, p.ls), n = p.n;
+  if (valid <= n) {
+    for (int m = tid; m < n; m += nth) out[m] = m < valid ? m : -1;
+    return;
+  }
+  const Forced f = forced_blocks(p, t);
+  const int nf = f.count(), K = n - nf;
+  const int warp = tid / 32, lane = tid % 32, nw = nth / 32;
+  // The best K (after `prev`, in rank order) among the blocks `blk(c)` for c in [0, count).
+  auto rounds = [&](int count, auto blk, int* dst) {
+    float prev_key = INFINITY;
+    int prev = -1;
+    for (int r = 0; r < K; ++r) {
+      float bk = -INFINITY;
+      int bi = INT_MAX;
+      for (int c = lane; c < count; c += 32) {
+        const int j = blk(c);
+        if (j == INT_MAX || f.has(j)) continue;
+        const float k = rank_key(P[j]);
+        if (!ranks_before(prev_key, prev, k, j)) continue;  // already picked
+        if (bi == INT_MAX || ranks_before(k, j, bk, bi)) bk = k, bi = j;
+      }
+      for (int o = 16; o > 0; o /= 2) {
+        const float ok = __shfl_xor_sync(0xffffffffu, bk, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi != INT_MAX && (bi == INT_MAX || ranks_before(ok, oi, bk, bi))) bk = ok, bi = oi;
+      }
+      if (bi == INT_MAX) bk = -INFINITY;  // nothing left: later rounds find nothing either
+      prev_key = bk, prev = bi;
+      if (lane == 0) dst[r] = bi;
+    }
+  };
+  const int per = (valid + nw - 1) / nw, lo = min(valid, warp * per), hi = min(valid, lo + per);
+  rounds(hi - lo, [&](int c) { return lo + c; }, cand + warp * K);
+  __syncthreads();
+  if (warp == 0) {
+    if (lane == 0) {
+      int m = 0;
+      for (int j = 0; j < f.init; ++j) list[m++] = j;
+      for (int j = f.lo > f.init ? f.lo : f.init; j <= f.own; ++j) list[m++] = j;
+    }
+    rounds(nw * K, [&](int c) { return cand[c]; }, list + nf);
+    __syncwarp();
+    if (lane == 0)
+      for (int a = 1; a < n; ++a) {
+        const int x = list[a];
+        int b = a - 1;
+        for (; b >= 0 && list[b] > x; --b) list[b + 1] = list[b];
+        list[b + 1] = x;
+      }
+    __syncwarp();
+    for (int m = lane; m < n; m += 32) out[m] = list[m];
+  }
+}
+
 }  // namespace nsa::cuda::dev

@@ -221,7 +221,7 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
 // per step, shared by the batch) and the card's measured copy bandwidth. PyTorch SDPA decode is
 // timed by experiments/sdpa_baseline.py --decode in the same device call.
 void bench_cuda_decode(const Config& base, const std::vector<int64_t>& Ts, const std::vector<int64_t>& batches,
-                       int warmup, int reps, cuda::Precision prec, BenchRun& run, json& device) {
+                       int warmup, int reps, cuda::Precision prec, int kernel, BenchRun& run, json& device) {
   const cuda::Ceilings ceil = cuda::measure_ceilings(prec);
   device = {{"name", cuda::device_name()},
             {"ceilings",
@@ -235,6 +235,7 @@ void bench_cuda_decode(const Config& base, const std::vector<int64_t>& Ts, const
     for (int64_t B : batches) {
       cuda::Options opt;
       opt.dtype = prec;
+      opt.decode_kernel = kernel;
       const cuda::DecodeBench r = cuda::bench_decode(base, B, T, opt, warmup, reps, 1000 + uint64_t(T));
       // Bytes the step must read for B sequences (the model); phi's parameters once per step.
       auto model = [&](int64_t pos) {
@@ -258,7 +259,8 @@ void bench_cuda_decode(const Config& base, const std::vector<int64_t>& Ts, const
       const double tbps = bytes / r.step.ms / 1e9;
       json rec{{"op", "decode"}, {"impl", "nsa_cuda"}, {"T", T}, {"kv_len", T + 1}, {"B", B}, {"Hq", base.Hq},
                {"Hkv", base.Hkv}, {"dk", base.dk}, {"dv", base.dv}, {"dtype", dtype}, {"ms", r.step.ms},
-               {"ms_emit", r.emit.ms}, {"ms_mean", ms_mean}, {"pos", r.pos}, {"pos_emit", r.pos_emit},
+               {"ms_emit", r.emit.ms}, {"ms_mean", ms_mean}, {"kernel", r.step.kernel}, {"pos", r.pos},
+               {"pos_emit", r.pos_emit},
                {"bytes", bytes}, {"bytes_emit", bytes_emit}, {"bytes_mean", bytes_mean},
                {"bytes_by_branch_per_seq", {{"cmp", sb.cmp}, {"slc", sb.slc}, {"win", sb.win}, {"emit", sbe.emit},
                                             {"phi_params_per_step", sbe.phi}}},
@@ -275,7 +277,8 @@ void bench_cuda_decode(const Config& base, const std::vector<int64_t>& Ts, const
       std::ostringstream st;
       st << std::fixed << std::setprecision(1);
       for (const auto& x : r.step.stages) st << " " << x.stage << " " << 1e3 * x.ms << "us";
-      std::cout << "decode nsa_cuda s=" << std::setw(6) << T << " B=" << std::setw(2) << B << " " << dtype << "  median "
+      std::cout << "decode nsa_cuda v" << r.step.kernel << " s=" << std::setw(6) << T << " B=" << std::setw(2) << B << " "
+                << dtype << "  median "
                 << std::fixed << std::setprecision(1) << std::setw(7) << 1e3 * r.step.ms << " us (emitting step "
                 << 1e3 * r.emit.ms << " us, mean " << 1e3 * ms_mean << " us)  " << std::setprecision(1) << bytes / 1e6
                 << " MB -> " << std::setprecision(2) << tbps << " TB/s = " << std::setprecision(0)
@@ -310,7 +313,8 @@ int cmd_bench(const Args& args) {
   r.add_options()("device", po::value<std::string>()->default_value("cpu"), "cpu or cuda")(
       "threads", po::value<int>()->default_value(0), "CPU threads (0: all cores)")(
       "dtype", po::value<std::string>()->default_value("bf16"), "CUDA operands: bf16, fp16 or fp32")(
-      "kernel", po::value<int>()->default_value(-1), "CUDA kernel version override (-1: automatic choice)");
+      "kernel", po::value<int>()->default_value(-1),
+      "CUDA kernel version override (-1: automatic choice); with --op decode the decode step's split kernel (1-3)");
   cmd.add(r);
   cmd.add(output_options());
   const auto vm = cmd.parse(args);
@@ -347,7 +351,7 @@ int cmd_bench(const Args& args) {
     json device;
     const cuda::Precision prec = cuda::parse_precision(vm["dtype"].as<std::string>());
     if (op == "decode")
-      bench_cuda_decode(base, Ts, batches, warmup, reps, prec, run, device);
+      bench_cuda_decode(base, Ts, batches, warmup, reps, prec, vm["kernel"].as<int>(), run, device);
     else
       bench_cuda(base, Ts, warmup, reps, prec, vm["kernel"].as<int>(), run, device);
     json j{{"device", device["name"]}, {"date", today()}, {"command", command}, {"config", config_json(base)},

@@ -10,11 +10,13 @@
 #      PyTorch SDPA (cuDNN, flash) on the same shapes; public NSA kernels if carried in .peers/;
 #   5. the merged results file and a summary table, printed last;
 #   decode (step `decode`, not in the default): `nsa bench --device cuda --op decode` at cache
-#      lengths TS_DEC x batches BATCH (Hq = 64, Hkv = 4, dk = dv = 128, paper blocks, bf16) and SDPA
-#      decode (experiments/sdpa_baseline.py --decode), merged into today's results file
-#      (experiments/results/h100-<date>.json, its records kept) as $OUT/results_decode.json.
+#      lengths TS_DEC x batches BATCH (Hq = 64, Hkv = 4, dk = dv = 128, paper blocks, bf16) for each
+#      split-kernel version in DEC_KERNELS, variants DEC_VARIANTS, Nsight Compute on the decode
+#      kernels with step `decprofile`, and SDPA decode (experiments/sdpa_baseline.py --decode), merged into
+#      today's results file (experiments/results/h100-<date>.json, its records kept) as
+#      $OUT/results_decode.json.
 # Logs and JSON go to $OUT (the device tool brings back at most 8 files).
-# usage: OUT=dir bash scripts/device.sh   (STEPS=test,sanitize,bench,profile,sdpa,peers,decode chooses
+# usage: OUT=dir bash scripts/device.sh   (STEPS=test,sanitize,bench,profile,sdpa,peers,decode,decprofile chooses
 #        steps; default test,sanitize,bench,sdpa,peers; DEADLINE=seconds bounds the whole run, default
 #        560; DIMS=paper builds only the paper's head dims (faster); TESTS=doctest filter of test_cuda;
 #        MEMCHECK_TESTS, RACECHECK_TESTS: the sanitizers' test filters; SAN_LIMIT: seconds per sanitizer,
@@ -82,21 +84,36 @@ DSCRATCH=$(mktemp -d)
 if has decode; then
   TS_DEC=${TS_DEC:-8192,16384,32768,65536,131072}
   BATCH=${BATCH:-1,16,64}
-  # One call per cache length (a failure loses one length, not all), then one file of records.
-  for T in ${TS_DEC//,/ }; do
-    step "bench nsa_cuda decode s=$T" 90 "$BIN/nsa" bench --device cuda --op decode --T "$T" --batch "$BATCH" \
-      --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/dec$T"
+  # One call per split-kernel version (DEC_KERNELS, default: the automatic choice) and cache
+  # length (a failure loses one length, not all), then one file of records.
+  for K in ${DEC_KERNELS:--1}; do
+    for T in ${TS_DEC//,/ }; do
+      step "bench nsa_cuda decode k=$K s=$T" 90 "$BIN/nsa" bench --device cuda --op decode --kernel "$K" --T "$T" \
+        --batch "$BATCH" --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/dec${K}_$T"
+    done
   done
   python3 -c 'import json, sys
 files = [json.load(open(f)) for f in sys.argv[2:]]
 out = dict(files[0]) if files else {"records": []}
 out["records"] = [r for f in files for r in f["records"]]
 json.dump(out, open(sys.argv[1], "w"), indent=1)' "$OUT/bench_decode.json" $(ls "$DSCRATCH"/dec*/bench.json 2>/dev/null | sort -V) >>"$LOG" 2>&1
-  # Split-count variants at 64k, batch 16 (log only).
-  for wv in ${DEC_VARIANTS:-2 4}; do
-    step "variant NSA_DEC_WAVES=$wv" 45 env NSA_DEC_WAVES=$wv "$BIN/nsa" bench --device cuda --op decode --T 65536 \
-      --batch 1,16 --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/variant"
+  # Variants at 64k, batches 1 and 16 (log only): "--kernel=N" or "NSA_DEC_WAVES=k" (split count).
+  for v in ${DEC_VARIANTS:-"NSA_DEC_WAVES=2"}; do
+    case $v in
+      --*) step "variant $v" 45 "$BIN/nsa" bench --device cuda --op decode "$v" --T 65536 --batch 1,16 --Hq 64 \
+        --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/variant" ;;
+      *) step "variant $v" 45 env "$v" "$BIN/nsa" bench --device cuda --op decode --T 65536 --batch 1,16 --Hq 64 \
+        --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/variant" ;;
+    esac
   done
+  # Nsight Compute on the decode kernels at 64k, batch 16 (memory throughput, stalls, occupancy).
+  if has decprofile && command -v ncu >/dev/null; then
+    step "ncu decode kernels" 120 ncu --kernel-name regex:"dec_(split|select|combine)" --launch-skip 4 --launch-count 4 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis "$BIN/nsa" bench --device cuda --op decode --T 65536 --batch 16 --warmup 1 \
+      --reps 1 --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/prof"
+    sed -n '/==PROF==/,$p' "$LOG" | grep -vE "^\s*$" | tail -300 >"$OUT/ncu_decode.txt"
+  fi
   step "sdpa decode" 200 env PYTHONUNBUFFERED=1 python3 experiments/sdpa_baseline.py --decode --T "$TS_DEC" \
     --batch "$BATCH" --dims 128:128 --out "$OUT/sdpa_decode.json"
   BASE=experiments/results/h100-$(date +%Y%m%d).json

@@ -46,6 +46,7 @@ struct DecCase {
   std::vector<int64_t> prefix;  // tokens of each sequence put in by the prefill
   Precision prec = Precision::BF16;
   bool constant_keys = false;   // every key 0.5: exactly tied scores, the selection must be exact
+  int kernel = -1;              // the split kernel's version (Options::decode_kernel)
 };
 
 DecCase make(std::string name, Config c, std::vector<int64_t> seqlens, std::vector<int64_t> prefix,
@@ -56,6 +57,13 @@ DecCase make(std::string name, Config c, std::vector<int64_t> seqlens, std::vect
   d.k.seqlens = std::move(seqlens);
   d.prefix = std::move(prefix);
   d.prec = prec;
+  return d;
+}
+
+std::string tag(const DecCase& dc) { return dc.kernel == -1 ? std::string(" (default kernel)") : cat(" kernel v", dc.kernel); }
+
+DecCase with_kernel(DecCase d, int kernel) {
+  d.kernel = kernel;
   return d;
 }
 
@@ -120,6 +128,7 @@ void run_workload(const DecCase& dc) {
   const auto want = ref::decode_workload(c, in, dc.prefix);
   cuda::Options opt;
   opt.dtype = dc.prec;
+  opt.decode_kernel = dc.kernel;
   const auto got = cuda::decode_workload(c, in_f, dc.prefix, opt);
   const ref::ForwardResult<double>& r = want.out;
   const ref::ForwardResult<float>& gpu = got.out;
@@ -174,7 +183,8 @@ void run_workload(const DecCase& dc) {
   CHECK(got.step_calls == want.step_calls);
   CHECK(raw_rows_equal(got.cache, want.cache));
 
-  MESSAGE(dc.name << " " << cuda::to_string(dc.prec) << ", " << got.steps.size() << " steps in " << got.step_calls
+  MESSAGE(dc.name << " " << std::string(cuda::to_string(dc.prec)) << tag(dc) << ", " << got.steps.size()
+                  << " steps in " << got.step_calls
                   << " calls\n  compress  k " << e_kc << "  v " << e_vc << "  (tol " << tl.compress << ")"
                   << "\n  cmp       o " << e_oc << "  lse " << e_lc << "  (tol " << tl.attn << ", " << tl.lse << ")"
                   << "\n  select    scores " << e_sc << " (tol " << tl.scores << "); lists equal "
@@ -237,6 +247,7 @@ void run_steps(const DecCase& dc) {
   cache_d = cast_cache<double>(cache_f);
   cuda::Options opt;
   opt.dtype = dc.prec;
+  opt.decode_kernel = dc.kernel;
   cuda::Decoder dec(c, ref::kv_sharing(in), B, Tmax, opt);
   dec.upload(cache_f);
   CHECK(raw_rows_equal(dec.download(), cache_d));
@@ -296,7 +307,8 @@ void run_steps(const DecCase& dc) {
   const double e_vc = rel_l2(held_cmp_rows(end, true), held_cmp_rows(cache_d, true));
   CHECK(e_kc <= tl.compress);
   CHECK(e_vc <= tl.compress);
-  MESSAGE(dc.name << " " << cuda::to_string(dc.prec) << ", " << steps << " step calls from an uploaded cache"
+  MESSAGE(dc.name << " " << std::string(cuda::to_string(dc.prec)) << tag(dc) << ", " << steps
+                  << " step calls from an uploaded cache"
                   << "\n  cache     compressed k " << e_kc << "  v " << e_vc << "  (tol " << tl.compress << ")"
                   << "\n  cmp       o " << e_oc.rel() << "  lse " << e_lc.rel() << "\n  select    scores " << e_sc.rel()
                   << "; lists equal " << sel.rows - sel.differ << "/" << sel.rows << ", near-ties " << sel.near_ties
@@ -326,6 +338,7 @@ TEST_CASE("cuda decode: small cases (the sanitizer set)") {
     ws.push_back(d);
   }
   for (const auto& d : ws) run_workload(d);
+  for (int kernel : {1, 3}) run_workload(with_kernel(ws[0], kernel));  // the other split kernel versions
   {
     DecCase d = make("packed T={110,64,40} prefix {100,33,0} G=16 dk=dv=128 mlp, gate MLP", paper(16, 1, 128, 128),
                      {110, 64, 40}, {100, 33, 0});
@@ -336,19 +349,23 @@ TEST_CASE("cuda decode: small cases (the sanitizer set)") {
 
 // compute-sanitizer racecheck runs this set: mean phi and given gates, so that only our kernels
 // run (cuBLAS's GEMM kernels synchronise through mbarriers that racecheck reports as hazards).
-TEST_CASE("cuda decode racecheck set: G = 1, 4, 16, no cuBLAS") {
-  for (int64_t G : {1, 4, 16}) {
-    Config c = paper(G, 1, 128, 128);
-    c.compress = CompressKind::Mean;
-    c.window = 64;
-    run_workload(make(cat("T=100 prefix 80 G=", G, " dk=dv=128 mean w=64"), c, {100}, {80}));
-  }
+TEST_CASE("cuda decode racecheck set: G = 1, 4, 16, every split kernel, no cuBLAS") {
+  for (int64_t G : {1, 4, 16})
+    for (int kernel : {1, 2, 3}) {
+      Config c = paper(G, 1, 128, 128);
+      c.compress = CompressKind::Mean;
+      c.window = 64;
+      run_workload(with_kernel(make(cat("T=100 prefix 80 G=", G, " dk=dv=128 mean w=64"), c, {100}, {80}), kernel));
+    }
 }
 
 TEST_CASE("cuda decode vs reference: many steps") {
-  run_workload(make("packed T={700,650,60} prefix {600,560,0} G=16 dk=dv=128 mlp", paper(16, 1, 128, 128),
-                    {700, 650, 60}, {600, 560, 0}));
-  run_workload(make("T=1100 prefix 1000 G=16 dk=192 dv=128 mlp Hkv=2", paper(32, 2, 192, 128), {1100}, {1000}));
+  const DecCase packed = make("packed T={700,650,60} prefix {600,560,0} G=16 dk=dv=128 mlp", paper(16, 1, 128, 128),
+                              {700, 650, 60}, {600, 560, 0});
+  for (int kernel : {1, 2, 3}) run_workload(with_kernel(packed, kernel));
+  const DecCase wide = make("T=1100 prefix 1000 G=16 dk=192 dv=128 mlp Hkv=2", paper(32, 2, 192, 128), {1100}, {1000});
+  run_workload(wide);
+  run_workload(with_kernel(wide, 3));
   run_workload(make("T=900 prefix 850 G=16 dk=dv=128 mlp fp16", paper(16, 1, 128, 128), {900}, {850},
                     Precision::FP16));
   {
@@ -369,6 +386,7 @@ TEST_CASE("cuda decode vs reference: many steps") {
     DecCase d = make("T=1500 prefix 1380 constant keys: exactly tied scores go to the lower block", c, {1500}, {1380});
     d.constant_keys = true;
     run_workload(d);
+    run_workload(with_kernel(d, 3));
   }
   {
     DecCase d = make("packed T={2100,1500,300,30} prefix {2000,1450,200,0} G=16 dk=dv=128 mlp",
@@ -413,6 +431,8 @@ TEST_CASE("cuda decode bench: a timed step is finite and every stage is timed") 
   CHECK(b.step.ms > 0);
   CHECK(b.emit.ms > 0);
   CHECK(b.step.stages.size() == 4);  // cmp+win split, select, slc split, combine
+  CHECK(b.step.kernel >= 1);  // the default version
+  CHECK(b.step.kernel <= 3);
   CHECK(b.emit.stages.size() == 5);  // + append and phi
   CHECK(b.pos == 3000);
   CHECK((b.pos_emit + 1 - c.cmp_len) % c.cmp_stride == 0);
