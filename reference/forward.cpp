@@ -50,16 +50,13 @@ void attend_causal_range(const Mat<S>& Q, const TileRows& tr, Lo lo, const S* K,
         row.setZero();
         continue;
       }
-      const S mx = row.segment(a, b - a).maxCoeff();
-      const S mnew = std::max(m[r], mx);
+      auto seg = row.segment(a, b - a);
+      const S mnew = std::max(m[r], seg.maxCoeff());
       const S alpha = std::exp(m[r] - mnew);  // 0 on the first visible chunk (m = -inf)
-      S s = 0;
-      for (int64_t u = 0; u < bk; ++u) {
-        const S p = (u >= a && u < b) ? std::exp(row[u] - mnew) : S(0);
-        row[u] = p;
-        s += p;
-      }
-      sum[r] = sum[r] * alpha + s;
+      seg = (seg.array() - mnew).exp();       // Eigen's vectorised exp: scalar exp would cost more than the products
+      row.head(a).setZero();
+      row.tail(bk - b).setZero();
+      sum[r] = sum[r] * alpha + seg.sum();
       O.row(r) *= alpha;
       m[r] = mnew;
     }
@@ -132,8 +129,8 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
         continue;
       }
       const S mx = row.head(nv).maxCoeff();
-      S s = 0;
-      for (int64_t i = 0; i < nv; ++i) s += (row[i] = std::exp(row[i] - mx));
+      row.head(nv) = (row.head(nv).array() - mx).exp();
+      const S s = row.head(nv).sum();
       row.head(nv) /= s;
       row.tail(nvmax - nv).setZero();
       lse[rr] = mx + std::log(s);

@@ -1,0 +1,44 @@
+#include "cost.hpp"
+
+#include <algorithm>
+#include <utility>
+
+namespace nsa::analysis {
+
+int64_t slc_tokens(const Config& c, int64_t t) {
+  const int64_t valid = c.slc_valid(t);
+  if (valid <= c.slc_count) return t + 1;
+  if (c.local_blocks == 0) return c.slc_count * c.slc_len;
+  return (c.slc_count - 1) * c.slc_len + t % c.slc_len + 1;
+}
+
+ForwardFlops nsa_forward_flops(const Config& c, int64_t T) {
+  ForwardFlops f;
+  const double per_key = 2.0 * double(c.dk + c.dv) * double(c.Hq);
+  double cmp_keys = 0, slc_keys = 0, win_keys = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    cmp_keys += double(c.cmp_visible(t));
+    slc_keys += double(slc_tokens(c, t));
+    win_keys += double(std::min(c.window, t + 1));
+  }
+  f.cmp = per_key * cmp_keys;
+  f.slc = per_key * slc_keys;
+  f.win = per_key * win_keys;
+  const double Nc = double(c.num_cmp_blocks(T)), l = double(c.cmp_len);
+  for (const auto& [D, h] : {std::pair{double(c.dk), double(c.hidden_k())}, {double(c.dv), double(c.hidden_v())}}) {
+    double per_block = 0;
+    switch (c.compress) {
+      case CompressKind::Mean: per_block = l * D; break;
+      case CompressKind::Linear: per_block = 2 * l * D * D; break;
+      case CompressKind::Mlp: per_block = 2 * l * D * h + 2 * h * D; break;
+    }
+    f.phi += per_block * Nc * double(c.Hkv);
+  }
+  return f;
+}
+
+double full_forward_flops(const Config& c, int64_t T) {
+  return 2.0 * double(c.dk + c.dv) * double(c.Hq) * double(T) * double(T + 1) / 2;
+}
+
+}  // namespace nsa::analysis

@@ -1,0 +1,22 @@
+// The subcommands of `nsa`, one function each (argv after the subcommand name); main.cpp routes.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <boost/program_options.hpp>
+
+namespace nsa::cli {
+
+using Args = std::vector<std::string>;
+
+int cmd_forward(const Args& args);  // cmd_forward.cpp
+int cmd_full(const Args& args);     // cmd_forward.cpp
+int cmd_compare(const Args& args);  // cmd_compare.cpp
+int cmd_gen(const Args& args);      // cmd_gen.cpp
+int cmd_bench(const Args& args);    // cmd_bench.cpp
+
+// Throws ConfigError unless --device is cpu (used until a command has a CUDA path).
+void require_cpu_device(const boost::program_options::variables_map& vm, const char* cmd);
+
+}  // namespace nsa::cli

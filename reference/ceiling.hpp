@@ -1,0 +1,13 @@
+// The CPU's measured matrix-product rate through Eigen, every thread multiplying its own n x n
+// matrices at once (the way the fast path uses Eigen): the ceiling CPU benchmarks report against.
+#pragma once
+
+#include <cstdint>
+
+namespace nsa::ref {
+
+// GFLOP/s over all threads (the current OpenMP thread count), the median of 3 timed rounds.
+template <class S>
+double measure_gemm_gflops(int64_t n = 512, double seconds_per_round = 0.3);
+
+}  // namespace nsa::ref

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The main job, from a fresh clone: installs what is missing, builds, and runs the default
+# experiment on a built-in workload. Outputs go to out/main/ (override with OUT=...).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install_deps.sh
+cmake --preset default >/dev/null
+cmake --build --preset default -j "$(nproc)"
+OUT=${OUT:-out/main}
+NSA=build/experiments/nsa
+mkdir -p "$OUT"
+echo "== 1. a random workload: T = 4096, Hq = 16, Hkv = 1 (G = 16), dk = dv = 64"
+$NSA gen --T 4096 --Hq 16 --Hkv 1 --dk 64 --dv 64 --gates random --seed 0 --out "$OUT/workload"
+echo "== 2. NSA forward at the paper's settings (l=32, d=16, l'=64, n=16, w=512), double"
+$NSA forward --q "$OUT/workload/q.npy" --k "$OUT/workload/k.npy" --v "$OUT/workload/v.npy" \
+  --gates "$OUT/workload/gates.npy" --out "$OUT/forward"
+echo "== 3. the same in float, compared with double"
+$NSA forward --q "$OUT/workload/q.npy" --k "$OUT/workload/k.npy" --v "$OUT/workload/v.npy" \
+  --gates "$OUT/workload/gates.npy" --precision float --out "$OUT/forward_float"
+$NSA compare "$OUT/forward_float" "$OUT/forward" --metric rel_l2 --rtol 1e-5
+echo "== 4. full attention, and an identity: a window covering everything is full attention"
+$NSA full --q "$OUT/workload/q.npy" --k "$OUT/workload/k.npy" --v "$OUT/workload/v.npy" --out "$OUT/full"
+$NSA forward --q "$OUT/workload/q.npy" --k "$OUT/workload/k.npy" --v "$OUT/workload/v.npy" --window 4096 \
+  --out "$OUT/forward_w4096"
+$NSA compare "$OUT/forward_w4096/o_win.npy" "$OUT/full/o.npy" --rtol 1e-12 --atol 1e-14
+echo "== 5. CPU benchmark at T = 4096"
+$NSA bench --T 4096 --precisions float --reps 3 --out "$OUT/bench"
+echo "main job done: outputs in $OUT/"
