@@ -1,4 +1,4 @@
-// `nsa bench`: NSA forward against full attention, timed in one run (STYLE 8): medians after
+// `nsa bench`: NSA forward (and backward) against full attention, timed in one run (STYLE 8): medians after
 // warm-up, useful FLOPs (analysis/cost.hpp), the machine's measured matrix-product rate as the
 // ceiling, and full attention measured in the same run as the baseline. Writes bench.json and
 // bench.csv into --out; one line per case on stdout as each finishes.
@@ -98,7 +98,7 @@ struct BenchRun {
 
 template <class S>
 void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int warmup, int reps, double ceiling,
-                     const std::string& dtype, BenchRun& run) {
+                     const std::string& dtype, bool backward, BenchRun& run) {
   for (int64_t T : Ts) {
     Config c = base;
     const ref::Inputs<S> in = random_inputs<S>(c, T, 1000 + uint64_t(T));
@@ -134,6 +134,43 @@ void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int war
                                 : std::string("(baseline)"))
                 << "\n"
                 << std::defaultfloat;
+    if (!backward) continue;
+    // The backward passes given their forward results, against the forward times above.
+    Tensor<S> dO({T, c.Hq, c.dv});
+    Rng rng(2000 + uint64_t(T));
+    for (auto& v : dO.vec()) v = static_cast<S>(rng.normal());
+    if (tty) std::cout << "  timing backward T=" << T << " " << dtype << " ..." << std::flush;
+    const auto fwd = ref::forward(c, in);
+    const double nsa_bwd = median_ms([&] { (void)ref::backward(c, in, fwd, dO); }, warmup, reps);
+    const auto full_fwd = ref::full_attention(c, in.q, in.k, in.v, {});
+    const double full_bwd =
+        median_ms([&] { (void)ref::full_attention_backward(c, in.q, in.k, in.v, full_fwd, dO, {}); }, warmup, reps);
+    if (tty) std::cout << "\r" << std::string(50, ' ') << "\r";
+    const auto fb = analysis::nsa_backward_flops(c, T);
+    json b_nsa = record("nsa_cpu", nsa_bwd, fb.total());
+    b_nsa["op"] = "backward";
+    b_nsa["flop_by_branch"] = {{"phi", fb.phi}, {"cmp", fb.cmp}, {"slc", fb.slc}, {"win", fb.win}};
+    b_nsa["forward_ms"] = nsa_ms;
+    b_nsa["backward_over_forward"] = nsa_bwd / nsa_ms;
+    b_nsa["baseline_ms"] = full_bwd;
+    b_nsa["speedup_vs_full"] = full_bwd / nsa_bwd;
+    json b_full = record("full_cpu", full_bwd, analysis::full_backward_flops(c, T));
+    b_full["op"] = "backward";
+    b_full["forward_ms"] = full_ms;
+    b_full["backward_over_forward"] = full_bwd / full_ms;
+    run.add(b_nsa);
+    run.add(b_full);
+    for (const json* r : {static_cast<const json*>(&b_nsa), static_cast<const json*>(&b_full)})
+      std::cout << "backward " << std::left << std::setw(8) << (*r)["impl"].get<std::string>() << std::right
+                << " T=" << std::setw(6) << T << " " << dtype << "  median " << std::fixed << std::setprecision(1)
+                << std::setw(9) << (*r)["ms"].get<double>() << " ms (" << reps << " reps)  " << std::setprecision(1)
+                << std::setw(7) << (*r)["gflops"].get<double>() << " GFLOP/s = " << std::setprecision(0)
+                << std::setw(3) << (*r)["pct_of_ceiling"].get<double>() << "% of " << ceiling << "  "
+                << std::setprecision(2) << (*r)["backward_over_forward"].get<double>() << "x its forward"
+                << (r == &b_nsa ? cat(std::setprecision(2), std::fixed, ", ", full_bwd / nsa_bwd, "x faster than full")
+                                : std::string(" (baseline)"))
+                << "\n"
+                << std::defaultfloat;
   }
 }
 
@@ -141,8 +178,9 @@ void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int war
 
 int cmd_bench(const Args& args) {
   Command cmd("bench",
-              "Time the NSA forward pass against full attention on random inputs (medians after warm-up),\n"
-              "with the machine's measured matrix-product rate as the ceiling. Writes bench.json, bench.csv.");
+              "Time the NSA forward and backward passes against full attention's on random inputs (medians\n"
+              "after warm-up; each backward also against its own forward), with the machine's measured\n"
+              "matrix-product rate as the ceiling. Writes bench.json, bench.csv.");
   po::options_description o("Benchmark");
   o.add_options()("T", po::value<std::string>()->default_value("4096,8192,16384"), "sequence lengths, comma-separated")(
       "Hq", po::value<int64_t>()->default_value(16), "query heads")(
@@ -151,7 +189,9 @@ int cmd_bench(const Args& args) {
       "dv", po::value<int64_t>()->default_value(64), "value head dim")(
       "precisions", po::value<std::string>()->default_value("float,double"), "CPU arithmetic, comma-separated")(
       "warmup", po::value<int>()->default_value(1), "untimed runs first")(
-      "reps", po::value<int>()->default_value(3), "timed runs; the median is reported");
+      "reps", po::value<int>()->default_value(3), "timed runs; the median is reported")(
+      "ops", po::value<std::string>()->default_value("forward,backward"),
+      "forward, or forward,backward: also the backward passes (given dL/do), each against its forward");
   cmd.add(o);
   cmd.add(nsa_options());
   po::options_description r("Run");
@@ -172,6 +212,12 @@ int cmd_bench(const Args& args) {
   const auto precisions = parse_list<std::string>(vm["precisions"].as<std::string>(), "precisions");
   for (const auto& p : precisions)
     if (p != "float" && p != "double") throw ConfigError(cat("precisions: '", p, "' is not one of: float, double"));
+  const auto ops = parse_list<std::string>(vm["ops"].as<std::string>(), "ops");
+  const bool backward = std::find(ops.begin(), ops.end(), "backward") != ops.end();
+  for (const auto& op : ops)
+    if (op != "forward" && op != "backward") throw ConfigError(cat("ops: '", op, "' is not one of: forward, backward"));
+  if (std::find(ops.begin(), ops.end(), "forward") == ops.end())
+    throw ConfigError("ops: backward is timed against its forward pass; list both (--ops forward,backward)");
   const int warmup = vm["warmup"].as<int>(), reps = vm["reps"].as<int>();
   if (reps < 1 || warmup < 0) throw ConfigError(cat("reps = ", reps, ", warmup = ", warmup, ": expected reps >= 1, warmup >= 0"));
   ref::set_threads(vm["threads"].as<int>());
@@ -192,9 +238,9 @@ int cmd_bench(const Args& args) {
               << ceiling << " GFLOP/s\n"
               << std::defaultfloat;
     if (p == "float")
-      bench_precision<float>(base, Ts, warmup, reps, ceiling, dtype, run);
+      bench_precision<float>(base, Ts, warmup, reps, ceiling, dtype, backward, run);
     else
-      bench_precision<double>(base, Ts, warmup, reps, ceiling, dtype, run);
+      bench_precision<double>(base, Ts, warmup, reps, ceiling, dtype, backward, run);
   }
   std::string command = "nsa bench";
   for (const auto& a : args) command += " " + a;

@@ -18,6 +18,10 @@ struct Subcommand {
 const Subcommand kSubcommands[] = {
     {"forward", "NSA forward pass: outputs, branch outputs, LSE, gates, selected blocks, scores", nsa::cli::cmd_forward},
     {"full", "full causal attention (the baseline)", nsa::cli::cmd_full},
+    {"backward", "NSA backward pass: gradients of q, k/v per branch, gates, phi, gate MLP given dL/do",
+     nsa::cli::cmd_backward},
+    {"gradcheck", "check `nsa backward`'s files against finite differences of the forward pass",
+     nsa::cli::cmd_gradcheck},
     {"compare", "compare two .npy files or output folders (max abs, relative L2, PASS/FAIL)", nsa::cli::cmd_compare},
     {"gen", "generate a synthetic workload (q, k, v, ...)", nsa::cli::cmd_gen},
     {"bench", "time NSA forward against full attention", nsa::cli::cmd_bench},
