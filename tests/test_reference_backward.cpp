@@ -246,7 +246,15 @@ Tensor<double> make_do(const Config& c, int64_t N, uint64_t seed) {
 
 }  // namespace
 
+// Runs the enclosed code on one thread: the finite differences run hundreds of forward passes of
+// a few dozen tokens, where OpenMP's start-up costs more than it gains.
+struct OneThread {
+  OneThread() { ref::set_threads(1); }
+  ~OneThread() { ref::set_threads(0); }
+};
+
 TEST_CASE("backward: central finite differences agree with every gradient tensor to 1e-6") {
+  const OneThread one;
   for (const auto& nc : cases()) {
     INFO(nc.name);
     In in = test::make_inputs(nc.k);
@@ -257,6 +265,27 @@ TEST_CASE("backward: central finite differences agree with every gradient tensor
     const double worst = check_fd(nc.k.cfg, in, g, dO, nc.k.seed + 11);
     MESSAGE(nc.name << ": worst finite-difference error " << worst);
   }
+}
+
+TEST_CASE("finite differences: a perturbation that changes the selection is detected and not used") {
+  // Constant keys make every interior block score exactly equal (ties go to the lower index);
+  // nudging one key of a later block breaks the tie in its favour or against it.
+  Case k;
+  k.cfg = test::small_config();  // l' = 8, n = 4
+  k.cfg.compress = CompressKind::Mean;
+  k.seqlens = {64};
+  In in = test::make_inputs(k);
+  in.k.fill(0.5);
+  const auto base = fwd(k.cfg, in);
+  const auto dO = make_do(k.cfg, in.N(), 1);
+  const auto eval = [&] {
+    auto r = ref::forward(k.cfg, in);
+    return std::make_pair(std::move(r.o), std::move(r.block_idx));
+  };
+  REQUIRE(base.block_idx(63, 0, 1) == 1);  // forced 0, 6, 7 and the tie's winner, block 1
+  double fd = 0, noise = 0;
+  CHECK_FALSE(central_difference(in.k, (8 * 3 + 2) * k.cfg.Hkv * k.cfg.dk, dO, base.block_idx, eval, fd, noise));
+  CHECK(central_difference(in.q, 5, dO, base.block_idx, eval, fd, noise));  // q moves every score alike here
 }
 
 TEST_CASE("backward: oracle and fast path agree to 1e-12 in double") {
@@ -402,6 +431,7 @@ TEST_CASE("identity: the selection's and the window's gradients are full attenti
 }
 
 TEST_CASE("full attention backward: finite differences, and oracle = fast path") {
+  const OneThread one;
   Config c = test::small_config();
   c.Hq = 6, c.Hkv = 2;
   Rng rng(8);
