@@ -106,20 +106,19 @@ struct BranchRows {
 };
 
 // dS = s P (dP - D) in place of dP, and P = exp(S - lse) in place of the scores S, for the keys
-// [a, b) of row r; zeros elsewhere (keys the row does not see).
+// [a, b) of row r; zeros elsewhere (keys the row does not see). Whole segments, so that Eigen's
+// vectorised exp is used (a scalar exp per entry made the backward pass ~20% slower).
 template <class S, class Row>
 void softmax_backward_row(Row srow, Row dprow, int64_t a, int64_t b, S lse, S D, S scale) {
   const int64_t n = srow.size();
-  for (int64_t u = 0; u < n; ++u) {
-    if (u >= a && u < b) {
-      const S p = std::exp(srow[u] - lse);
-      srow[u] = p;
-      dprow[u] = scale * p * (dprow[u] - D);
-    } else {
-      srow[u] = 0;
-      dprow[u] = 0;
-    }
-  }
+  b = std::max(a, b);
+  srow.head(a).setZero();
+  dprow.head(a).setZero();
+  srow.tail(n - b).setZero();
+  dprow.tail(n - b).setZero();
+  auto p = srow.segment(a, b - a).array();
+  p = (p - lse).exp();
+  dprow.segment(a, b - a).array() = scale * p * (dprow.segment(a, b - a).array() - D);
 }
 
 // Backward of the tile's softmax attention over the keys [lo(t), t] of one head (the forward's
