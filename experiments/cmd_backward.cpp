@@ -71,7 +71,8 @@ Tensor<double> load_do(const po::variables_map& vm, const Workload& w, bool allo
 }
 
 // Bytes the backward pass holds beyond its inputs: the forward's results, the gradients, and the
-// chunks' partial key gradients (at most 32 prefixes of the longest sequence per branch).
+// chunks' partial key gradients (reference/backward.cpp: max(32, sequences x groups) chunks, each
+// holding at most a prefix of its sequence for the selection and as much again for the others).
 double backward_bytes(const Workload& w, int elem) {
   const Config& c = w.cfg;
   const double N = double(w.in.N());
@@ -79,7 +80,8 @@ double backward_bytes(const Workload& w, int elem) {
   for (int64_t T : w.seqlens) Tmax = std::max(Tmax, T);
   const double fwd = N * c.Hq * (4.0 * c.dv + 6) + N * c.Hkv * (double(c.num_slc_blocks(Tmax)) + c.slc_count);
   const double grads = N * c.Hq * (c.dk + 3) + 4.0 * N * c.Hkv * (c.dk + c.dv);
-  const double partial = 32.0 * 2 * double(Tmax) * (c.dk + c.dv);
+  const double chunks = std::max(32.0, double(w.seqlens.size()) * double(c.Hkv));
+  const double partial = chunks * 2 * double(Tmax) * (c.dk + c.dv);
   return (fwd + grads + partial) * elem + 64e6 * 2;
 }
 
