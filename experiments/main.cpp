@@ -24,7 +24,7 @@ const Subcommand kSubcommands[] = {
      nsa::cli::cmd_gradcheck},
     {"compare", "compare two .npy files or output folders (max abs, relative L2, PASS/FAIL)", nsa::cli::cmd_compare},
     {"gen", "generate a synthetic workload (q, k, v, ...)", nsa::cli::cmd_gen},
-    {"bench", "time NSA forward against full attention", nsa::cli::cmd_bench},
+    {"bench", "time NSA forward and backward against full attention", nsa::cli::cmd_bench},
 };
 
 void print_help() {
