@@ -40,15 +40,25 @@ std::vector<T> parse_list(const std::string& s, const char* what) {
   return out;
 }
 
-// Median wall time of `reps` runs after `warmup` runs, in ms.
+// The process's CPU time in ms (all its threads): with one thread, the time the work took even on
+// a machine shared with other jobs, where wall time also counts the time slices given to them.
+double cpu_time_ms() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return 1e3 * double(ts.tv_sec) + 1e-6 * double(ts.tv_nsec);
+}
+
+// Median time of `reps` runs after `warmup` runs, in ms: wall time, or CPU time (cpu_clock).
 template <class F>
-double median_ms(F&& f, int warmup, int reps) {
+double median_ms(F&& f, int warmup, int reps, bool cpu_clock) {
   for (int i = 0; i < warmup; ++i) f();
   std::vector<double> ms;
   for (int i = 0; i < reps; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
+    const double c0 = cpu_time_ms();
     f();
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    ms.push_back(cpu_clock ? cpu_time_ms() - c0
+                           : std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
@@ -98,15 +108,15 @@ struct BenchRun {
 
 template <class S>
 void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int warmup, int reps, double ceiling,
-                     const std::string& dtype, bool backward, BenchRun& run) {
+                     const std::string& dtype, bool backward, bool cpu_clock, BenchRun& run) {
   for (int64_t T : Ts) {
     Config c = base;
     const ref::Inputs<S> in = random_inputs<S>(c, T, 1000 + uint64_t(T));
     ref::check_inputs(c, in);
     const bool tty = isatty(STDOUT_FILENO);
     if (tty) std::cout << "  timing T=" << T << " " << dtype << " ..." << std::flush;
-    const double nsa_ms = median_ms([&] { (void)ref::forward(c, in); }, warmup, reps);
-    const double full_ms = median_ms([&] { (void)ref::full_attention(c, in.q, in.k, in.v, {}); }, warmup, reps);
+    const double nsa_ms = median_ms([&] { (void)ref::forward(c, in); }, warmup, reps, cpu_clock);
+    const double full_ms = median_ms([&] { (void)ref::full_attention(c, in.q, in.k, in.v, {}); }, warmup, reps, cpu_clock);
     if (tty) std::cout << "\r" << std::string(40, ' ') << "\r";
     const auto f = analysis::nsa_forward_flops(c, T);
     const double full_flop = analysis::full_forward_flops(c, T);
@@ -141,10 +151,11 @@ void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int war
     for (auto& v : dO.vec()) v = static_cast<S>(rng.normal());
     if (tty) std::cout << "  timing backward T=" << T << " " << dtype << " ..." << std::flush;
     const auto fwd = ref::forward(c, in);
-    const double nsa_bwd = median_ms([&] { (void)ref::backward(c, in, fwd, dO); }, warmup, reps);
+    const double nsa_bwd = median_ms([&] { (void)ref::backward(c, in, fwd, dO); }, warmup, reps, cpu_clock);
     const auto full_fwd = ref::full_attention(c, in.q, in.k, in.v, {});
     const double full_bwd =
-        median_ms([&] { (void)ref::full_attention_backward(c, in.q, in.k, in.v, full_fwd, dO, {}); }, warmup, reps);
+        median_ms([&] { (void)ref::full_attention_backward(c, in.q, in.k, in.v, full_fwd, dO, {}); }, warmup, reps,
+                  cpu_clock);
     if (tty) std::cout << "\r" << std::string(50, ' ') << "\r";
     const auto fb = analysis::nsa_backward_flops(c, T);
     json b_nsa = record("nsa_cpu", nsa_bwd, fb.total());
@@ -190,6 +201,8 @@ int cmd_bench(const Args& args) {
       "precisions", po::value<std::string>()->default_value("float,double"), "CPU arithmetic, comma-separated")(
       "warmup", po::value<int>()->default_value(1), "untimed runs first")(
       "reps", po::value<int>()->default_value(3), "timed runs; the median is reported")(
+      "clock", po::value<std::string>()->default_value("wall"),
+      "wall, or cpu: the process's CPU time (with --threads 1, robust on a machine shared with other jobs)")(
       "ops", po::value<std::string>()->default_value("forward,backward"),
       "forward, or forward,backward: also the backward passes (given dL/do), each against its forward");
   cmd.add(o);
@@ -218,6 +231,9 @@ int cmd_bench(const Args& args) {
     if (op != "forward" && op != "backward") throw ConfigError(cat("ops: '", op, "' is not one of: forward, backward"));
   if (std::find(ops.begin(), ops.end(), "forward") == ops.end())
     throw ConfigError("ops: backward is timed against its forward pass; list both (--ops forward,backward)");
+  const std::string clock = vm["clock"].as<std::string>();
+  if (clock != "wall" && clock != "cpu") throw ConfigError(cat("clock = '", clock, "' is not one of: wall, cpu"));
+  const bool cpu_clock = clock == "cpu";
   const int warmup = vm["warmup"].as<int>(), reps = vm["reps"].as<int>();
   if (reps < 1 || warmup < 0) throw ConfigError(cat("reps = ", reps, ", warmup = ", warmup, ": expected reps >= 1, warmup >= 0"));
   ref::set_threads(vm["threads"].as<int>());
@@ -226,26 +242,27 @@ int cmd_bench(const Args& args) {
   run.csv << "op,impl,T,dtype,ms,gflop,gflops,pct_of_ceiling,speedup_vs_full\n";
   json ceilings = json::object();
   const int threads = omp_get_max_threads();
-  std::cout << "bench: " << cpu_name() << ", " << threads << " threads; Hq=" << base.Hq << " Hkv=" << base.Hkv
+  std::cout << "bench: " << cpu_name() << ", " << threads << " threads, " << clock << " clock; Hq=" << base.Hq << " Hkv=" << base.Hkv
             << " dk=" << base.dk << " dv=" << base.dv << " l=" << base.cmp_len << " d=" << base.cmp_stride
             << " l'=" << base.slc_len << " n=" << base.slc_count << " w=" << base.window << "\n";
   for (const auto& p : precisions) {
     const std::string dtype = p == "float" ? "fp32" : "fp64";
     const double ceiling =
-        p == "float" ? ref::measure_gemm_gflops<float>() : ref::measure_gemm_gflops<double>();
+        p == "float" ? ref::measure_gemm_gflops<float>(512, 0.3, cpu_clock) : ref::measure_gemm_gflops<double>(512, 0.3, cpu_clock);
     ceilings[dtype] = ceiling;
-    std::cout << "ceiling: Eigen " << p << " matrix product 512^3 per thread: " << std::fixed << std::setprecision(1)
+    std::cout << "ceiling: Eigen " << p << " matrix product 512^3 per thread (" << clock << " clock): " << std::fixed << std::setprecision(1)
               << ceiling << " GFLOP/s\n"
               << std::defaultfloat;
     if (p == "float")
-      bench_precision<float>(base, Ts, warmup, reps, ceiling, dtype, backward, run);
+      bench_precision<float>(base, Ts, warmup, reps, ceiling, dtype, backward, cpu_clock, run);
     else
-      bench_precision<double>(base, Ts, warmup, reps, ceiling, dtype, backward, run);
+      bench_precision<double>(base, Ts, warmup, reps, ceiling, dtype, backward, cpu_clock, run);
   }
   std::string command = "nsa bench";
   for (const auto& a : args) command += " " + a;
   json j{{"device", cat("cpu: ", cpu_name(), " x ", threads, " threads")},
          {"date", today()},
+         {"clock", clock},
          {"command", command},
          {"config", config_json(base)},
          {"ceilings_gflops", ceilings},
