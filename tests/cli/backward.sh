@@ -59,4 +59,13 @@ refused 2 "the option '--do' is required" $NSA backward --q w_sep/q.npy --k w_se
 refused 1 "--do w_sep/q.npy: shape [100, 4, 16], expected [100, 4, 8]" \
   $NSA backward --q w_sep/q.npy --k w_sep/k.npy --v w_sep/v.npy --do w_sep/q.npy --out bad
 [ ! -e bad ] || [ -z "$(ls -A bad)" ] || fail "a failed run left files in bad/"
+# nsa bench times the backward passes too, each against its forward (tiny smoke run).
+ok $NSA bench --T 64,100 --Hq 4 --Hkv 2 --dk 16 --dv 8 $SMALL --precisions double --reps 1 --warmup 0 --threads 1 \
+  --clock cpu --out bench
+contains out.txt "backward nsa_cpu  T=   100 fp64"
+contains out.txt "x its forward"
+contains bench/bench.csv "backward,full_cpu,64,fp64"
+contains bench/bench.json '"backward_over_forward"'
+contains bench/bench.json '"clock": "cpu"'
+refused 1 "ops: backward is timed against its forward pass" $NSA bench --ops backward --out bench2
 echo "backward: ok"
