@@ -65,7 +65,11 @@ std::string dict_value(const std::string& header, const std::string& key, const 
     p = header.find(k2);
     klen = k2.size();
   }
-  if (p == std::string::npos) bad(name, cat("header has no '", key, "' field: ", header));
+  if (p == std::string::npos) {
+    std::string shown = header.substr(0, 200);
+    while (!shown.empty() && (shown.back() == ' ' || shown.back() == '\n')) shown.pop_back();
+    bad(name, cat("header has no '", key, "' field: ", shown, header.size() > 200 ? " ..." : ""));
+  }
   p = header.find(':', p + klen);
   if (p == std::string::npos) bad(name, cat("header field '", key, "' has no value"));
   ++p;

@@ -371,10 +371,12 @@ MemoryUse forward_memory(const Config& cfg, const std::vector<int64_t>& seqlens,
   const double cmp = top_sum(cmp_seq, size_t(std::max(threads, 1))) + kGemmBuffers * threads;
   // Tiles, one per thread: queries, outputs and lse [R, dk + dv + 1], compression probabilities
   // [R, Nc], the window's chunk scores [R, kKeyChunk] and running max and sum, the group's mapped
-  // scores [G, NB], the gathered selected keys, values and scores [n*l', dk + dv + G], select_blocks'
-  // lists (9 bytes per block), and the tile list and the Eq. 9 map shared by all.
+  // scores [G, NB], the gathered selected keys, values and scores [tokens, dk + dv + G] (at most
+  // n*l' tokens, and at most the sequence), select_blocks' lists (9 bytes per block), and the tile
+  // list and the Eq. 9 map shared by all.
   const double R = double(tile_queries(cfg, int64_t(Ncmax), size_t(elem))) * G;
-  const double tile = e * (R * (dk + dv + 3 + Ncmax + double(kKeyChunk)) + G * nb + n * ls * (dk + dv + G)) +
+  const double selected = std::min(n * ls, double(Tmax));
+  const double tile = e * (R * (dk + dv + 3 + Ncmax + double(kKeyChunk)) + G * nb + selected * (dk + dv + G)) +
                       9.0 * nb + kGemmBuffers;
   const double shared = 32.0 * (N / double(kTileQueries) + double(seqlens.size())) * Hkv + Ncmax * 88.0;
   m.working = std::max({gates, cmp, tile * threads + shared});
