@@ -276,7 +276,7 @@ T narrow(Src s, size_t i, const NpyArray& a, const std::string& name) {
 }
 
 template <class T, class Src>
-void convert(const NpyArray& a, std::vector<T>& out, const std::string& name) {
+void convert(const NpyArray& a, AlignedVector<T>& out, const std::string& name) {
   const size_t n = out.size();
   for (size_t i = 0; i < n; ++i) {
     Src s;
@@ -300,7 +300,7 @@ Tensor<T> npy_to_tensor(const NpyArray& a, const std::string& name) {
   if (a.bytes.size() != count * static_cast<size_t>(dtype_size(a.dtype)))
     throw InputError(cat(name, ": ", a.bytes.size(), " data bytes for shape ", shape_str(a.shape), " of ",
                          dtype_name(a.dtype)));
-  std::vector<T> out(count);
+  AlignedVector<T> out(count);
   switch (a.dtype) {
     case DType::F64: convert<T, double>(a, out, name); break;
     case DType::F32: convert<T, float>(a, out, name); break;

@@ -361,7 +361,8 @@ Workload load_workload(const po::variables_map& vm, bool nsa, const MemoryPlan& 
     w.batch = B;
     for (int64_t b = 0; b <= B; ++b) in.cu_seqlens.push_back(b * qs[1]);
   } else if (cu_file.given()) {
-    in.cu_seqlens = npy_to_tensor<int64_t>(read_npy(cu_file.path), cu_file.label()).vec();
+    const Tensor<int64_t> cu = npy_to_tensor<int64_t>(read_npy(cu_file.path), cu_file.label());
+    in.cu_seqlens.assign(cu.vec().begin(), cu.vec().end());
     if (in.cu_seqlens.size() < 2)
       throw InputError(cat(cu_file.label(), ": ", in.cu_seqlens.size(), " offsets; expected B+1 >= 2 (0, ..., N = ", N,
                            ")"));
