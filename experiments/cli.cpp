@@ -39,7 +39,10 @@ std::string Command::usage() const {
 po::variables_map Command::parse(const std::vector<std::string>& args) {
   po::variables_map vm;
   try {
-    po::store(po::command_line_parser(args).options(opts_).positional(pos_).run(), vm);
+    // No abbreviations (Boost's default takes --prefil for --prefill): a command line means the
+    // same after options are added, and a typo is refused rather than guessed.
+    const int style = po::command_line_style::default_style & ~po::command_line_style::allow_guessing;
+    po::store(po::command_line_parser(args).options(opts_).positional(pos_).style(style).run(), vm);
     if (vm.count("help")) {
       std::cout << usage();
       throw HelpShown{};

@@ -166,5 +166,10 @@ void write_forward(const Workload& w, const ref::ForwardResult<S>& r, OutputDir&
 ref::Path parse_path(const po::variables_map& vm);  // --path
 bool use_double(const po::variables_map& vm);       // --precision
 json workload_json(const Workload& w);              // N, batch, seqlens, shared_kv
+// Refuses (Error, naming the first) a NaN or Inf output computed from finite inputs: the
+// arithmetic overflowed. lse = -inf (a branch that sees nothing) is a value. Skip it with
+// --allow-nonfinite.
+template <class S>
+void check_finite_outputs(const ref::ForwardResult<S>& r, int64_t batch, bool dbl);
 
 }  // namespace nsa::cli

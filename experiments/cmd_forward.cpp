@@ -56,14 +56,6 @@ void check_finite_outputs(const std::vector<std::pair<std::string, const Tensor<
   }
 }
 
-template <class S>
-void check_finite_outputs(const ref::ForwardResult<S>& r, int64_t batch, bool dbl) {
-  check_finite_outputs<S>({{"o", &r.o}, {"o_cmp", &r.o_branch[0]}, {"o_slc", &r.o_branch[1]}, {"o_win", &r.o_branch[2]},
-                           {"lse_cmp", &r.lse[0]}, {"lse_slc", &r.lse[1]}, {"lse_win", &r.lse[2]},
-                           {"block_scores", &r.block_scores}, {"k_cmp_compressed", &r.k_cmp_compressed},
-                           {"v_cmp_compressed", &r.v_cmp_compressed}},
-                          batch, dbl);
-}
 
 }  // namespace
 
@@ -104,6 +96,17 @@ json workload_json(const Workload& w) {
 
 template void write_forward<double>(const Workload&, const ref::ForwardResult<double>&, OutputDir&);
 template void write_forward<float>(const Workload&, const ref::ForwardResult<float>&, OutputDir&);
+
+template <class S>
+void check_finite_outputs(const ref::ForwardResult<S>& r, int64_t batch, bool dbl) {
+  check_finite_outputs<S>({{"o", &r.o}, {"o_cmp", &r.o_branch[0]}, {"o_slc", &r.o_branch[1]}, {"o_win", &r.o_branch[2]},
+                           {"lse_cmp", &r.lse[0]}, {"lse_slc", &r.lse[1]}, {"lse_win", &r.lse[2]},
+                           {"block_scores", &r.block_scores}, {"k_cmp_compressed", &r.k_cmp_compressed},
+                           {"v_cmp_compressed", &r.v_cmp_compressed}},
+                          batch, dbl);
+}
+template void check_finite_outputs(const ref::ForwardResult<double>&, int64_t, bool);
+template void check_finite_outputs(const ref::ForwardResult<float>&, int64_t, bool);
 
 void require_cpu_device(const po::variables_map& vm, const char* cmd) {
   const std::string d = vm["device"].as<std::string>();

@@ -28,6 +28,7 @@ class_missing_file() {
   bad 1 "--q missing.npy: cannot open file (No such file or directory)" forward --q missing.npy --k w/k.npy --v w/v.npy --out o
   bad 1 "--k-win missing.npy: cannot open file (No such file or directory)" forward $IN --k-win missing.npy --out o
   bad 1 "--v missing.npy: cannot open file (No such file or directory)" full --q w/q.npy --k w/k.npy --v missing.npy --out o
+  bad 1 "--k missing.npy: cannot open file (No such file or directory)" decode --q w/q.npy --k missing.npy --v w/v.npy --out o
   bad 1 "--gates missing.npy: cannot open file" forward $IN --gates missing.npy --out o
   bad 1 "--cu-seqlens missing.npy: cannot open file" forward $IN --cu-seqlens missing.npy --out o
   bad 1 "--q w: is a folder, expected a .npy file" forward --q w --k w/k.npy --v w/v.npy --out o
@@ -45,6 +46,7 @@ class_not_npy() {
   : >empty.npy
   bad 1 "--k empty.npy: not a .npy file" forward --q w/q.npy --k empty.npy --v w/v.npy --out o
   bad 1 "--k empty.npy: not a .npy file" full --q w/q.npy --k empty.npy --v w/v.npy --out o
+  bad 1 "--v empty.npy: not a .npy file" decode --q w/q.npy --k w/k.npy --v empty.npy --out o
   cp w/q.npy v9.npy && printf '\x09' | dd of=v9.npy bs=1 seek=6 conv=notrunc status=none
   bad 1 "--q v9.npy: unsupported .npy format version 9; expected 1, 2 or 3" forward --q v9.npy --k w/k.npy --v w/v.npy --out o
   bad 1 "w/config.json: not a .npy file" compare w/config.json w/q.npy
@@ -61,6 +63,7 @@ class_truncated() {
   bad 1 "--q claims.npy: truncated data: shape [1000000000, 4, 16] of float32 needs 256000000000 bytes, the file holds 100" \
     forward --q claims.npy --k w/k.npy --v w/v.npy --out o
   bad 1 "short.npy: truncated data" compare short.npy w/q.npy
+  bad 1 "--q short.npy: truncated data" decode --q short.npy --k w/k.npy --v w/v.npy --out o
 }
 
 class_corrupted() {
@@ -117,6 +120,7 @@ class_shape_mismatch() {
   bad 1 "--k w32/k.npy: shape [32, 2, 16], expected [N = 64, Hkv, dk] like --q" forward --q w/q.npy --k w32/k.npy --v w/v.npy --out o
   bad 1 "--k-cmp w32/k.npy: shape [32, 2, 16], expected [N = 64, Hkv, dk] like --q" forward $IN --k-cmp w32/k.npy --out o
   bad 1 "--v w32/v.npy: shape [32, 2, 8], expected [N = 64, Hkv, dv] like --q" full --q w/q.npy --k w/k.npy --v w32/v.npy --out o
+  bad 1 "--k-win w32/k.npy: shape [32, 2, 16], expected [N = 64, Hkv, dk] like --q" decode $IN --k-win w32/k.npy --out o
   bad 1 "--k w/v.npy: shape [64, 2, 8], expected [64, 2, 16] ([N, Hkv, dk], N as in q)" forward --q w/q.npy --k w/v.npy --v w/v.npy --out o
   bad 1 "--v-slc w/k.npy: shape [64, 2, 16], expected [64, 2, 8] ([N, Hkv, dv] like v)" forward $IN --v-slc w/k.npy --out o
   bad 1 "--gates w/q.npy: shape [64, 4, 16], expected [64, 4, 3] ([N, Hq, 3] in the order cmp, slc, win)" forward $IN --gates w/q.npy --out o
@@ -153,6 +157,7 @@ class_heads_not_divisible() {
   bad 1 "head counts: --q w/q.npy has Hq = 4 query heads, --k w3/k.npy has Hkv = 3 key/value heads; expected Hq a multiple of Hkv" \
     forward --q w/q.npy --k w3/k.npy --v w3/v.npy --out o
   bad 1 "head counts: --q w3/q.npy has Hq = 3 query heads, --k w/k.npy has Hkv = 2" full --q w3/q.npy --k w/k.npy --v w/v.npy --out o
+  bad 1 "head counts: --q w/q.npy has Hq = 4 query heads, --k w3/k.npy has Hkv = 3" decode --q w/q.npy --k w3/k.npy --v w3/v.npy --out o
   bad 1 "Hq = 6 is invalid: expected a multiple of Hkv = 4" gen --Hq 6 --Hkv 4 --out o
   bad 1 "Hq (query heads) = 5 is invalid: expected a multiple of Hkv = 2 (GQA groups)" bench --T 64 --Hq 5 --Hkv 2 --out o
   mknpy q0.npy '<f4' False '(64, 0, 16)' 0
@@ -172,6 +177,7 @@ class_nonfinite() {
   bad 1 "--k kninf.npy: non-finite value -inf at index [1, 2, 0, 12]" forward --q wb/q.npy --k kninf.npy --v wb/v.npy --out o
   cp w/gates.npy gnan.npy && poke gnan.npy 5 0000c07f
   bad 1 "--gates gnan.npy: non-finite value nan at index [0, 1, 2]" forward $IN --gates gnan.npy --out o
+  bad 1 "--q qnan.npy: non-finite value nan at index [1, 0, 6]" decode --q qnan.npy --k w/k.npy --v w/v.npy --prefill 10 --out o
   # --allow-nonfinite: they propagate, and only where the spec says. q[1, 0] sees no compressed
   # block (t < l - 1), so its NaN reaches exactly o[1, 0, :] (dv = 8 values); all else is equal.
   ok "$NSA" forward $IN --out clean
@@ -179,6 +185,7 @@ class_nonfinite() {
   refused 1 "" "$NSA" compare o/o.npy clean/o.npy --rtol 0 --atol 0
   contains out.txt "max_abs 0  rel_l2 0  8 NaN/Inf mismatches, first at [1, 0, 0]"
   rm -rf o && ok "$NSA" full --q qnan.npy --k w/k.npy --v w/v.npy --allow-nonfinite --out o
+  rm -rf o && ok "$NSA" decode --q qnan.npy --k w/k.npy --v w/v.npy --prefill 10 --allow-nonfinite --out o
   # A NaN key reaches the block scores of later queries: selection still picks n blocks (NaN
   # scores rank last), in both paths and precisions.
   cp w/k.npy knan.npy && poke knan.npy 1000 0000c07f  # k[31, 0, 8]
@@ -216,6 +223,10 @@ class_invalid_config() {
   bad 1 "threads = -1 is invalid: expected 0 (all cores) to 1024" forward $IN --threads -1 --out o
   bad 1 "threads = 5000 is invalid" full $IN --threads 5000 --out o
   bad 1 "kernel = -2 is invalid" forward $IN --kernel -2 --out o
+  bad 1 "threads = -1 is invalid" decode $IN --threads -1 --out o
+  bad 1 "prefill = -1 is invalid: expected >= 0 tokens" decode $IN --prefill -1 --out o
+  bad 1 "slc_count (n) = 2 is invalid" decode $IN --slc-count 2 --out o
+  bad 2 "unrecognised option '--prefil'" decode $IN --prefil 3 --out o
   # Required options, and the gate MLP's parts.
   bad 2 "the option '--out' is required" forward $IN
   bad 2 "the option '--k' is required" full --q w/q.npy --v w/v.npy --out o
@@ -262,6 +273,7 @@ class_memory() {
   mknpy bv.npy '<f4' False '(1000000000, 2, 8)' 64000000000
   bad 1 "not enough memory: this run needs 1152032182016 bytes (1.15 TB: inputs 1.15 TB, runtime 32 MB), but" forward --q bq.npy --k bk.npy --v bv.npy --out o
   bad 1 "not enough memory: this run needs 1152032000000 bytes (1.15 TB: inputs 1.15 TB, runtime 32 MB), but" full --q bq.npy --k bk.npy --v bv.npy --out o
+  bad 1 "not enough memory: this run needs 1152032182016 bytes" decode --q bq.npy --k bk.npy --v bv.npy --out o
   bad 1 "not enough memory: this run needs 1536000000000 bytes (1.54 TB: the two files 512 GB, their values in 8 bytes each 1.02 TB)" \
     compare bq.npy bq.npy
   # Small inputs, large outputs or parameters: 10^8 selected blocks per query; a block length
@@ -284,6 +296,7 @@ class_overflow() {
   bad 1 "although every input is finite: the float arithmetic overflowed (inputs too large; try --precision double)" \
     forward --q qbig.npy --k kbig.npy --v w/v.npy --precision float --out o
   bad 1 "o at index [40, 0, 0] is nan although every input is finite" full --q qbig.npy --k kbig.npy --v w/v.npy --precision float --out o
+  bad 1 "although every input is finite: the float arithmetic overflowed" decode --q qbig.npy --k kbig.npy --v w/v.npy --precision float --prefill 20 --out o
   rm -rf o && ok "$NSA" forward --q qbig.npy --k kbig.npy --v w/v.npy --out o
   # A float64 value beyond float's range is refused for --precision float.
   ok "$NSA" gen --T 64 --Hq 4 --Hkv 2 --dk 16 --dv 8 --dtype float64 --out w64

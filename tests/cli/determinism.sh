@@ -48,5 +48,7 @@ forward $IN
 full $IN
 full $IN --precision float --cu-seqlens cu.npy
 full --q wb/q.npy --k wb/k.npy --v wb/v.npy
+decode $IN $SMALL --prefill 200 --cu-seqlens cu.npy
+decode --q wb/q.npy --k wb/k.npy --v wb/v.npy $SMALL --prefill 37 --precision float
 EOF
 echo "determinism: ok ($n cases)"
