@@ -173,17 +173,26 @@ NpyHeader parse_dict(const std::string& header, const Preamble& p, size_t file_s
     bad(name, "Fortran-order data is not supported; save a C-order array (np.ascontiguousarray)");
   if (fortran != "False") bad(name, cat("bad 'fortran_order' value '", fortran, "'"));
   h.shape = parse_shape(dict_value(header, "shape", name), name);
-  // Count the bytes with overflow checks: nothing is allocated from these numbers before they
-  // have been checked against the file's size.
-  const size_t item = static_cast<size_t>(dtype_size(h.dtype));
-  size_t count = 1;
+  // Count the elements with overflow checks: nothing is allocated from these numbers before they
+  // have been checked against the file's size. The dims other than 0 must multiply to at most
+  // kMaxElements, whatever the dtype and the order of the dims (a 0 anywhere makes the array
+  // empty, but the rest must still be countable): so numel() never overflows, and every shape
+  // this reader accepts is one its writer can write back in any dtype (the fuzzer found a
+  // [1e11, 6151, 6151, 0, 1000] int32 file whose int64 copy was refused).
+  constexpr uint64_t kMaxElements = uint64_t(1) << 60;
+  uint64_t nonzero = 1;
+  bool empty = false;
   for (int64_t d : h.shape) {
-    if (d != 0 && count > std::numeric_limits<size_t>::max() / item / static_cast<size_t>(d))
-      bad(name, cat("shape ", shape_str(h.shape), " is too large"));
-    count *= static_cast<size_t>(d);
+    if (d == 0) {
+      empty = true;
+      continue;
+    }
+    if (nonzero > kMaxElements / static_cast<uint64_t>(d))
+      bad(name, cat("shape ", shape_str(h.shape), " is too large (more than 2^60 elements)"));
+    nonzero *= static_cast<uint64_t>(d);
   }
   h.data_offset = p.offset + p.header_len;
-  h.data_bytes = count * item;
+  h.data_bytes = static_cast<size_t>(empty ? 0 : nonzero) * static_cast<size_t>(dtype_size(h.dtype));
   const size_t have = file_size - h.data_offset;
   if (have < h.data_bytes)
     bad(name, cat("truncated data: shape ", shape_str(h.shape), " of ", dtype_name(h.dtype), " needs ", h.data_bytes,

@@ -162,3 +162,24 @@ TEST_CASE("npy conversions are defined for every value: float64 beyond float is 
   NpyArray bad{DType::F64, {4}, std::vector<char>(8)};
   CHECK_THROWS_WITH_AS(npy_to_tensor<double>(bad, "x"), "x: 8 data bytes for shape [4] of float64", InputError);
 }
+
+TEST_CASE("npy shapes with a 0 dim: the same verdict in every dtype and order") {
+  // The fuzzer's finding: [1e11, 6151, 6151, 0, 1000] was accepted as int32 but refused as int64
+  // (its byte count overflowed before the 0), so a file the reader accepted could not be written
+  // back by its own writer. Now the dims other than 0 must multiply to at most 2^60 elements:
+  // this shape (3.8e18) is refused in every dtype ...
+  for (const char* d : {"<i4", "<i8", "<f2", "<f8"})
+    CHECK(error_of(header(cat("{'descr': '", d, "', 'fortran_order': False, 'shape': (100000001018, 6151, 6151, 0, 1000), }")))
+              .find("is too large (more than 2^60 elements)") != std::string::npos);
+  // ... and an empty shape whose other dims are countable is accepted in every dtype and order,
+  // and written back.
+  for (const char* dims : {"(100000001018, 6151, 0, 1000)", "(0, 100000001018, 6151, 1000)"})
+    for (const char* d : {"<i4", "<i8", "<f2", "<f8"}) {
+      const auto a = parse(header(cat("{'descr': '", d, "', 'fortran_order': False, 'shape': ", dims, ", }")));
+      CHECK(a.bytes.empty());
+      CHECK(numel(a.shape) == 0);
+      CHECK(parse(npy_bytes(npy_to_tensor<int64_t>(
+                        parse(header(cat("{'descr': '<i8', 'fortran_order': False, 'shape': ", dims, ", }"))), "x")))
+                .shape == a.shape);
+    }
+}

@@ -2,9 +2,11 @@
 # Writes the fuzzer's seed corpus, tests/fuzz/corpus/: small .npy files, valid ones of every
 # accepted dtype, version and rank, and one of each way a file is refused. The files are committed;
 # this script says how they were made (rerun it after changing it, then commit the folder).
+# Inputs the fuzzer found (found_*.npy) are kept: this script leaves them in place.
 set -euo pipefail
 cd "$(dirname "$0")"
-rm -rf corpus && mkdir corpus
+mkdir -p corpus
+find corpus -type f ! -name 'found_*' -delete
 
 # npy NAME VERSION DICT DATA_HEX: magic, version, header length, the dict padded to 64 bytes
 # with a final newline, then the data bytes.
