@@ -1,4 +1,5 @@
 // `nsa gen`: writes a synthetic workload's tensors as .npy files into --out.
+#include <algorithm>
 #include <iostream>
 
 #include "cli.hpp"
@@ -37,8 +38,15 @@ int cmd_gen(const Args& args) {
   s.gates = vm["gates"].as<std::string>();
   const std::string dtype = vm["dtype"].as<std::string>();
   if (dtype != "float32" && dtype != "float64") throw ConfigError(cat("dtype = '", dtype, "' is not one of: float32, float64"));
-  const double bytes = double(std::max<int64_t>(s.B, 1)) * s.T * (s.Hq * s.dk + s.Hkv * (s.dk + s.dv) * (s.separate_kv ? 4 : 1)) * 8;
-  require_memory(bytes * 2, "the workload");
+  validate(s);
+  // Every tensor is drawn in double; for float32 files each is copied to float as it is written.
+  const double tokens = double(std::max<int64_t>(s.B, 1)) * double(s.T);
+  const double Hq = double(s.Hq), Hkv = double(s.Hkv), dk = double(s.dk), dv = double(s.dv);
+  const double per_token = Hq * dk + Hkv * (dk + dv) * (s.separate_kv ? 4 : 1) + (s.gates == "random" ? 3 * Hq : 0);
+  MemoryBudget budget;
+  budget.add("tensors in double", 8 * tokens * per_token);
+  if (dtype == "float32") budget.add("writing", 4 * tokens * std::max(Hq * dk, Hkv * std::max(dk, dv)));
+  budget.require();
   const auto tensors = generate(s);
   OutputDir out(vm["out"].as<std::string>());
   for (const auto& [name, t] : tensors) {

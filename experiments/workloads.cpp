@@ -17,7 +17,7 @@ Tensor<double> normal(Shape shape, Rng& rng) {
 }
 }  // namespace
 
-std::vector<std::pair<std::string, Tensor<double>>> generate(const GenSpec& s) {
+void validate(const GenSpec& s) {
   if (s.T < 1) throw ConfigError(cat("T = ", s.T, " is invalid: expected >= 1"));
   if (s.B < 0) throw ConfigError(cat("B = ", s.B, " is invalid: expected >= 0 (0: one unbatched sequence)"));
   for (auto [name, v] : {std::pair{"Hq", s.Hq}, {"Hkv", s.Hkv}, {"dk", s.dk}, {"dv", s.dv}})
@@ -26,6 +26,10 @@ std::vector<std::pair<std::string, Tensor<double>>> generate(const GenSpec& s) {
   if (s.gates != "none" && s.gates != "random")
     throw ConfigError(cat("gates = '", s.gates, "' is not one of: none, random"));
   if (s.workload != "random") throw ConfigError(cat("workload = '", s.workload, "' is not one of: random"));
+}
+
+std::vector<std::pair<std::string, Tensor<double>>> generate(const GenSpec& s) {
+  validate(s);
   Rng rng(s.seed);
   std::vector<std::pair<std::string, Tensor<double>>> out;
   out.emplace_back("q", normal(token_shape(s, s.Hq, s.dk), rng));

@@ -19,6 +19,9 @@ struct GenSpec {
   std::string gates = "none";       // none (all ones) or random (uniform in [0, 1])
 };
 
+// Throws ConfigError naming the first bad field of the spec and what was expected.
+void validate(const GenSpec& spec);
+
 // The workload's tensors, named as the `nsa` options' files (q, k, v, k_cmp, ..., gates).
 // random: every entry N(0, 1), from one seeded stream in the order q, k, v, per-branch k/v, gates.
 std::vector<std::pair<std::string, Tensor<double>>> generate(const GenSpec& spec);
