@@ -237,26 +237,8 @@ Workload load_workload(const po::variables_map& vm, bool nsa) {
   if (w.cfg.compress != CompressKind::Mean) {
     if (vm.count("compress-params")) {
       const std::string dir = opt_str(vm, "compress-params");
-      auto load_param = [&](const std::string& name) {
-        const std::string path = (fs::path(dir) / (name + ".npy")).string();
-        files[name] = path;
-        return load_npy<double>(path);
-      };
-      const bool lin = w.cfg.compress == CompressKind::Linear;
-      for (int kv = 0; kv < 2; ++kv) {
-        auto& p = kv ? in.phi.v : in.phi.k;
-        const std::string s = kv ? "_v" : "_k";
-        p.pe = load_param("pe" + s);
-        if (lin) {
-          p.w = load_param("w" + s);
-          p.b = load_param("b" + s);
-        } else {
-          p.w1 = load_param("w1" + s);
-          p.b1 = load_param("b1" + s);
-          p.w2 = load_param("w2" + s);
-          p.b2 = load_param("b2" + s);
-        }
-      }
+      in.phi = load_compress_params(dir, w.cfg.compress);
+      for (const auto& name : compress_param_names(w.cfg.compress)) files[name] = (fs::path(dir) / (name + ".npy")).string();
     } else {
       const uint64_t seed = vm["seed"].as<uint64_t>();
       in.phi = ref::random_compress_params<double>(w.cfg, seed);
@@ -274,6 +256,51 @@ Workload load_workload(const po::variables_map& vm, bool nsa) {
   for (size_t b = 0; b + 1 < cu.size(); ++b) w.seqlens.push_back(cu[b + 1] - cu[b]);
   return w;
 }
+
+// ---- Compression parameters ------------------------------------------------------------------
+
+std::vector<std::string> compress_param_names(CompressKind kind) {
+  std::vector<std::string> names;
+  for (const char* s : {"_k", "_v"}) {
+    names.push_back(cat("pe", s));
+    if (kind == CompressKind::Linear)
+      for (const char* n : {"w", "b"}) names.push_back(cat(n, s));
+    else
+      for (const char* n : {"w1", "b1", "w2", "b2"}) names.push_back(cat(n, s));
+  }
+  return names;
+}
+
+namespace {
+// The tensors of one PhiParams in the order of compress_param_names (half of it: pe, then w, b or
+// w1, b1, w2, b2).
+template <class P>
+std::vector<decltype(&std::declval<P&>().pe)> phi_fields(P& p, CompressKind kind) {
+  if (kind == CompressKind::Linear) return {&p.pe, &p.w, &p.b};
+  return {&p.pe, &p.w1, &p.b1, &p.w2, &p.b2};
+}
+}  // namespace
+
+ref::CompressParams<double> load_compress_params(const std::string& dir, CompressKind kind) {
+  ref::CompressParams<double> phi;
+  if (kind == CompressKind::Mean) return phi;
+  const auto names = compress_param_names(kind);
+  size_t i = 0;
+  for (auto* p : {&phi.k, &phi.v})
+    for (auto* t : phi_fields(*p, kind)) *t = load_npy<double>((fs::path(dir) / (names[i++] + ".npy")).string());
+  return phi;
+}
+
+template <class S>
+void add_compress_params(OutputDir& out, const ref::CompressParams<S>& phi, CompressKind kind) {
+  if (kind == CompressKind::Mean) return;
+  const auto names = compress_param_names(kind);
+  size_t i = 0;
+  for (const auto* p : {&phi.k, &phi.v})
+    for (const auto* t : phi_fields(*p, kind)) out.add(names[i++], *t);
+}
+template void add_compress_params(OutputDir&, const ref::CompressParams<double>&, CompressKind);
+template void add_compress_params(OutputDir&, const ref::CompressParams<float>&, CompressKind);
 
 // ---- Output -----------------------------------------------------------------------------------
 

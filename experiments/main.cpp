@@ -21,6 +21,7 @@ const Subcommand kSubcommands[] = {
     {"compare", "compare two .npy files or output folders (max abs, relative L2, PASS/FAIL)", nsa::cli::cmd_compare},
     {"gen", "generate a synthetic workload (q, k, v, ...)", nsa::cli::cmd_gen},
     {"bench", "time NSA forward against full attention", nsa::cli::cmd_bench},
+    {"sweep", "a grid of NSA settings x workloads: error, retrieval, FLOPs per point (CSV, JSON)", nsa::cli::cmd_sweep},
 };
 
 void print_help() {
