@@ -105,6 +105,14 @@ json config_json(const Config& cfg);
 template <class T>
 Tensor<T> unpack(const Tensor<T>& t, int64_t batch);
 
+// ---- Shared by `forward` and `decode`, which write the same files ----
+// Adds forward's per-position outputs (INTERFACE.md) to `out`, unpacked to [B, T, ...] for a batch.
+template <class S>
+void write_forward(const Workload& w, const ref::ForwardResult<S>& r, OutputDir& out);
+ref::Path parse_path(const po::variables_map& vm);  // --path
+bool use_double(const po::variables_map& vm);       // --precision
+json workload_json(const Workload& w);              // N, batch, seqlens, shared_kv
+
 // A comma-separated list option ("32,64"): each item parsed as T; throws ConfigError naming
 // `what` and the bad item. Empty items are skipped; an empty list is refused.
 template <class T>

@@ -4,6 +4,9 @@
 
 #include "cli.hpp"
 #include "commands.hpp"
+#ifdef NSA_WITH_CUDA
+#include "nsa_cuda.hpp"
+#endif
 
 namespace nsa::cli {
 
@@ -23,6 +26,8 @@ double forward_bytes(const Workload& w, int elem) {
                      double(Nc) * c.Hkv * (c.dk + c.dv);
   return out * elem + 64e6 * 2;
 }
+
+}  // namespace
 
 template <class S>
 void write_forward(const Workload& w, const ref::ForwardResult<S>& r, OutputDir& out) {
@@ -59,16 +64,29 @@ json workload_json(const Workload& w) {
   return {{"N", w.in.N()}, {"batch", w.batch}, {"seqlens", w.seqlens}, {"shared_kv", w.in.all_shared()}};
 }
 
-}  // namespace
+template void write_forward<double>(const Workload&, const ref::ForwardResult<double>&, OutputDir&);
+template void write_forward<float>(const Workload&, const ref::ForwardResult<float>&, OutputDir&);
 
 void require_cpu_device(const po::variables_map& vm, const char* cmd) {
   const std::string d = vm["device"].as<std::string>();
   if (d == "cpu") return;
   if (d == "cuda")
-    throw ConfigError(cat("device = cuda: `nsa ", cmd,
-                          "` runs on the CPU in this build (the CUDA path is built only where nvcc is found, "
-                          "see README 'CUDA')"));
+    throw ConfigError(cat("device = cuda: `nsa ", cmd, "` runs on the CPU only"));
   throw ConfigError(cat("device = '", d, "' is not one of: cpu, cuda"));
+}
+
+bool use_cuda_device(const po::variables_map& vm, const char* cmd) {
+  const std::string d = vm["device"].as<std::string>();
+  if (d == "cpu") return false;
+  if (d != "cuda") throw ConfigError(cat("device = '", d, "' is not one of: cpu, cuda"));
+#ifdef NSA_WITH_CUDA
+  std::string why;
+  if (!cuda::available(&why)) throw CudaError(cat("device = cuda: ", why));
+  return true;
+#else
+  throw ConfigError(cat("device = cuda: `nsa ", cmd,
+                        "` was built without the CUDA path (it is built only where nvcc is found, see README 'CUDA')"));
+#endif
 }
 
 int cmd_forward(const std::vector<std::string>& args) {
@@ -79,15 +97,33 @@ int cmd_forward(const std::vector<std::string>& args) {
   cmd.add(output_options());
   const auto vm = cmd.parse(args);
   if (!vm.count("out")) throw UsageError("the option '--out' is required");
-  require_cpu_device(vm, "forward");
-  const bool dbl = use_double(vm);
+  const bool on_cuda = use_cuda_device(vm, "forward");
+  const bool dbl = !on_cuda && use_double(vm);
   const ref::Path path = parse_path(vm);
   Workload w = load_workload(vm);
   require_memory(forward_bytes(w, dbl ? 8 : 4), "the forward pass");
   ref::set_threads(vm["threads"].as<int>());
   OutputDir out(vm["out"].as<std::string>());
   const auto t0 = std::chrono::steady_clock::now();
-  if (dbl) {
+  std::string arith = dbl ? "double" : "float";
+  json device_json;
+  if (on_cuda) {
+#ifdef NSA_WITH_CUDA
+    // The device rounds the inputs to --dtype and returns every output as float32.
+    cuda::Options opt;
+    opt.dtype = cuda::parse_precision(vm["dtype"].as<std::string>());
+    opt.kernel = vm["kernel"].as<int>();
+    std::string why;
+    const int version = cuda::choose_kernel(w.cfg, opt, &why);
+    cuda::Plan plan(w.cfg, w.in.N(), w.in.cu_seqlens, opt);
+    plan.upload(w.in.cast<float>());
+    plan.run();
+    write_forward(w, plan.download(), out);
+    arith = cat("cuda ", cuda::to_string(opt.dtype), " kernel v", plan.kernel());
+    device_json = {{"name", cuda::device_name()}, {"dtype", cuda::to_string(opt.dtype)}, {"kernel", plan.kernel()},
+                   {"kernel_choice", plan.kernel() == version ? why : "v0: the shared memory of v1 does not fit"}};
+#endif
+  } else if (dbl) {
     write_forward(w, ref::forward(w.cfg, w.in, path), out);
   } else {
     const auto in = w.in.cast<float>();
@@ -98,11 +134,12 @@ int cmd_forward(const std::vector<std::string>& args) {
   j["config"] = config_json(w.cfg);
   j["workload"] = workload_json(w);
   j["seconds"] = secs;
+  if (on_cuda) j["cuda"] = device_json;
   out.add_text("config.json", j.dump(2) + "\n");
   out.commit();
   std::cout << "forward: " << w.in.N() << " tokens in " << w.seqlens.size() << " sequence(s), Hq=" << w.cfg.Hq
-            << " Hkv=" << w.cfg.Hkv << " dk=" << w.cfg.dk << " dv=" << w.cfg.dv << ", "
-            << (dbl ? "double" : "float") << ", " << secs << " s -> " << out.dir() << "\n";
+            << " Hkv=" << w.cfg.Hkv << " dk=" << w.cfg.dk << " dv=" << w.cfg.dv << ", " << arith << ", " << secs
+            << " s -> " << out.dir() << "\n";
   return 0;
 }
 
