@@ -5,6 +5,7 @@
 
 #include <boost/program_options.hpp>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -89,6 +90,28 @@ class OutputDir {
 // derived quantities the caller adds. Written as config.json beside outputs.
 json resolved_config(const Command& cmd, const po::variables_map& vm);
 json config_json(const Config& cfg);
+
+// A comma-separated option value ("8192,16384") as a list; `what` names the option in errors.
+template <class T>
+std::vector<T> parse_list(const std::string& s, const char* what) {
+  std::vector<T> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    std::istringstream is(item);
+    T v;
+    if (!(is >> v) || !is.eof()) throw ConfigError(cat(what, ": '", item, "' in '", s, "' is not a valid value"));
+    out.push_back(v);
+  }
+  if (out.empty()) throw ConfigError(cat(what, ": empty list"));
+  return out;
+}
+
+// A number for a CSV cell: 10 significant digits, "nan" for NaN (what pandas reads back).
+std::string csv_num(double x);
+// A number for JSON: NaN becomes null (JSON has no NaN).
+json json_num(double x);
 
 // Reshapes a packed per-token output [N, ...] back to [B, T, ...] when the input was a batch.
 template <class T>

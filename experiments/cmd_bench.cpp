@@ -24,22 +24,6 @@ namespace nsa::cli {
 
 namespace {
 
-template <class T>
-std::vector<T> parse_list(const std::string& s, const char* what) {
-  std::vector<T> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (item.empty()) continue;
-    std::istringstream is(item);
-    T v;
-    if (!(is >> v) || !is.eof()) throw ConfigError(cat(what, ": '", item, "' in '", s, "' is not a valid value"));
-    out.push_back(v);
-  }
-  if (out.empty()) throw ConfigError(cat(what, ": empty list"));
-  return out;
-}
-
 // Median wall time of `reps` runs after `warmup` runs, in ms.
 template <class F>
 double median_ms(F&& f, int warmup, int reps) {

@@ -15,6 +15,9 @@ int cmd_full(const Args& args);     // cmd_forward.cpp
 int cmd_compare(const Args& args);  // cmd_compare.cpp
 int cmd_gen(const Args& args);      // cmd_gen.cpp
 int cmd_bench(const Args& args);    // cmd_bench.cpp
+int cmd_recall(const Args& args);    // cmd_recall.cpp
+int cmd_locality(const Args& args);  // cmd_locality.cpp
+int cmd_traffic(const Args& args);   // cmd_traffic.cpp
 
 // Throws ConfigError unless --device is cpu (used until a command has a CUDA path).
 void require_cpu_device(const boost::program_options::variables_map& vm, const char* cmd);

@@ -21,6 +21,11 @@ const Subcommand kSubcommands[] = {
     {"compare", "compare two .npy files or output folders (max abs, relative L2, PASS/FAIL)", nsa::cli::cmd_compare},
     {"gen", "generate a synthetic workload (q, k, v, ...)", nsa::cli::cmd_gen},
     {"bench", "time NSA forward against full attention", nsa::cli::cmd_bench},
+    {"recall", "NSA's selected blocks against the exact-attention oracle, beside other selectors", nsa::cli::cmd_recall},
+    {"locality", "how blockwise exact attention is: top-k blocks vs tokens, autocorrelation, distance",
+     nsa::cli::cmd_locality},
+    {"traffic", "memory traffic and roofline model: tokens, bytes, FLOPs per branch, decode and prefill",
+     nsa::cli::cmd_traffic},
 };
 
 void print_help() {
