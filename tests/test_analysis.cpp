@@ -305,6 +305,26 @@ TEST_CASE("recall: quest and meanpool rank exactly when keys are constant within
   CHECK(res.overall(Selector::Random).recall < 0.9);  // not trivially 1
 }
 
+TEST_CASE("recall: meanpool selects as NSA with mean compression over l = d = l' blocks (G = 1)") {
+  // NSA's Eq. 8-10 with phi = mean and l = d = l' scores block j by softmax(s q . mean_j); with one
+  // head per group the softmax does not change the order, so both select the same blocks (the own,
+  // partial block is forced in both).
+  Case k;
+  k.cfg = test::small_config();
+  k.cfg.Hq = k.cfg.Hkv = 2;
+  k.cfg.compress = CompressKind::Mean;
+  k.cfg.cmp_len = k.cfg.cmp_stride = k.cfg.slc_len = 8;
+  k.seqlens = {500};
+  const Run r = make_run(k);
+  RecallOptions o;
+  o.selectors = {Selector::Nsa, Selector::Meanpool};
+  o.keep_selections = true;
+  const auto res = analysis::recall(r.cfg, r.in, r.fwd, o);
+  CHECK(res.map(Selector::Nsa).idx.vec() == res.map(Selector::Meanpool).idx.vec());
+  CHECK(res.map(Selector::Nsa).recall.vec() == res.map(Selector::Meanpool).recall.vec());
+  CHECK(res.overall(Selector::Nsa).recall < 0.9);  // a real selection, not everything
+}
+
 TEST_CASE("recall: results are bitwise identical for 1 and 2 threads") {
   Case k;
   k.cfg = test::small_config();
