@@ -78,7 +78,7 @@ BlockKeys block_keys(const Config& cfg, const double* K, int64_t T) {
   return s;
 }
 
-// The Tile's queries as one [R, dk] matrix, row (t - t0)*G + hi = q[row0 + t, g*G + hi].
+// The tile's queries as one [R, dk] matrix, row (t - t0)*G + hi = q[row0 + t, g*G + hi].
 Mat<double> tile_queries(const Config& cfg, const Tensor<double>& q, int64_t row0, const Tile& tl) {
   const int64_t G = cfg.G();
   Mat<double> Q((tl.t1 - tl.t0) * G, cfg.dk);
