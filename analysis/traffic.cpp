@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "cost.hpp"
+#include "decode.hpp"
 
 namespace nsa::analysis {
 
@@ -76,20 +77,6 @@ void check_args(const Config& cfg, int64_t len, int64_t batch, int dtype_bytes, 
   if (opt.q_tile < 1) throw ConfigError(cat("q_tile = ", opt.q_tile, " is invalid: expected >= 1"));
 }
 
-// Elements of phi's parameters for keys and values, one KV head (what compress.cpp reads).
-double phi_param_elems(const Config& c) {
-  const double l = double(c.cmp_len);
-  double e = 0;
-  for (const auto& [D, h] : {std::pair{double(c.dk), double(c.hidden_k())}, {double(c.dv), double(c.hidden_v())}}) {
-    switch (c.compress) {
-      case CompressKind::Mean: break;
-      case CompressKind::Linear: e += l * D + D * l * D + D; break;
-      case CompressKind::Mlp: e += l * D + h * l * D + h + D * h + D; break;
-    }
-  }
-  return e;
-}
-
 // A branch that reads `tokens` K/V rows per KV head and sequence and visits `keys` keys per
 // query head (FLOPs), with `io` further bytes (q, o, parameters).
 BranchTraffic attention_branch(const Config& c, double tokens, double keys, int64_t batch, int dtype_bytes,
@@ -117,20 +104,20 @@ Traffic decode_traffic(const Config& c, int64_t s, int64_t batch, int dtype_byte
     tr.full = attention_branch(c, double(s), double(s), batch, dtype_bytes, ld, 0);
     return tr;
   }
-  const int64_t t = s - 1;
+  // The decode path's own count (reference/decode.hpp): cmp, slc and win rows of this step.
+  const ref::StepTokens st = ref::step_tokens(c, s);
   // Each attention kernel reads the step's queries and writes its output.
   const double qo = double(batch) * double(c.Hq) * double(c.dk + c.dv) * dtype_bytes;
-  const double cmp = double(c.num_cmp_blocks(s)), slc = double(slc_tokens(c, t)), win = double(std::min(c.window, s));
-  tr.cmp = attention_branch(c, cmp, cmp, batch, dtype_bytes, ld, qo);
-  tr.slc = attention_branch(c, slc, slc, batch, dtype_bytes, ld, qo);
-  tr.win = attention_branch(c, win, win, batch, dtype_bytes, ld, qo);
-  tr.full = attention_branch(c, double(s), double(s), batch, dtype_bytes, ld, qo);
-  // phi: every d steps, l raw rows in, one compressed row out, the parameters read once for the
-  // batch; per step 1/d of that. Its loading does not depend on the query heads.
+  tr.cmp = attention_branch(c, st.cmp, st.cmp, batch, dtype_bytes, ld, qo);
+  tr.slc = attention_branch(c, st.slc, st.slc, batch, dtype_bytes, ld, qo);
+  tr.win = attention_branch(c, st.win, st.win, batch, dtype_bytes, ld, qo);
+  tr.full = attention_branch(c, st.full, st.full, batch, dtype_bytes, ld, qo);
+  // phi: every d-th step emits (l raw rows in, one compressed row out, the parameters read once
+  // for the batch); amortised, 1/d of that per step. Its loading does not depend on the heads.
   const double per_step = 1.0 / double(c.cmp_stride);
   tr.phi.tokens = double(c.cmp_len) * per_step;
-  tr.phi.bytes = ((tr.phi.tokens + per_step) * double(batch) * double(c.dk + c.dv) + phi_param_elems(c) * per_step) *
-                 double(c.Hkv) * dtype_bytes;
+  tr.phi.bytes = (tr.phi.tokens + per_step) * double(batch) * double(c.Hkv) * double(c.dk + c.dv) * dtype_bytes +
+                 ref::phi_param_bytes(c, dtype_bytes) * per_step;
   tr.phi.flops = phi_flops_per_block(c) * double(c.Hkv) * double(batch) * per_step;
   return tr;
 }
@@ -157,8 +144,8 @@ Traffic prefill_traffic(const Config& c, int64_t T, int64_t batch, int dtype_byt
   tr.full = attention_branch(c, full_rows, full_forward_flops(c, T) / key_flops, batch, dtype_bytes, ld, qo);
   const double Nc = double(c.num_cmp_blocks(T));
   tr.phi.tokens = Nc * double(c.cmp_len);
-  tr.phi.bytes = ((tr.phi.tokens + Nc) * double(batch) * double(c.dk + c.dv) + phi_param_elems(c)) * double(c.Hkv) *
-                 dtype_bytes;
+  tr.phi.bytes = (tr.phi.tokens + Nc) * double(batch) * double(c.Hkv) * double(c.dk + c.dv) * dtype_bytes +
+                 ref::phi_param_bytes(c, dtype_bytes);
   tr.phi.flops = f.phi * double(batch);
   return tr;
 }

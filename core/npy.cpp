@@ -185,7 +185,7 @@ NpyArray read_npy(const std::string& path) {
 
 namespace {
 template <class T, class Src>
-void convert(const NpyArray& a, std::vector<T>& out) {
+void convert(const NpyArray& a, AlignedVector<T>& out) {
   const size_t n = out.size();
   for (size_t i = 0; i < n; ++i) {
     Src s;
@@ -197,7 +197,7 @@ void convert(const NpyArray& a, std::vector<T>& out) {
 
 template <class T>
 Tensor<T> npy_to_tensor(const NpyArray& a, const std::string& name) {
-  std::vector<T> out(static_cast<size_t>(numel(a.shape)));
+  AlignedVector<T> out(static_cast<size_t>(numel(a.shape)));
   constexpr bool want_float = std::is_floating_point<T>::value;
   const bool is_float = a.dtype == DType::F64 || a.dtype == DType::F32 || a.dtype == DType::F16;
   if (want_float != is_float)

@@ -222,7 +222,7 @@ Workload load_workload(const po::variables_map& vm, bool nsa) {
     files["cu_seqlens"] = cat("--cu-seqlens ", path);
     const Tensor<int64_t> cu = load_npy<int64_t>(path);
     if (cu.rank() != 1) throw InputError(cat(path, ": shape ", shape_str(cu.shape()), ", expected [B+1]"));
-    in.cu_seqlens = cu.vec();
+    in.cu_seqlens.assign(cu.vec().begin(), cu.vec().end());
   }
   if (in.k.rank() != 3 || in.v.rank() != 3)
     throw InputError(cat(opt_str(vm, in.k.rank() != 3 ? "k" : "v"), ": expected [T, Hkv, D]"));

@@ -117,6 +117,14 @@ json json_num(double x);
 template <class T>
 Tensor<T> unpack(const Tensor<T>& t, int64_t batch);
 
+// ---- Shared by `forward` and `decode`, which write the same files ----
+// Adds forward's per-position outputs (INTERFACE.md) to `out`, unpacked to [B, T, ...] for a batch.
+template <class S>
+void write_forward(const Workload& w, const ref::ForwardResult<S>& r, OutputDir& out);
+ref::Path parse_path(const po::variables_map& vm);  // --path
+bool use_double(const po::variables_map& vm);       // --precision
+json workload_json(const Workload& w);              // N, batch, seqlens, shared_kv
+
 // The machine's free memory in bytes (MemAvailable), for refusing oversized requests early.
 double available_memory_bytes();
 // Throws ResourceError naming `what` and the bytes needed when they exceed what is free.

@@ -24,6 +24,8 @@ double forward_bytes(const Workload& w, int elem) {
   return out * elem + 64e6 * 2;
 }
 
+}  // namespace
+
 template <class S>
 void write_forward(const Workload& w, const ref::ForwardResult<S>& r, OutputDir& out) {
   const int64_t B = w.batch;
@@ -59,7 +61,8 @@ json workload_json(const Workload& w) {
   return {{"N", w.in.N()}, {"batch", w.batch}, {"seqlens", w.seqlens}, {"shared_kv", w.in.all_shared()}};
 }
 
-}  // namespace
+template void write_forward<double>(const Workload&, const ref::ForwardResult<double>&, OutputDir&);
+template void write_forward<float>(const Workload&, const ref::ForwardResult<float>&, OutputDir&);
 
 void require_cpu_device(const po::variables_map& vm, const char* cmd) {
   const std::string d = vm["device"].as<std::string>();

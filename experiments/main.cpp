@@ -18,6 +18,7 @@ struct Subcommand {
 const Subcommand kSubcommands[] = {
     {"forward", "NSA forward pass: outputs, branch outputs, LSE, gates, selected blocks, scores", nsa::cli::cmd_forward},
     {"full", "full causal attention (the baseline)", nsa::cli::cmd_full},
+    {"decode", "NSA decoding through a KV cache: forward's outputs, token by token; cache size, bytes per step", nsa::cli::cmd_decode},
     {"compare", "compare two .npy files or output folders (max abs, relative L2, PASS/FAIL)", nsa::cli::cmd_compare},
     {"gen", "generate a synthetic workload (q, k, v, ...)", nsa::cli::cmd_gen},
     {"bench", "time NSA forward against full attention", nsa::cli::cmd_bench},

@@ -163,7 +163,7 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
   for (int64_t t = tr.t0; t < tr.t1; ++t) {
     const int64_t nv = cfg.cmp_visible(t), valid = cfg.slc_valid(t);
     pslc.setZero();
-    for (int64_t hi = 0; hi < G; ++hi) {
+    for (int64_t hi = 0; hi < G && nv > 0; ++hi) {
       const auto prow = P.row((t - tr.t0) * G + hi);
       for (int64_t i = 0; i < nv; ++i)
         for (const OverlapTerm& ot : ovmap[static_cast<size_t>(i)]) pslc(hi, ot.j) += prow[i] * static_cast<S>(ot.w);

@@ -23,9 +23,13 @@ $NSA full --q "$OUT/workload/q.npy" --k "$OUT/workload/k.npy" --v "$OUT/workload
 $NSA forward --q "$OUT/workload/q.npy" --k "$OUT/workload/k.npy" --v "$OUT/workload/v.npy" --window 4096 \
   --out "$OUT/forward_w4096"
 $NSA compare "$OUT/forward_w4096/o_win.npy" "$OUT/full/o.npy" --rtol 1e-12 --atol 1e-14
-echo "== 5. CPU benchmark at T = 4096"
+echo "== 5. decoding through the KV cache: prefill 3584 tokens, then 512 steps; equal to the forward pass"
+$NSA decode --q "$OUT/workload/q.npy" --k "$OUT/workload/k.npy" --v "$OUT/workload/v.npy" \
+  --gates "$OUT/workload/gates.npy" --prefill 3584 --out "$OUT/decode"
+$NSA compare "$OUT/decode" "$OUT/forward" --rtol 1e-12 --atol 1e-14
+echo "== 6. CPU benchmark at T = 4096"
 $NSA bench --T 4096 --precisions float --reps 3 --out "$OUT/bench"
-echo "== 6. analysis: selected-block recall against the exact-attention oracle, and the paper's decode table"
+echo "== 7. analysis: selected-block recall against the exact-attention oracle, and the paper's decode table"
 $NSA recall --q "$OUT/workload/q.npy" --k "$OUT/workload/k.npy" --v "$OUT/workload/v.npy" --out "$OUT/recall"
 $NSA traffic --decode --context 8192,16384,32768,65536 --convention paper --out "$OUT/traffic"
 echo "main job done: outputs in $OUT/"

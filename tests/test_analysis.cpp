@@ -8,6 +8,7 @@
 #include <set>
 
 #include "cost.hpp"
+#include "decode.hpp"
 #include "helpers.hpp"
 #include "locality.hpp"
 #include "recall.hpp"
@@ -497,6 +498,17 @@ TEST_CASE("traffic: the exact convention counts what the reference forward reads
     CHECK(tr.phi.tokens == 2.0);  // l/d raw rows per step
     // FLOPs: 2 (dk + dv) per key and query head.
     CHECK(tr.slc.flops == double(slc) * 2 * (12 + 8) * 4);
+  }
+  // phi is amortised: over any d consecutive steps the decode path emits once (l raw rows and
+  // phi's parameters in, reference/decode.hpp), and the model adds the compressed row written.
+  for (int64_t s0 : {8, 50, 301}) {
+    double emit_bytes = 0;
+    for (int64_t s = s0; s < s0 + 4; ++s) {
+      const auto b = ref::step_bytes(c, ref::step_tokens(c, s), 4);
+      emit_bytes += b.emit + b.phi;
+    }
+    const double row = 2.0 * (12 + 8) * 4;  // one compressed key and value row, Hkv = 2, fp32
+    CHECK(analysis::decode_traffic(c, s0, 1, 4).phi.bytes == doctest::Approx((emit_bytes + row) / 4));
   }
 }
 
