@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -393,6 +394,15 @@ json config_json(const Config& c) {
           {"window", c.window},
           {"scale", c.softmax_scale()}};
 }
+
+std::string csv_num(double x) {
+  if (std::isnan(x)) return "nan";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.10g", x);
+  return buf;
+}
+
+json json_num(double x) { return std::isnan(x) ? json(nullptr) : json(x); }
 
 template <class T>
 Tensor<T> unpack(const Tensor<T>& t, int64_t batch) {

@@ -101,20 +101,7 @@ void add_compress_params(OutputDir& out, const ref::CompressParams<S>& phi, Comp
 json resolved_config(const Command& cmd, const po::variables_map& vm);
 json config_json(const Config& cfg);
 
-// Reshapes a packed per-token output [N, ...] back to [B, T, ...] when the input was a batch.
-template <class T>
-Tensor<T> unpack(const Tensor<T>& t, int64_t batch);
-
-// ---- Shared by `forward` and `decode`, which write the same files ----
-// Adds forward's per-position outputs (INTERFACE.md) to `out`, unpacked to [B, T, ...] for a batch.
-template <class S>
-void write_forward(const Workload& w, const ref::ForwardResult<S>& r, OutputDir& out);
-ref::Path parse_path(const po::variables_map& vm);  // --path
-bool use_double(const po::variables_map& vm);       // --precision
-json workload_json(const Workload& w);              // N, batch, seqlens, shared_kv
-
-// A comma-separated list option ("32,64"): each item parsed as T; throws ConfigError naming
-// `what` and the bad item. Empty items are skipped; an empty list is refused.
+// A comma-separated option value ("8192,16384") as a list; `what` names the option in errors.
 template <class T>
 std::vector<T> parse_list(const std::string& s, const char* what) {
   std::vector<T> out;
@@ -130,6 +117,23 @@ std::vector<T> parse_list(const std::string& s, const char* what) {
   if (out.empty()) throw ConfigError(cat(what, ": empty list"));
   return out;
 }
+
+// A number for a CSV cell: 10 significant digits, "nan" for NaN (what pandas reads back).
+std::string csv_num(double x);
+// A number for JSON: NaN becomes null (JSON has no NaN).
+json json_num(double x);
+
+// Reshapes a packed per-token output [N, ...] back to [B, T, ...] when the input was a batch.
+template <class T>
+Tensor<T> unpack(const Tensor<T>& t, int64_t batch);
+
+// ---- Shared by `forward` and `decode`, which write the same files ----
+// Adds forward's per-position outputs (INTERFACE.md) to `out`, unpacked to [B, T, ...] for a batch.
+template <class S>
+void write_forward(const Workload& w, const ref::ForwardResult<S>& r, OutputDir& out);
+ref::Path parse_path(const po::variables_map& vm);  // --path
+bool use_double(const po::variables_map& vm);       // --precision
+json workload_json(const Workload& w);              // N, batch, seqlens, shared_kv
 
 // The machine's free memory in bytes (MemAvailable), for refusing oversized requests early.
 double available_memory_bytes();

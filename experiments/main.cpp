@@ -23,6 +23,11 @@ const Subcommand kSubcommands[] = {
     {"gen", "generate a synthetic workload (q, k, v, ...)", nsa::cli::cmd_gen},
     {"bench", "time NSA forward against full attention", nsa::cli::cmd_bench},
     {"sweep", "a grid of NSA settings x workloads: error, retrieval, FLOPs per point (CSV, JSON)", nsa::cli::cmd_sweep},
+    {"recall", "NSA's selected blocks against the exact-attention oracle, beside other selectors", nsa::cli::cmd_recall},
+    {"locality", "how blockwise exact attention is: top-k blocks vs tokens, autocorrelation, distance",
+     nsa::cli::cmd_locality},
+    {"traffic", "memory traffic and roofline model: tokens, bytes, FLOPs per branch, decode and prefill",
+     nsa::cli::cmd_traffic},
 };
 
 void print_help() {

@@ -29,4 +29,7 @@ $NSA decode --q "$OUT/workload/q.npy" --k "$OUT/workload/k.npy" --v "$OUT/worklo
 $NSA compare "$OUT/decode" "$OUT/forward" --rtol 1e-12 --atol 1e-14
 echo "== 6. CPU benchmark at T = 4096"
 $NSA bench --T 4096 --precisions float --reps 3 --out "$OUT/bench"
+echo "== 7. analysis: selected-block recall against the exact-attention oracle, and the paper's decode table"
+$NSA recall --q "$OUT/workload/q.npy" --k "$OUT/workload/k.npy" --v "$OUT/workload/v.npy" --out "$OUT/recall"
+$NSA traffic --decode --context 8192,16384,32768,65536 --convention paper --out "$OUT/traffic"
 echo "main job done: outputs in $OUT/"
