@@ -18,6 +18,7 @@ GenSpec gen_spec(const po::variables_map& vm) {
   s.seed = vm["seed"].as<uint64_t>();
   s.separate_kv = vm["separate-kv"].as<bool>();
   s.gates = vm["gates"].as<std::string>();
+  s.grad = vm["do"].as<bool>();
   s.depths = parse_list<double>(vm["depth"].as<std::string>(), "depth");
   s.needle_len = vm["needle-len"].as<int64_t>();
   s.needle_strength = vm["needle-strength"].as<double>();
@@ -31,7 +32,7 @@ GenSpec gen_spec(const po::variables_map& vm) {
 
 int cmd_gen(const Args& args) {
   Command cmd("gen",
-              "Generate a synthetic workload: q.npy, k.npy, v.npy (and per-branch k/v, gates, and what the\n"
+              "Generate a synthetic workload: q.npy, k.npy, v.npy (and per-branch k/v, gates, do, and what the\n"
               "workload plants) in --out. Feed them to the other subcommands with --q DIR/q.npy --k DIR/k.npy\n"
               "--v DIR/v.npy. Workloads (docs/experiments.md):\n"
               "  random     q, k, v ~ N(0, 1)\n"
@@ -48,7 +49,10 @@ int cmd_gen(const Args& args) {
       "dv", po::value<int64_t>()->default_value(64), "value head dim")(
       "seed", po::value<uint64_t>()->default_value(0), "random seed")(
       "separate-kv", po::bool_switch(), "also write independent k/v per branch (k_cmp.npy, v_cmp.npy, ...)")(
-      "gates", po::value<std::string>()->default_value("none"), "none, or random: write gates.npy uniform in [0, 1]")(
+      "gates", po::value<std::string>()->default_value("none"),
+      "none; random: gates.npy uniform in [0, 1]; mlp / linear: the gate MLP's gate_x, gate_w, gate_b (mlp: and "
+      "gate_w0, gate_b0)")(
+      "do", po::bool_switch(), "also write do.npy [T, Hq, dv], N(0, 1): dL/do for `nsa backward --do`")(
       "dtype", po::value<std::string>()->default_value("float32"), "file dtype: float32 or float64");
   po::options_description n("needle");
   n.add_options()("depth", po::value<std::string>()->default_value("0.5"),

@@ -1,5 +1,6 @@
 #include "workloads.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "config.hpp"
@@ -99,8 +100,8 @@ void validate(const GenSpec& s) {
   for (auto [name, v] : {std::pair{"Hq", s.Hq}, {"Hkv", s.Hkv}, {"dk", s.dk}, {"dv", s.dv}})
     if (v < 1) throw ConfigError(cat(name, " = ", v, " is invalid: expected >= 1"));
   if (s.Hq % s.Hkv) throw ConfigError(cat("Hq = ", s.Hq, " is invalid: expected a multiple of Hkv = ", s.Hkv));
-  if (s.gates != "none" && s.gates != "random")
-    throw ConfigError(cat("gates = '", s.gates, "' is not one of: none, random"));
+  if (s.gates != "none" && s.gates != "random" && s.gates != "mlp" && s.gates != "linear")
+    throw ConfigError(cat("gates = '", s.gates, "' is not one of: none, random, mlp, linear"));
   if (s.workload == "needle") {
     if (s.B != 0)
       throw ConfigError(cat("B = ", s.B, " with workload = needle: the needle workload writes one sequence per depth; "
@@ -136,6 +137,12 @@ NeedleLayout needle_layout(const GenSpec& s) {
   return lay;
 }
 
+bool needle_found(const int32_t* idx, int64_t n, int64_t start, int64_t len, int64_t slc_len) {
+  for (int64_t j = start / slc_len; j <= (start + len - 1) / slc_len; ++j)
+    if (std::find(idx, idx + n, int32_t(j)) == idx + n) return false;
+  return true;
+}
+
 const Tensor<double>& Generated::at(const std::string& name) const {
   for (const auto& [n, t] : tensors)
     if (n == name) return t;
@@ -168,6 +175,23 @@ Generated generate(const GenSpec& s) {
     for (auto& v : gt.vec()) v = rng.uniform();
     g.tensors.emplace_back("gates", std::move(gt));
   }
+  if (s.gates == "mlp" || s.gates == "linear") {
+    const int64_t dm = 16, dh = s.gates == "mlp" ? 8 : dm;
+    auto scaled = [&](Shape shape, double sd) {
+      Tensor<double> t = normal(std::move(shape), rng);
+      for (auto& v : t.vec()) v *= sd;
+      return t;
+    };
+    const Shape x = token_shape(s, 1, dm);  // [T, 1, dm] or [S, T, 1, dm] -> drop the head axis
+    g.tensors.emplace_back("gate_x", normal(x.size() == 4 ? Shape{x[0], x[1], dm} : Shape{x[0], dm}, rng));
+    if (s.gates == "mlp") {
+      g.tensors.emplace_back("gate_w0", scaled({dm, dh}, 1 / std::sqrt(double(dm))));
+      g.tensors.emplace_back("gate_b0", scaled({dh}, 0.1));
+    }
+    g.tensors.emplace_back("gate_w", scaled({dh, 3 * s.Hq}, 1 / std::sqrt(double(dh))));
+    g.tensors.emplace_back("gate_b", scaled({3 * s.Hq}, 0.1));
+  }
+  if (s.grad) g.tensors.emplace_back("do", normal(token_shape(s, s.Hq, s.dv), rng));
   if (s.workload == "needle") plant_needles(s, g, rng);
   return g;
 }

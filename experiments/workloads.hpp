@@ -38,7 +38,9 @@ struct GenSpec {
   int64_t Hq = 16, Hkv = 1, dk = 64, dv = 64;
   uint64_t seed = 0;
   bool separate_kv = false;         // independent k/v per branch (k_cmp, v_cmp, ...)
-  std::string gates = "none";       // none (all ones) or random (uniform in [0, 1])
+  std::string gates = "none";       // none (all ones), random (uniform in [0, 1]), or the gate MLP's
+                                    // inputs: mlp (with a hidden layer) or linear (without)
+  bool grad = false;                // also dL/do for `nsa backward` (do.npy, [T, Hq, dv])
 
   // needle: one sequence per depth (a batch when there are several).
   std::vector<double> depths = {0.5};  // in [0, 1]
@@ -65,9 +67,16 @@ struct NeedleLayout {
 };
 NeedleLayout needle_layout(const GenSpec& spec);
 
+// "Needle found" by one (query, group): every needle token [start, start + len) lies in one of the
+// n selected blocks idx[0..n) of length slc_len (forced blocks count: they are selected; -1 pads).
+bool needle_found(const int32_t* idx, int64_t n, int64_t start, int64_t len, int64_t slc_len);
+
 // The workload's tensors, by name. Inputs are named as the `nsa` options' files (q, k, v, k_cmp,
-// ..., gates); needle also plants needle_value [S, Hkv, dv] (the answer w of each sequence and
-// group). Tensors are [T, H, D] for one sequence and [S, T, H, D] for a batch.
+// ..., gates, gate_x, ..., do); needle also plants needle_value [S, Hkv, dv] (the answer w of each
+// sequence and group). Tensors are [T, H, D] for one sequence and [S, T, H, D] for a batch. One
+// seeded stream, in the order q, k, v, per-branch k/v, gates, the gate MLP, do, then what the
+// workload plants. The gate MLP (d_model = 16, d_hidden = 8): x ~ N(0, 1), weights N(0, 1/fan-in),
+// biases N(0, 0.1^2).
 struct Generated {
   std::vector<std::pair<std::string, Tensor<double>>> tensors;
   const Tensor<double>& at(const std::string& name) const;  // throws Error if absent
