@@ -72,12 +72,6 @@ Workload load_workload(const po::variables_map& vm, bool nsa = true);
 std::vector<std::string> compress_param_names(CompressKind kind);
 // Loads them (shapes are checked later by ref::check_inputs, which names the file).
 ref::CompressParams<double> load_compress_params(const std::string& dir, CompressKind kind);
-// --path (fast or oracle) and --precision (true for double), checked.
-ref::Path parse_path(const po::variables_map& vm);
-bool use_double(const po::variables_map& vm);
-// The workload's shape for config.json: N, batch, sequence lengths, shared k/v.
-json workload_json(const Workload& w);
-
 // Files of an output folder that appear all together or not at all: each is written to a
 // temporary name as it is added, and `commit()` renames them all into place (and writes
 // config.json). If the command fails before commit, the destructor removes the temporaries.

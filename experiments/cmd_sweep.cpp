@@ -77,7 +77,7 @@ std::string short_label(const SweepPoint& p) {
   if (p.spec.workload == "needle") s += cat(" depth=", p.spec.depths[0], " strength=", p.spec.needle_strength);
   if (p.spec.workload == "clustered") s += cat(" corr_len=", p.spec.corr_len);
   return s + cat(" l=", c.cmp_len, " d=", c.cmp_stride, " l'=", c.slc_len, " n=", c.slc_count, " w=", c.window, " ",
-                 to_string(c.compress), " ", p.precision);
+                 to_string(c.compress), " ", analysis::to_string(p.selector), " ", p.precision);
 }
 
 std::string today() {
@@ -121,6 +121,8 @@ po::options_description nsa_axes() {
       "compress", po::value<std::string>()->default_value("mlp"), "LIST of phi kinds: mean, linear, mlp")(
       "compress-params", po::value<std::string>(),
       "folder of phi parameters (e.g. from nsa train); default: drawn from --seed")(
+      "selector", po::value<std::string>()->default_value("nsa"),
+      "LIST of selectors scored by recall, mass, needle_found: nsa, oracle, quest, meanpool, random, window")(
       "cmp-hidden", po::value<int64_t>()->default_value(0), "h_c of the mlp phi (0: the head dim)")(
       "cmp-act", po::value<std::string>()->default_value("gelu"), "mlp phi activation")(
       "scale", po::value<double>()->default_value(0.0), "softmax scale (0: 1/sqrt(dk))");
@@ -168,6 +170,7 @@ SweepAxes axes_from(const po::variables_map& vm) {
   a.init_blocks = parse_list<int64_t>(vm["init-blocks"].as<std::string>(), "init-blocks");
   a.local_blocks = parse_list<int64_t>(vm["local-blocks"].as<std::string>(), "local-blocks");
   a.compress = parse_list<std::string>(vm["compress"].as<std::string>(), "compress");
+  a.selector = parse_list<std::string>(vm["selector"].as<std::string>(), "selector");
   a.precision = parse_list<std::string>(vm["precision"].as<std::string>(), "precision");
   if (vm.count("compress-params")) a.compress_params = vm["compress-params"].as<std::string>();
   a.base.cmp_hidden = vm["cmp-hidden"].as<int64_t>();
@@ -189,8 +192,9 @@ double point_bytes(const SweepPoint& p) {
 int cmd_sweep(const Args& args) {
   Command cmd("sweep",
               "A grid over NSA settings and workload parameters: every LIST option is swept, the grid is their\n"
-              "cartesian product. Per point: output error against full attention, needle retrieval, FLOPs\n"
-              "(and times with --time cpu). Writes sweep.csv and sweep.json (fixed columns: docs/experiments.md)\n"
+              "cartesian product. Per point: selected-block recall and attention mass against the exact oracle,\n"
+              "output error against full attention, needle retrieval, FLOPs and modelled memory traffic (and\n"
+              "times with --time cpu). Writes sweep.csv and sweep.json (fixed columns: docs/experiments.md)\n"
               "into --out; rerunning into the same folder skips the points already there.");
   cmd.add(workload_axes());
   cmd.add(nsa_axes());

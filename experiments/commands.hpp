@@ -19,6 +19,7 @@ int cmd_compare(const Args& args);  // cmd_compare.cpp
 int cmd_gen(const Args& args);      // cmd_gen.cpp
 int cmd_bench(const Args& args);    // cmd_bench.cpp
 int cmd_sweep(const Args& args);     // cmd_sweep.cpp
+int cmd_train(const Args& args);     // cmd_train.cpp
 int cmd_recall(const Args& args);    // cmd_recall.cpp
 int cmd_locality(const Args& args);  // cmd_locality.cpp
 int cmd_traffic(const Args& args);   // cmd_traffic.cpp

@@ -12,6 +12,7 @@
 #include "cli.hpp"
 #include "cost.hpp"
 #include "npy.hpp"
+#include "traffic.hpp"
 
 namespace nsa::cli {
 
@@ -43,18 +44,27 @@ const std::vector<Column>& sweep_columns() {
       {"local_blocks", K::Int, true, "always-selected blocks ending at the query's block"},
       {"compress", K::Text, true, "phi: mean, linear or mlp"},
       {"compress_params", K::Text, true, "folder of phi parameters; empty: drawn from the seed"},
+      {"selector", K::Text, true, "whose blocks recall, mass and needle_found score (analysis/recall.hpp)"},
       {"precision", K::Text, true, "arithmetic of the NSA forward: double or float"},
       {"queries", K::Int, false, "evaluated query rows (needle: the questions; else all tokens)"},
+      {"recall", K::Real, false,
+       "|S ∩ oracle| / |oracle| of the selector's blocks S, mean over evaluated non-trivial (row, group)"},
+      {"mass", K::Real, false, "exact full-attention mass in S's blocks, same mean"},
+      {"mass_with_window", K::Real, false, "mass in S's blocks or the window, same mean"},
       {"rel_error", K::Real, false,
-       "||o - o_full|| / ||o_full|| over the evaluated rows, o with every gate 1/3 (the mean of the branches)"},
+       "selector nsa: ||o - o_full|| / ||o_full|| over the evaluated rows, o with every gate 1/3"},
       {"rel_error_cmp", K::Real, false, "the same for O_cmp alone"},
       {"rel_error_slc", K::Real, false, "the same for O_slc alone"},
       {"rel_error_win", K::Real, false, "the same for O_win alone"},
       {"needle_found", K::Real, false,
-       "needle: fraction of (question, group) whose selected blocks hold every needle token"},
+       "needle: fraction of (question, group) whose selected blocks (S) hold every needle token"},
       {"flops_nsa", K::Real, false, "NSA forward FLOPs of one sequence (analysis/cost.hpp)"},
       {"flops_full", K::Real, false, "full attention forward FLOPs of one sequence"},
       {"flop_ratio", K::Real, false, "flops_full / flops_nsa"},
+      {"bytes_nsa", K::Real, false, "modelled HBM bytes of the NSA forward, one sequence, bf16 (analysis/traffic.hpp)"},
+      {"bytes_full", K::Real, false, "the same for full attention"},
+      {"traffic_ratio", K::Real, false, "bytes_full / bytes_nsa"},
+      {"decode_speedup", K::Real, false, "one decode step at cache length T: full's K/V tokens over NSA's (exact count)"},
       {"ms_nsa", K::Real, false, "with --time cpu: median ms of the NSA forward (reference, CPU)"},
       {"ms_full", K::Real, false, "with --time cpu: median ms of full attention (reference, CPU)"},
       {"seconds", K::Real, false, "wall time of the point's evaluation"},
@@ -66,19 +76,16 @@ const std::vector<Column>& sweep_columns() {
 
 namespace {
 
-// Cells are written with %.10g: short, and the same text for the same parsed value, so a key
-// read back from the CSV matches the key of the point that wrote it.
+// Cells are written with csv_num (%.10g): short, and the same text for the same parsed value, so a
+// key read back from the CSV matches the key of the point that wrote it.
 std::string cell_text(const json& v) {
   if (v.is_null()) return "";
   if (v.is_string()) return v.get<std::string>();
   if (v.is_number_integer()) return std::to_string(v.get<int64_t>());
   if (v.is_boolean()) return v.get<bool>() ? "1" : "0";
   const double d = v.get<double>();
-  if (std::isnan(d)) return "nan";
   if (std::isinf(d)) return d > 0 ? "inf" : "-inf";
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.10g", d);
-  return buf;
+  return csv_num(d);
 }
 
 // npy workloads: the sequences of a dump, each cut to its first T tokens (T = 0: all).
@@ -128,7 +135,7 @@ Config heads_of(const ref::Inputs<double>& in) {
 std::string workload_key(const SweepPoint& p) {
   json j = point_params(p);
   for (const char* k : {"cmp_len", "cmp_stride", "slc_len", "slc_count", "window", "init_blocks", "local_blocks",
-                        "compress", "compress_params", "precision"})
+                        "compress", "compress_params", "selector", "precision"})
     j.erase(k);
   return j.dump();
 }
@@ -193,6 +200,7 @@ std::vector<SweepPoint> expand(const SweepAxes& a) {
                     for (int64_t init : a.init_blocks)
                       for (int64_t local : a.local_blocks)
                         for (const auto& phi : a.compress)
+                          for (const auto& sel : a.selector)
                           for (const auto& prec : a.precision) {
                             SweepPoint p;
                             p.spec = a.spec;
@@ -209,6 +217,7 @@ std::vector<SweepPoint> expand(const SweepAxes& a) {
                             c.cmp_len = l, c.cmp_stride = d, c.slc_len = lp, c.slc_count = n, c.window = w;
                             c.init_blocks = init, c.local_blocks = local;
                             c.compress = parse_compress_kind(phi);
+                            p.selector = analysis::parse_selector(sel);
                             try {
                               if (prec != "double" && prec != "float")
                                 throw ConfigError(cat("precision = '", prec, "' is not one of: double, float"));
@@ -247,6 +256,7 @@ json point_params(const SweepPoint& p) {
           {"local_blocks", c.local_blocks},
           {"compress", to_string(c.compress)},
           {"compress_params", p.compress_params},
+          {"selector", analysis::to_string(p.selector)},
           {"precision", p.precision}};
 }
 
@@ -342,24 +352,49 @@ json evaluate_as(const SweepPoint& p, const WorkloadData& w, const Timing& timin
   const ref::Inputs<S> in = ind.template cast<S>();
   const auto r = ref::forward(c, in);
   json row = point_params(p);
-  row["queries"] = int64_t(w.rows.size());
-  row["rel_error"] = rel_l2_rows(r.o.template cast<double>(), w.full.o, w.rows);
-  for (int b = 0; b < kBranches; ++b)
-    row[cat("rel_error_", branch_name(Branch(b)))] = rel_l2_rows(r.o_branch[b].template cast<double>(), w.full.o, w.rows);
+  const size_t R = w.rows.size();
+  row["queries"] = int64_t(R);
+  const bool nsa = p.selector == analysis::Selector::Nsa;
+  const char* err_cols[] = {"rel_error", "rel_error_cmp", "rel_error_slc", "rel_error_win"};
+  for (const char* col : err_cols) row[col] = nullptr;
+  if (nsa) {  // the output is NSA's own: the other selectors do not change it
+    row["rel_error"] = rel_l2_rows(r.o.template cast<double>(), w.full.o, w.rows);
+    for (int b = 0; b < kBranches; ++b)
+      row[err_cols[1 + b]] = rel_l2_rows(r.o_branch[b].template cast<double>(), w.full.o, w.rows);
+  }
+
+  // recall, mass, mass_with_window of the selector's blocks (the analysis library), averaged over
+  // the evaluated rows that have more than n valid blocks (at the others every selector takes
+  // every block: analysis/recall.hpp's "trivial" positions).
+  analysis::RecallOptions ropt;
+  ropt.selectors = {p.selector};
+  ropt.keep_selections = true;
+  ropt.seed = p.spec.seed;
+  ref::ForwardResult<double> sel;  // recall() reads only block_idx (NSA's selection)
+  sel.block_idx = r.block_idx;
+  const auto rec = analysis::recall(c, ind, sel, ropt);
+  const auto& map = rec.map(p.selector);
+  double rc = 0, ms = 0, mw = 0;
+  int64_t pairs = 0;
+  for (int64_t t : w.rows)
+    if (!rec.trivial[t])
+      for (int64_t g = 0; g < c.Hkv; ++g, ++pairs) {
+        rc += map.recall(t, g);
+        ms += map.mass(t, g);
+        mw += map.mass_with_window(t, g);
+      }
+  row["recall"] = pairs ? json(rc / double(pairs)) : json();
+  row["mass"] = pairs ? json(ms / double(pairs)) : json();
+  row["mass_with_window"] = pairs ? json(mw / double(pairs)) : json();
+
   if (w.needle) {
-    // The needle is found by (question t, group g) when every needle token lies in a block that
-    // t's group selected (forced blocks count: they are selected).
-    const int64_t start = w.needle->start.at(0), len = w.needle->len;
-    const int64_t j0 = start / c.slc_len, j1 = (start + len - 1) / c.slc_len;
+    // The needle is found by (question t, group g) when every needle token lies in a block the
+    // selector picked for t's group (forced blocks count: they are selected).
     int64_t found = 0;
     for (int64_t t : w.rows)
-      for (int64_t g = 0; g < c.Hkv; ++g) {
-        const int32_t* idx = r.block_idx.row(t, g);
-        bool all = true;
-        for (int64_t j = j0; j <= j1; ++j) all = all && std::find(idx, idx + c.slc_count, int32_t(j)) != idx + c.slc_count;
-        found += all;
-      }
-    row["needle_found"] = double(found) / double(w.rows.size() * size_t(c.Hkv));
+      for (int64_t g = 0; g < c.Hkv; ++g)
+        found += needle_found(map.idx.row(t, g), c.slc_count, w.needle->start.at(0), w.needle->len, c.slc_len);
+    row["needle_found"] = double(found) / double(R * size_t(c.Hkv));
   } else {
     row["needle_found"] = nullptr;
   }
@@ -369,6 +404,12 @@ json evaluate_as(const SweepPoint& p, const WorkloadData& w, const Timing& timin
   row["flops_nsa"] = f_nsa;
   row["flops_full"] = f_full;
   row["flop_ratio"] = f_full / f_nsa;
+  // Memory traffic of the GPU kernels as modelled (bf16, group-centric loading).
+  const auto tr = analysis::prefill_traffic(c, T, 1, 2);
+  row["bytes_nsa"] = tr.nsa().bytes;
+  row["bytes_full"] = tr.full.bytes;
+  row["traffic_ratio"] = tr.full.bytes / tr.nsa().bytes;
+  row["decode_speedup"] = analysis::decode_traffic(c, T, 1, 2).expected_speedup();
   if (timing.enabled) {
     row["ms_nsa"] = median_ms([&] { (void)ref::forward(c, in); }, timing);
     const auto q = w.in.q.template cast<S>(), k = w.in.k.template cast<S>(), v = w.in.v.template cast<S>();

@@ -15,6 +15,7 @@
 
 #include "config.hpp"
 #include "nsa_ref.hpp"
+#include "recall.hpp"
 #include "workloads.hpp"
 
 namespace nsa::cli {
@@ -48,6 +49,7 @@ struct SweepAxes {
   std::vector<double> corr_len;          // clustered
   std::vector<int64_t> cmp_len, cmp_stride, slc_len, slc_count, window, init_blocks, local_blocks;
   std::vector<std::string> compress;
+  std::vector<std::string> selector;     // analysis::Selector names: nsa, oracle, quest, ...
   std::vector<std::string> precision;    // double or float
 };
 
@@ -56,6 +58,7 @@ struct SweepPoint {
   std::string data;             // npy folder, empty for synthetic workloads
   Config cfg;                   // complete (heads filled in from the workload)
   std::string compress_params;  // empty: phi drawn from spec.seed
+  analysis::Selector selector = analysis::Selector::Nsa;  // whose blocks recall/mass/needle_found score
   std::string precision;        // double or float
 };
 

@@ -8,8 +8,11 @@ stable() { awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "seconds") s =
 column() { awk -F, -v n="$2" 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == n) c = i; next } { print $c }' "$1"; }
 ok $NSA sweep --workload needle --context 2048 --slc-len 32,64 --slc-count 4,8 --window 128 --out s
 [ "$(wc -l < s/sweep.csv)" -eq 5 ] || fail "expected 4 rows"
-head -1 s/sweep.csv | grep -q '^workload,data,T,depth,needle_len,needle_strength,corr_len,seed,Hq,Hkv,dk,dv,cmp_len,cmp_stride,slc_len,slc_count,window,init_blocks,local_blocks,compress,compress_params,precision,queries,rel_error,' \
-  || fail "unexpected header: $(head -1 s/sweep.csv)"
+H=workload,data,T,depth,needle_len,needle_strength,corr_len,seed,Hq,Hkv,dk,dv,cmp_len,cmp_stride,slc_len,slc_count
+H=$H,window,init_blocks,local_blocks,compress,compress_params,selector,precision,queries,recall,mass,mass_with_window
+H=$H,rel_error,rel_error_cmp,rel_error_slc,rel_error_win,needle_found,flops_nsa,flops_full,flop_ratio,bytes_nsa
+H=$H,bytes_full,traffic_ratio,decode_speedup,ms_nsa,ms_full,seconds
+[ "$(head -1 s/sweep.csv)" = "$H" ] || fail "unexpected header: $(head -1 s/sweep.csv)"
 contains s/sweep.json '"records"'
 contains s/config.json '"points": 4'
 # Rerun: every point is already there; nothing is recomputed, the file is unchanged.
@@ -47,6 +50,14 @@ grep -q '^npy,dump,200,' npy/sweep.csv || fail "context 0 should mean all 200 to
 # The first sweep's phi is an untrained (seed-0) mlp: it scrambles the needle's direction, and no
 # question finds the needle at depth 0.5 (mean pooling does: test_experiments; training: nsa train).
 [ "$(column s/sweep.csv needle_found | sort -u)" = "0" ] || fail "random-mlp needle sweep: expected needle_found 0"
+# Selectors: the oracle's recall is 1 by definition; rel_error is NSA's own (empty for the others).
+ok $NSA sweep --workload clustered --context 512 --Hq 4 --Hkv 2 --dk 16 --dv 16 --cmp-len 16 --cmp-stride 8 \
+  --slc-len 32 --slc-count 4 --window 32 --selector nsa,oracle,random --out sel
+[ "$(column sel/sweep.csv selector | tr '\n' ' ')" = "nsa oracle random " ] || fail "selector rows out of grid order"
+[ "$(column sel/sweep.csv recall | sed -n 2p)" = "1" ] || fail "oracle recall is not 1"
+[ -n "$(column sel/sweep.csv rel_error | sed -n 1p)" ] && [ -z "$(column sel/sweep.csv rel_error | sed -n 2p)" ] ||
+  fail "rel_error should be set for nsa only"
+refused 1 "is not one of" $NSA sweep --selector best --out bad
 # A bad point is refused before anything runs, naming it.
 refused 1 "slc_count=2" $NSA sweep --slc-count 2,16 --context 256 --out bad
 [ ! -e bad/sweep.csv ] || fail "a refused sweep wrote rows"
