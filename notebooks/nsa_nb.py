@@ -2,7 +2,8 @@
 files, saving figures. Notebooks only read what the `nsa` experiments wrote (STYLE 9).
 
 Environment:
-  NSA_DATA     folder of experiment outputs (default: <repo>/out/main, what scripts/run_main.sh writes)
+  NSA_DATA     folder of experiment outputs (default: <repo>/out/main/experiments, what
+               scripts/run_main.sh writes)
   NSA_FIGURES  folder the key figures are saved to as PNG (default: <repo>/docs/figures)
 """
 import csv
@@ -13,7 +14,7 @@ import pathlib
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DATA = pathlib.Path(os.environ.get("NSA_DATA", ROOT / "out" / "main")).resolve()
+DATA = pathlib.Path(os.environ.get("NSA_DATA", ROOT / "out" / "main" / "experiments")).resolve()
 FIGURES = pathlib.Path(os.environ.get("NSA_FIGURES", ROOT / "docs" / "figures")).resolve()
 
 
