@@ -423,6 +423,68 @@ Workload load_workload(const po::variables_map& vm, bool nsa, const MemoryPlan& 
   return w;
 }
 
+// ---- Compression parameters ------------------------------------------------------------------
+
+std::vector<std::string> compress_param_names(CompressKind kind) {
+  std::vector<std::string> names;
+  for (const char* s : {"_k", "_v"}) {
+    names.push_back(cat("pe", s));
+    if (kind == CompressKind::Linear)
+      for (const char* n : {"w", "b"}) names.push_back(cat(n, s));
+    else
+      for (const char* n : {"w1", "b1", "w2", "b2"}) names.push_back(cat(n, s));
+  }
+  return names;
+}
+
+namespace {
+// The tensors of one PhiParams in the order of compress_param_names (half of it: pe, then w, b or
+// w1, b1, w2, b2).
+template <class P>
+std::vector<decltype(&std::declval<P&>().pe)> phi_fields(P& p, CompressKind kind) {
+  if (kind == CompressKind::Linear) return {&p.pe, &p.w, &p.b};
+  return {&p.pe, &p.w1, &p.b1, &p.w2, &p.b2};
+}
+}  // namespace
+
+ref::CompressParams<double> load_compress_params(const std::string& dir, CompressKind kind) {
+  ref::CompressParams<double> phi;
+  if (kind == CompressKind::Mean) return phi;
+  const auto names = compress_param_names(kind);
+  size_t i = 0;
+  for (auto* p : {&phi.k, &phi.v})
+    for (auto* t : phi_fields(*p, kind)) *t = load_npy<double>((fs::path(dir) / (names[i++] + ".npy")).string());
+  return phi;
+}
+
+template <class S>
+void add_compress_params(OutputDir& out, const ref::CompressParams<S>& phi, CompressKind kind) {
+  if (kind == CompressKind::Mean) return;
+  const auto names = compress_param_names(kind);
+  size_t i = 0;
+  for (const auto* p : {&phi.k, &phi.v})
+    for (const auto* t : phi_fields(*p, kind)) out.add(names[i++], *t);
+}
+template void add_compress_params(OutputDir&, const ref::CompressParams<double>&, CompressKind);
+template void add_compress_params(OutputDir&, const ref::CompressParams<float>&, CompressKind);
+
+ref::Path parse_path(const po::variables_map& vm) {
+  const std::string p = vm["path"].as<std::string>();
+  if (p == "fast") return ref::Path::Fast;
+  if (p == "oracle") return ref::Path::Oracle;
+  throw ConfigError(cat("path = '", p, "' is not one of: fast, oracle"));
+}
+
+bool use_double(const po::variables_map& vm) {
+  const std::string p = vm["precision"].as<std::string>();
+  if (p != "double" && p != "float") throw ConfigError(cat("precision = '", p, "' is not one of: double, float"));
+  return p == "double";
+}
+
+json workload_json(const Workload& w) {
+  return {{"N", w.in.N()}, {"batch", w.batch}, {"seqlens", w.seqlens}, {"shared_kv", w.in.all_shared()}};
+}
+
 // ---- Output -----------------------------------------------------------------------------------
 
 OutputDir::OutputDir(std::string dir) : dir_(std::move(dir)) {
@@ -534,6 +596,15 @@ json config_json(const Config& c) {
           {"window", c.window},
           {"scale", c.softmax_scale()}};
 }
+
+std::string csv_num(double x) {
+  if (std::isnan(x)) return "nan";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.10g", x);
+  return buf;
+}
+
+json json_num(double x) { return std::isnan(x) ? json(nullptr) : json(x); }
 
 template <class T>
 Tensor<T> unpack(const Tensor<T>& t, int64_t batch) {

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -127,6 +128,11 @@ Workload load_workload(const po::variables_map& vm, bool nsa = true, const Memor
 // RSS now, so that every run records how the estimate compares with what it really used.
 json memory_report(const Workload& w);
 
+// phi's parameter files in a --compress-params folder (INTERFACE.md): pe_k, then w_k, b_k
+// (linear) or w1_k, b1_k, w2_k, b2_k (mlp), then the same for _v; none for mean.
+std::vector<std::string> compress_param_names(CompressKind kind);
+// Loads them (shapes are checked later by ref::check_inputs, which names the file).
+ref::CompressParams<double> load_compress_params(const std::string& dir, CompressKind kind);
 // Files of an output folder that appear all together or not at all: each is written to a
 // temporary name as it is added, and `commit()` renames them all into place (and writes
 // config.json). If the command fails before commit, the destructor removes the temporaries and
@@ -150,10 +156,36 @@ class OutputDir {
   bool committed_ = false;
 };
 
+// Adds phi's parameters as the files load_compress_params reads.
+template <class S>
+void add_compress_params(OutputDir& out, const ref::CompressParams<S>& phi, CompressKind kind);
+
 // The resolved configuration: every option's value (given, from --config, or default), plus the
 // derived quantities the caller adds. Written as config.json beside outputs.
 json resolved_config(const Command& cmd, const po::variables_map& vm);
 json config_json(const Config& cfg);
+
+// A comma-separated option value ("8192,16384") as a list; `what` names the option in errors.
+template <class T>
+std::vector<T> parse_list(const std::string& s, const char* what) {
+  std::vector<T> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    std::istringstream is(item);
+    T v;
+    if (!(is >> v) || !is.eof()) throw ConfigError(cat(what, ": '", item, "' in '", s, "' is not a valid value"));
+    out.push_back(v);
+  }
+  if (out.empty()) throw ConfigError(cat(what, ": empty list"));
+  return out;
+}
+
+// A number for a CSV cell: 10 significant digits, "nan" for NaN (what pandas reads back).
+std::string csv_num(double x);
+// A number for JSON: NaN becomes null (JSON has no NaN).
+json json_num(double x);
 
 // Reshapes a packed per-token output [N, ...] back to [B, T, ...] when the input was a batch.
 template <class T>
