@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <new>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -17,6 +18,27 @@ namespace nsa {
 
 using Shape = std::vector<int64_t>;
 
+// Tensor storage starts on a 64-byte boundary (a cache line, an AVX-512 vector). Eigen peels
+// unaligned heads off vectorised loops and small products by the address it is given, so with
+// malloc's varying alignment the same computation could round differently from run to run.
+template <class T, std::size_t Align = 64>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <class U>
+  AlignedAllocator(const AlignedAllocator<U, Align>&) {}
+  template <class U>
+  struct rebind {
+    using other = AlignedAllocator<U, Align>;
+  };
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(Align))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(Align)); }
+  friend bool operator==(const AlignedAllocator&, const AlignedAllocator&) { return true; }
+  friend bool operator!=(const AlignedAllocator&, const AlignedAllocator&) { return false; }
+};
+template <class T>
+using AlignedVector = std::vector<T, AlignedAllocator<T>>;
+
 inline int64_t numel(const Shape& shape) {
   return std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<int64_t>());
 }
@@ -25,6 +47,17 @@ inline std::string shape_str(const Shape& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + "]";
+}
+
+// The multi-index of flat position `flat` (C order) in `shape`, as "[i, j, k]": names the
+// position of a bad value in messages.
+inline std::string index_str(const Shape& shape, int64_t flat) {
+  Shape idx(shape.size());
+  for (size_t a = shape.size(); a-- > 0;) {
+    idx[a] = shape[a] ? flat % shape[a] : 0;
+    flat = shape[a] ? flat / shape[a] : 0;
+  }
+  return shape_str(idx);
 }
 
 template <class T>
@@ -38,10 +71,12 @@ class Tensor {
       if (d < 0) throw Error(cat("tensor dimension ", d, " < 0 in shape ", shape_str(shape_)));
     data_.assign(static_cast<size_t>(nsa::numel(shape_)), fill);
   }
-  Tensor(Shape shape, std::vector<T> data) : shape_(std::move(shape)), data_(std::move(data)) {
+  Tensor(Shape shape, AlignedVector<T> data) : shape_(std::move(shape)), data_(std::move(data)) {
     if (static_cast<int64_t>(data_.size()) != nsa::numel(shape_))
       throw Error(cat("tensor of shape ", shape_str(shape_), " given ", data_.size(), " values"));
   }
+  Tensor(Shape shape, const std::vector<T>& data) : Tensor(std::move(shape), AlignedVector<T>(data.begin(), data.end())) {}
+  Tensor(Shape shape, std::initializer_list<T> data) : Tensor(std::move(shape), AlignedVector<T>(data)) {}
 
   const Shape& shape() const { return shape_; }
   int rank() const { return static_cast<int>(shape_.size()); }
@@ -52,8 +87,8 @@ class Tensor {
 
   T* data() { return data_.data(); }
   const T* data() const { return data_.data(); }
-  std::vector<T>& vec() { return data_; }
-  const std::vector<T>& vec() const { return data_; }
+  AlignedVector<T>& vec() { return data_; }
+  const AlignedVector<T>& vec() const { return data_; }
   T& operator[](int64_t i) { return data_[static_cast<size_t>(i)]; }
   const T& operator[](int64_t i) const { return data_[static_cast<size_t>(i)]; }
 
@@ -79,14 +114,14 @@ class Tensor {
   template <class U>
   Tensor<U> cast() const {
     if (empty()) return Tensor<U>();
-    std::vector<U> out(data_.size());
+    AlignedVector<U> out(data_.size());
     std::transform(data_.begin(), data_.end(), out.begin(), [](T x) { return static_cast<U>(x); });
     return Tensor<U>(shape_, std::move(out));
   }
 
  private:
   Shape shape_;
-  std::vector<T> data_;
+  AlignedVector<T> data_;
 };
 
 }  // namespace nsa

@@ -19,26 +19,13 @@
 #include "commands.hpp"
 #include "cost.hpp"
 #include "rng.hpp"
+#ifdef NSA_WITH_CUDA
+#include "nsa_cuda.hpp"
+#endif
 
 namespace nsa::cli {
 
 namespace {
-
-template <class T>
-std::vector<T> parse_list(const std::string& s, const char* what) {
-  std::vector<T> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (item.empty()) continue;
-    std::istringstream is(item);
-    T v;
-    if (!(is >> v) || !is.eof()) throw ConfigError(cat(what, ": '", item, "' in '", s, "' is not a valid value"));
-    out.push_back(v);
-  }
-  if (out.empty()) throw ConfigError(cat(what, ": empty list"));
-  return out;
-}
 
 // The process's CPU time in ms (all its threads): with one thread, the time the work took even on
 // a machine shared with other jobs, where wall time also counts the time slices given to them.
@@ -185,6 +172,80 @@ void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int war
   }
 }
 
+#ifdef NSA_WITH_CUDA
+// --device cuda: the forward pass on device-resident random inputs (Plan::randomize: q, k, v ~
+// N(0, 1), shared K/V, random gates and phi), medians of cuda::bench (L2 flushed before every
+// repeat), the per-stage breakdown, and useful TFLOP/s against the card's measured matrix rate.
+// Full attention on the GPU is PyTorch's SDPA, timed by experiments/sdpa_baseline.py in the same
+// device call (scripts/device.sh).
+void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, int reps, cuda::Precision prec,
+                int kernel, BenchRun& run, json& device) {
+  const cuda::Ceilings ceil = cuda::measure_ceilings(prec);
+  device = {{"name", cuda::device_name()},
+            {"ceilings",
+             {{"matmul_tflops", ceil.matmul_tflops}, {"copy_tbps", ceil.copy_tbps}, {"l2_read_tbps", ceil.l2_read_tbps}}}};
+  const std::string dtype = cuda::to_string(prec);
+  std::cout << "device: " << cuda::device_name() << "; measured ceilings: " << dtype << " matrix product "
+            << std::fixed << std::setprecision(0) << ceil.matmul_tflops << " TFLOP/s, copy " << std::setprecision(2)
+            << ceil.copy_tbps << " TB/s, L2 reads " << ceil.l2_read_tbps << " TB/s\n"
+            << std::defaultfloat;
+  for (int64_t T : Ts) {
+    cuda::Options opt;
+    opt.dtype = prec;
+    opt.kernel = kernel;
+    opt.intermediates = false;  // what a model needs: o (block lists and branch outputs stay internal)
+    cuda::Plan plan(base, T, {}, opt);
+    plan.randomize(1000 + uint64_t(T));
+    const cuda::BenchResult res = cuda::bench(plan, warmup, reps);
+    const auto f = analysis::nsa_forward_flops(base, T);
+    const double tflops = f.total() / res.ms / 1e9;
+    // Useful FLOPs of each stage's branch (the compression stage also makes a second q.k pass
+    // for the normalised scores, which the useful count leaves out).
+    auto stage_flop = [&](const std::string& st) {
+      if (st == "compress") return f.phi;
+      if (st == "cmp_attn+select") return f.cmp;
+      if (st == "slc_attn") return f.slc;
+      if (st.rfind("win_attn", 0) == 0) return f.win;
+      return 0.0;
+    };
+    json stages = json::array();
+    std::ostringstream line;
+    line << std::fixed;
+    for (const auto& st : res.stages) {
+      const double fl = stage_flop(st.stage);
+      json sj{{"stage", st.stage}, {"ms", st.ms}, {"gflop", fl / 1e9}, {"tflops", fl / st.ms / 1e9},
+              {"pct_of_ceiling", 100 * fl / st.ms / 1e9 / ceil.matmul_tflops}};
+      line << "  " << st.stage << " " << std::setprecision(2) << st.ms << " ms";
+      if (fl > 0) line << " (" << std::setprecision(0) << fl / st.ms / 1e9 << " TF)";
+      if (st.stage == "slc_attn") {
+        // Each (position, group) reads its selected tokens' K and V once: the useful FLOPs over G,
+        // scaled by the element size (2 FLOPs per key element per head, 2 bytes per element).
+        const double kv_bytes = fl / double(base.G()) * cuda::element_size(prec) / 2;
+        sj["kv_gbytes"] = kv_bytes / 1e9;
+        sj["kv_tbps"] = kv_bytes / st.ms / 1e9;
+        sj["pct_of_l2_read"] = 100 * kv_bytes / st.ms / 1e9 / ceil.l2_read_tbps;
+        line << " [" << std::setprecision(1) << kv_bytes / st.ms / 1e9 << " TB/s K/V]";
+      }
+      stages.push_back(sj);
+    }
+    json r{{"op", "forward"}, {"impl", "nsa_cuda"}, {"T", T}, {"B", 1}, {"Hq", base.Hq}, {"Hkv", base.Hkv},
+           {"dk", base.dk}, {"dv", base.dv}, {"dtype", dtype}, {"ms", res.ms}, {"gflop", f.total() / 1e9},
+           {"gflops", tflops * 1e3}, {"tflops", tflops}, {"ceiling_tflops", ceil.matmul_tflops},
+           {"pct_of_ceiling", 100 * tflops / ceil.matmul_tflops}, {"kernel", res.kernel}, {"reps", reps},
+           {"warmup", warmup}, {"l2_flushed", true}, {"stages", stages},
+           {"flop_by_branch", {{"phi", f.phi}, {"cmp", f.cmp}, {"slc", f.slc}, {"win", f.win}}},
+           {"config", config_json(base)}};
+    run.add(r);
+    std::cout << "forward nsa_cuda T=" << std::setw(6) << T << " " << dtype << " dk=" << base.dk << " dv=" << base.dv
+              << " v" << res.kernel << "  median " << std::fixed << std::setprecision(3) << std::setw(8) << res.ms
+              << " ms (" << reps << " reps, L2 flushed)  " << std::setprecision(0) << std::setw(4) << tflops
+              << " TFLOP/s = " << std::setw(2) << 100 * tflops / ceil.matmul_tflops << "% of "
+              << ceil.matmul_tflops << "  |" << line.str() << "\n"
+              << std::defaultfloat;
+  }
+}
+#endif
+
 }  // namespace
 
 int cmd_bench(const Args& args) {
@@ -209,12 +270,14 @@ int cmd_bench(const Args& args) {
   cmd.add(nsa_options());
   po::options_description r("Run");
   r.add_options()("device", po::value<std::string>()->default_value("cpu"), "cpu or cuda")(
-      "threads", po::value<int>()->default_value(0), "CPU threads (0: all cores)");
+      "threads", po::value<int>()->default_value(0), "CPU threads (0: all cores)")(
+      "dtype", po::value<std::string>()->default_value("bf16"), "CUDA operands: bf16, fp16 or fp32")(
+      "kernel", po::value<int>()->default_value(-1), "CUDA kernel version override (-1: automatic choice)");
   cmd.add(r);
   cmd.add(output_options());
   const auto vm = cmd.parse(args);
   if (!vm.count("out")) throw UsageError("the option '--out' is required");
-  require_cpu_device(vm, "bench");
+  const bool on_cuda = use_cuda_device(vm, "bench");
   Config base = block_config(vm);
   base.Hq = vm["Hq"].as<int64_t>(), base.Hkv = vm["Hkv"].as<int64_t>();
   base.dk = vm["dk"].as<int64_t>(), base.dv = vm["dv"].as<int64_t>();
@@ -234,14 +297,51 @@ int cmd_bench(const Args& args) {
   const std::string clock = vm["clock"].as<std::string>();
   if (clock != "wall" && clock != "cpu") throw ConfigError(cat("clock = '", clock, "' is not one of: wall, cpu"));
   const bool cpu_clock = clock == "cpu";
-  const int warmup = vm["warmup"].as<int>(), reps = vm["reps"].as<int>();
+  // On the GPU a run takes milliseconds: more repeats unless asked otherwise.
+  const int warmup = on_cuda && vm["warmup"].defaulted() ? 3 : vm["warmup"].as<int>();
+  const int reps = on_cuda && vm["reps"].defaulted() ? 20 : vm["reps"].as<int>();
   if (reps < 1 || warmup < 0) throw ConfigError(cat("reps = ", reps, ", warmup = ", warmup, ": expected reps >= 1, warmup >= 0"));
-  ref::set_threads(vm["threads"].as<int>());
+  // Inputs and phi's parameters are drawn from seeds of their own: these would be silently ignored.
+  if (vm.count("compress-params")) throw UsageError("bench draws phi's parameters; --compress-params is not used");
+  if (!vm["seed"].defaulted()) throw UsageError("bench draws its inputs from fixed seeds; --seed is not used");
+  const int threads = apply_run_options(vm);
+  // The largest case, before any is run: its inputs and phi's parameters, and the larger of the
+  // NSA forward pass and full attention (each result is freed before the next run), and the
+  // matrices of the ceiling measurement.
+  for (const auto& p : precisions)
+    for (int64_t T : Ts) {
+      const int elem = p == "float" ? 4 : 8;
+      const double inputs =
+          double(T) * (double(base.Hq) * double(base.dk) + double(base.Hkv) * double(base.dk + base.dv)) +
+          ref::compress_param_count(base);
+      const ref::MemoryUse f = ref::forward_memory(base, {T}, 0, elem, threads, ref::Path::Fast);
+      const ref::MemoryUse a = ref::full_attention_memory(base, {T}, elem, threads, ref::Path::Fast);
+      MemoryBudget budget;
+      budget.add(cat("inputs at T = ", T, " in ", p), elem * inputs);
+      budget.add("the larger run's outputs and working memory", std::max(f.result + f.working, a.result + a.working));
+      budget.add("ceiling matrices", 3.0 * 512 * 512 * elem * threads);
+      budget.require();
+    }
   OutputDir out(vm["out"].as<std::string>());
   BenchRun run;
   run.csv << "op,impl,T,dtype,ms,gflop,gflops,pct_of_ceiling,speedup_vs_full\n";
+  std::string command = "nsa bench";
+  for (const auto& a : args) command += " " + a;
+  if (on_cuda) {
+#ifdef NSA_WITH_CUDA
+    json device;
+    bench_cuda(base, Ts, warmup, reps, cuda::parse_precision(vm["dtype"].as<std::string>()), vm["kernel"].as<int>(),
+               run, device);
+    json j{{"device", device["name"]}, {"date", today()}, {"command", command}, {"config", config_json(base)},
+           {"ceilings", device["ceilings"]}, {"records", run.records}};
+    out.add_text("bench.csv", run.csv.str());
+    out.add_text("bench.json", j.dump(2) + "\n");
+    out.commit();
+    std::cout << "bench: wrote " << out.dir() << "/bench.json and bench.csv\n";
+#endif
+    return 0;
+  }
   json ceilings = json::object();
-  const int threads = omp_get_max_threads();
   std::cout << "bench: " << cpu_name() << ", " << threads << " threads, " << clock << " clock; Hq=" << base.Hq << " Hkv=" << base.Hkv
             << " dk=" << base.dk << " dv=" << base.dv << " l=" << base.cmp_len << " d=" << base.cmp_stride
             << " l'=" << base.slc_len << " n=" << base.slc_count << " w=" << base.window << "\n";
@@ -258,8 +358,6 @@ int cmd_bench(const Args& args) {
     else
       bench_precision<double>(base, Ts, warmup, reps, ceiling, dtype, backward, cpu_clock, run);
   }
-  std::string command = "nsa bench";
-  for (const auto& a : args) command += " " + a;
   json j{{"device", cat("cpu: ", cpu_name(), " x ", threads, " threads")},
          {"date", today()},
          {"clock", clock},
