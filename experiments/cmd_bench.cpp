@@ -1,4 +1,4 @@
-// `nsa bench`: NSA forward against full attention, timed in one run (STYLE 8): medians after
+// `nsa bench`: NSA forward (and backward) against full attention, timed in one run (STYLE 8): medians after
 // warm-up, useful FLOPs (analysis/cost.hpp), the machine's measured matrix-product rate as the
 // ceiling, and full attention measured in the same run as the baseline. Writes bench.json and
 // bench.csv into --out; one line per case on stdout as each finishes.
@@ -19,20 +19,33 @@
 #include "commands.hpp"
 #include "cost.hpp"
 #include "rng.hpp"
+#ifdef NSA_WITH_CUDA
+#include "nsa_cuda.hpp"
+#endif
 
 namespace nsa::cli {
 
 namespace {
 
-// Median wall time of `reps` runs after `warmup` runs, in ms.
+// The process's CPU time in ms (all its threads): with one thread, the time the work took even on
+// a machine shared with other jobs, where wall time also counts the time slices given to them.
+double cpu_time_ms() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return 1e3 * double(ts.tv_sec) + 1e-6 * double(ts.tv_nsec);
+}
+
+// Median time of `reps` runs after `warmup` runs, in ms: wall time, or CPU time (cpu_clock).
 template <class F>
-double median_ms(F&& f, int warmup, int reps) {
+double median_ms(F&& f, int warmup, int reps, bool cpu_clock) {
   for (int i = 0; i < warmup; ++i) f();
   std::vector<double> ms;
   for (int i = 0; i < reps; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
+    const double c0 = cpu_time_ms();
     f();
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    ms.push_back(cpu_clock ? cpu_time_ms() - c0
+                           : std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
@@ -82,15 +95,15 @@ struct BenchRun {
 
 template <class S>
 void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int warmup, int reps, double ceiling,
-                     const std::string& dtype, BenchRun& run) {
+                     const std::string& dtype, bool backward, bool cpu_clock, BenchRun& run) {
   for (int64_t T : Ts) {
     Config c = base;
     const ref::Inputs<S> in = random_inputs<S>(c, T, 1000 + uint64_t(T));
     ref::check_inputs(c, in);
     const bool tty = isatty(STDOUT_FILENO);
     if (tty) std::cout << "  timing T=" << T << " " << dtype << " ..." << std::flush;
-    const double nsa_ms = median_ms([&] { (void)ref::forward(c, in); }, warmup, reps);
-    const double full_ms = median_ms([&] { (void)ref::full_attention(c, in.q, in.k, in.v, {}); }, warmup, reps);
+    const double nsa_ms = median_ms([&] { (void)ref::forward(c, in); }, warmup, reps, cpu_clock);
+    const double full_ms = median_ms([&] { (void)ref::full_attention(c, in.q, in.k, in.v, {}); }, warmup, reps, cpu_clock);
     if (tty) std::cout << "\r" << std::string(40, ' ') << "\r";
     const auto f = analysis::nsa_forward_flops(c, T);
     const double full_flop = analysis::full_forward_flops(c, T);
@@ -118,15 +131,128 @@ void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int war
                                 : std::string("(baseline)"))
                 << "\n"
                 << std::defaultfloat;
+    if (!backward) continue;
+    // The backward passes given their forward results, against the forward times above.
+    Tensor<S> dO({T, c.Hq, c.dv});
+    Rng rng(2000 + uint64_t(T));
+    for (auto& v : dO.vec()) v = static_cast<S>(rng.normal());
+    if (tty) std::cout << "  timing backward T=" << T << " " << dtype << " ..." << std::flush;
+    const auto fwd = ref::forward(c, in);
+    const double nsa_bwd = median_ms([&] { (void)ref::backward(c, in, fwd, dO); }, warmup, reps, cpu_clock);
+    const auto full_fwd = ref::full_attention(c, in.q, in.k, in.v, {});
+    const double full_bwd =
+        median_ms([&] { (void)ref::full_attention_backward(c, in.q, in.k, in.v, full_fwd, dO, {}); }, warmup, reps,
+                  cpu_clock);
+    if (tty) std::cout << "\r" << std::string(50, ' ') << "\r";
+    const auto fb = analysis::nsa_backward_flops(c, T);
+    json b_nsa = record("nsa_cpu", nsa_bwd, fb.total());
+    b_nsa["op"] = "backward";
+    b_nsa["flop_by_branch"] = {{"phi", fb.phi}, {"cmp", fb.cmp}, {"slc", fb.slc}, {"win", fb.win}};
+    b_nsa["forward_ms"] = nsa_ms;
+    b_nsa["backward_over_forward"] = nsa_bwd / nsa_ms;
+    b_nsa["baseline_ms"] = full_bwd;
+    b_nsa["speedup_vs_full"] = full_bwd / nsa_bwd;
+    json b_full = record("full_cpu", full_bwd, analysis::full_backward_flops(c, T));
+    b_full["op"] = "backward";
+    b_full["forward_ms"] = full_ms;
+    b_full["backward_over_forward"] = full_bwd / full_ms;
+    run.add(b_nsa);
+    run.add(b_full);
+    for (const json* r : {static_cast<const json*>(&b_nsa), static_cast<const json*>(&b_full)})
+      std::cout << "backward " << std::left << std::setw(8) << (*r)["impl"].get<std::string>() << std::right
+                << " T=" << std::setw(6) << T << " " << dtype << "  median " << std::fixed << std::setprecision(1)
+                << std::setw(9) << (*r)["ms"].get<double>() << " ms (" << reps << " reps)  " << std::setprecision(1)
+                << std::setw(7) << (*r)["gflops"].get<double>() << " GFLOP/s = " << std::setprecision(0)
+                << std::setw(3) << (*r)["pct_of_ceiling"].get<double>() << "% of " << ceiling << "  "
+                << std::setprecision(2) << (*r)["backward_over_forward"].get<double>() << "x its forward"
+                << (r == &b_nsa ? cat(std::setprecision(2), std::fixed, ", ", full_bwd / nsa_bwd, "x faster than full")
+                                : std::string(" (baseline)"))
+                << "\n"
+                << std::defaultfloat;
   }
 }
+
+#ifdef NSA_WITH_CUDA
+// --device cuda: the forward pass on device-resident random inputs (Plan::randomize: q, k, v ~
+// N(0, 1), shared K/V, random gates and phi), medians of cuda::bench (L2 flushed before every
+// repeat), the per-stage breakdown, and useful TFLOP/s against the card's measured matrix rate.
+// Full attention on the GPU is PyTorch's SDPA, timed by experiments/sdpa_baseline.py in the same
+// device call (scripts/device.sh).
+void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, int reps, cuda::Precision prec,
+                int kernel, BenchRun& run, json& device) {
+  const cuda::Ceilings ceil = cuda::measure_ceilings(prec);
+  device = {{"name", cuda::device_name()},
+            {"ceilings",
+             {{"matmul_tflops", ceil.matmul_tflops}, {"copy_tbps", ceil.copy_tbps}, {"l2_read_tbps", ceil.l2_read_tbps}}}};
+  const std::string dtype = cuda::to_string(prec);
+  std::cout << "device: " << cuda::device_name() << "; measured ceilings: " << dtype << " matrix product "
+            << std::fixed << std::setprecision(0) << ceil.matmul_tflops << " TFLOP/s, copy " << std::setprecision(2)
+            << ceil.copy_tbps << " TB/s, L2 reads " << ceil.l2_read_tbps << " TB/s\n"
+            << std::defaultfloat;
+  for (int64_t T : Ts) {
+    cuda::Options opt;
+    opt.dtype = prec;
+    opt.kernel = kernel;
+    opt.intermediates = false;  // what a model needs: o (block lists and branch outputs stay internal)
+    cuda::Plan plan(base, T, {}, opt);
+    plan.randomize(1000 + uint64_t(T));
+    const cuda::BenchResult res = cuda::bench(plan, warmup, reps);
+    const auto f = analysis::nsa_forward_flops(base, T);
+    const double tflops = f.total() / res.ms / 1e9;
+    // Useful FLOPs of each stage's branch (the compression stage also makes a second q.k pass
+    // for the normalised scores, which the useful count leaves out).
+    auto stage_flop = [&](const std::string& st) {
+      if (st == "compress") return f.phi;
+      if (st == "cmp_attn+select") return f.cmp;
+      if (st == "slc_attn") return f.slc;
+      if (st.rfind("win_attn", 0) == 0) return f.win;
+      return 0.0;
+    };
+    json stages = json::array();
+    std::ostringstream line;
+    line << std::fixed;
+    for (const auto& st : res.stages) {
+      const double fl = stage_flop(st.stage);
+      json sj{{"stage", st.stage}, {"ms", st.ms}, {"gflop", fl / 1e9}, {"tflops", fl / st.ms / 1e9},
+              {"pct_of_ceiling", 100 * fl / st.ms / 1e9 / ceil.matmul_tflops}};
+      line << "  " << st.stage << " " << std::setprecision(2) << st.ms << " ms";
+      if (fl > 0) line << " (" << std::setprecision(0) << fl / st.ms / 1e9 << " TF)";
+      if (st.stage == "slc_attn") {
+        // Each (position, group) reads its selected tokens' K and V once: the useful FLOPs over G,
+        // scaled by the element size (2 FLOPs per key element per head, 2 bytes per element).
+        const double kv_bytes = fl / double(base.G()) * cuda::element_size(prec) / 2;
+        sj["kv_gbytes"] = kv_bytes / 1e9;
+        sj["kv_tbps"] = kv_bytes / st.ms / 1e9;
+        sj["pct_of_l2_read"] = 100 * kv_bytes / st.ms / 1e9 / ceil.l2_read_tbps;
+        line << " [" << std::setprecision(1) << kv_bytes / st.ms / 1e9 << " TB/s K/V]";
+      }
+      stages.push_back(sj);
+    }
+    json r{{"op", "forward"}, {"impl", "nsa_cuda"}, {"T", T}, {"B", 1}, {"Hq", base.Hq}, {"Hkv", base.Hkv},
+           {"dk", base.dk}, {"dv", base.dv}, {"dtype", dtype}, {"ms", res.ms}, {"gflop", f.total() / 1e9},
+           {"gflops", tflops * 1e3}, {"tflops", tflops}, {"ceiling_tflops", ceil.matmul_tflops},
+           {"pct_of_ceiling", 100 * tflops / ceil.matmul_tflops}, {"kernel", res.kernel}, {"reps", reps},
+           {"warmup", warmup}, {"l2_flushed", true}, {"stages", stages},
+           {"flop_by_branch", {{"phi", f.phi}, {"cmp", f.cmp}, {"slc", f.slc}, {"win", f.win}}},
+           {"config", config_json(base)}};
+    run.add(r);
+    std::cout << "forward nsa_cuda T=" << std::setw(6) << T << " " << dtype << " dk=" << base.dk << " dv=" << base.dv
+              << " v" << res.kernel << "  median " << std::fixed << std::setprecision(3) << std::setw(8) << res.ms
+              << " ms (" << reps << " reps, L2 flushed)  " << std::setprecision(0) << std::setw(4) << tflops
+              << " TFLOP/s = " << std::setw(2) << 100 * tflops / ceil.matmul_tflops << "% of "
+              << ceil.matmul_tflops << "  |" << line.str() << "\n"
+              << std::defaultfloat;
+  }
+}
+#endif
 
 }  // namespace
 
 int cmd_bench(const Args& args) {
   Command cmd("bench",
-              "Time the NSA forward pass against full attention on random inputs (medians after warm-up),\n"
-              "with the machine's measured matrix-product rate as the ceiling. Writes bench.json, bench.csv.");
+              "Time the NSA forward and backward passes against full attention's on random inputs (medians\n"
+              "after warm-up; each backward also against its own forward), with the machine's measured\n"
+              "matrix-product rate as the ceiling. Writes bench.json, bench.csv.");
   po::options_description o("Benchmark");
   o.add_options()("T", po::value<std::string>()->default_value("4096,8192,16384"), "sequence lengths, comma-separated")(
       "Hq", po::value<int64_t>()->default_value(16), "query heads")(
@@ -135,17 +261,23 @@ int cmd_bench(const Args& args) {
       "dv", po::value<int64_t>()->default_value(64), "value head dim")(
       "precisions", po::value<std::string>()->default_value("float,double"), "CPU arithmetic, comma-separated")(
       "warmup", po::value<int>()->default_value(1), "untimed runs first")(
-      "reps", po::value<int>()->default_value(3), "timed runs; the median is reported");
+      "reps", po::value<int>()->default_value(3), "timed runs; the median is reported")(
+      "clock", po::value<std::string>()->default_value("wall"),
+      "wall, or cpu: the process's CPU time (with --threads 1, robust on a machine shared with other jobs)")(
+      "ops", po::value<std::string>()->default_value("forward,backward"),
+      "forward, or forward,backward: also the backward passes (given dL/do), each against its forward");
   cmd.add(o);
   cmd.add(nsa_options());
   po::options_description r("Run");
   r.add_options()("device", po::value<std::string>()->default_value("cpu"), "cpu or cuda")(
-      "threads", po::value<int>()->default_value(0), "CPU threads (0: all cores)");
+      "threads", po::value<int>()->default_value(0), "CPU threads (0: all cores)")(
+      "dtype", po::value<std::string>()->default_value("bf16"), "CUDA operands: bf16, fp16 or fp32")(
+      "kernel", po::value<int>()->default_value(-1), "CUDA kernel version override (-1: automatic choice)");
   cmd.add(r);
   cmd.add(output_options());
   const auto vm = cmd.parse(args);
   if (!vm.count("out")) throw UsageError("the option '--out' is required");
-  require_cpu_device(vm, "bench");
+  const bool on_cuda = use_cuda_device(vm, "bench");
   Config base = block_config(vm);
   base.Hq = vm["Hq"].as<int64_t>(), base.Hkv = vm["Hkv"].as<int64_t>();
   base.dk = vm["dk"].as<int64_t>(), base.dv = vm["dv"].as<int64_t>();
@@ -156,34 +288,79 @@ int cmd_bench(const Args& args) {
   const auto precisions = parse_list<std::string>(vm["precisions"].as<std::string>(), "precisions");
   for (const auto& p : precisions)
     if (p != "float" && p != "double") throw ConfigError(cat("precisions: '", p, "' is not one of: float, double"));
-  const int warmup = vm["warmup"].as<int>(), reps = vm["reps"].as<int>();
+  const auto ops = parse_list<std::string>(vm["ops"].as<std::string>(), "ops");
+  const bool backward = std::find(ops.begin(), ops.end(), "backward") != ops.end();
+  for (const auto& op : ops)
+    if (op != "forward" && op != "backward") throw ConfigError(cat("ops: '", op, "' is not one of: forward, backward"));
+  if (std::find(ops.begin(), ops.end(), "forward") == ops.end())
+    throw ConfigError("ops: backward is timed against its forward pass; list both (--ops forward,backward)");
+  const std::string clock = vm["clock"].as<std::string>();
+  if (clock != "wall" && clock != "cpu") throw ConfigError(cat("clock = '", clock, "' is not one of: wall, cpu"));
+  const bool cpu_clock = clock == "cpu";
+  // On the GPU a run takes milliseconds: more repeats unless asked otherwise.
+  const int warmup = on_cuda && vm["warmup"].defaulted() ? 3 : vm["warmup"].as<int>();
+  const int reps = on_cuda && vm["reps"].defaulted() ? 20 : vm["reps"].as<int>();
   if (reps < 1 || warmup < 0) throw ConfigError(cat("reps = ", reps, ", warmup = ", warmup, ": expected reps >= 1, warmup >= 0"));
-  ref::set_threads(vm["threads"].as<int>());
+  // Inputs and phi's parameters are drawn from seeds of their own: these would be silently ignored.
+  if (vm.count("compress-params")) throw UsageError("bench draws phi's parameters; --compress-params is not used");
+  if (!vm["seed"].defaulted()) throw UsageError("bench draws its inputs from fixed seeds; --seed is not used");
+  const int threads = apply_run_options(vm);
+  // The largest case, before any is run: its inputs and phi's parameters, and the larger of the
+  // NSA forward pass and full attention (each result is freed before the next run), and the
+  // matrices of the ceiling measurement.
+  for (const auto& p : precisions)
+    for (int64_t T : Ts) {
+      const int elem = p == "float" ? 4 : 8;
+      const double inputs =
+          double(T) * (double(base.Hq) * double(base.dk) + double(base.Hkv) * double(base.dk + base.dv)) +
+          ref::compress_param_count(base);
+      const ref::MemoryUse f = ref::forward_memory(base, {T}, 0, elem, threads, ref::Path::Fast);
+      const ref::MemoryUse a = ref::full_attention_memory(base, {T}, elem, threads, ref::Path::Fast);
+      MemoryBudget budget;
+      budget.add(cat("inputs at T = ", T, " in ", p), elem * inputs);
+      budget.add("the larger run's outputs and working memory", std::max(f.result + f.working, a.result + a.working));
+      budget.add("ceiling matrices", 3.0 * 512 * 512 * elem * threads);
+      budget.require();
+    }
   OutputDir out(vm["out"].as<std::string>());
   BenchRun run;
   run.csv << "op,impl,T,dtype,ms,gflop,gflops,pct_of_ceiling,speedup_vs_full\n";
+  std::string command = "nsa bench";
+  for (const auto& a : args) command += " " + a;
+  if (on_cuda) {
+#ifdef NSA_WITH_CUDA
+    json device;
+    bench_cuda(base, Ts, warmup, reps, cuda::parse_precision(vm["dtype"].as<std::string>()), vm["kernel"].as<int>(),
+               run, device);
+    json j{{"device", device["name"]}, {"date", today()}, {"command", command}, {"config", config_json(base)},
+           {"ceilings", device["ceilings"]}, {"records", run.records}};
+    out.add_text("bench.csv", run.csv.str());
+    out.add_text("bench.json", j.dump(2) + "\n");
+    out.commit();
+    std::cout << "bench: wrote " << out.dir() << "/bench.json and bench.csv\n";
+#endif
+    return 0;
+  }
   json ceilings = json::object();
-  const int threads = omp_get_max_threads();
-  std::cout << "bench: " << cpu_name() << ", " << threads << " threads; Hq=" << base.Hq << " Hkv=" << base.Hkv
+  std::cout << "bench: " << cpu_name() << ", " << threads << " threads, " << clock << " clock; Hq=" << base.Hq << " Hkv=" << base.Hkv
             << " dk=" << base.dk << " dv=" << base.dv << " l=" << base.cmp_len << " d=" << base.cmp_stride
             << " l'=" << base.slc_len << " n=" << base.slc_count << " w=" << base.window << "\n";
   for (const auto& p : precisions) {
     const std::string dtype = p == "float" ? "fp32" : "fp64";
     const double ceiling =
-        p == "float" ? ref::measure_gemm_gflops<float>() : ref::measure_gemm_gflops<double>();
+        p == "float" ? ref::measure_gemm_gflops<float>(512, 0.3, cpu_clock) : ref::measure_gemm_gflops<double>(512, 0.3, cpu_clock);
     ceilings[dtype] = ceiling;
-    std::cout << "ceiling: Eigen " << p << " matrix product 512^3 per thread: " << std::fixed << std::setprecision(1)
+    std::cout << "ceiling: Eigen " << p << " matrix product 512^3 per thread (" << clock << " clock): " << std::fixed << std::setprecision(1)
               << ceiling << " GFLOP/s\n"
               << std::defaultfloat;
     if (p == "float")
-      bench_precision<float>(base, Ts, warmup, reps, ceiling, dtype, run);
+      bench_precision<float>(base, Ts, warmup, reps, ceiling, dtype, backward, cpu_clock, run);
     else
-      bench_precision<double>(base, Ts, warmup, reps, ceiling, dtype, run);
+      bench_precision<double>(base, Ts, warmup, reps, ceiling, dtype, backward, cpu_clock, run);
   }
-  std::string command = "nsa bench";
-  for (const auto& a : args) command += " " + a;
   json j{{"device", cat("cpu: ", cpu_name(), " x ", threads, " threads")},
          {"date", today()},
+         {"clock", clock},
          {"command", command},
          {"config", config_json(base)},
          {"ceilings_gflops", ceilings},

@@ -1,0 +1,166 @@
+// Device helpers shared by the kernels: element conversions, the config arithmetic, the
+// sequence lookup, and the tensor-core primitives of kernel v1 (ldmatrix, mma.sync m16n8k16 with
+// fp32 accumulation, cp.async with zero fill), all available from sm_80 on.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "params.hpp"
+
+namespace nsa::cuda::dev {
+
+// ---- element conversions ----
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <class T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+
+// Two floats as one 32-bit register of two 16-bit elements, the lower column in the low half.
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// 2^x with one MUFU instruction (flush-to-zero, ~2 ulp): exp2f without fast-math adds a
+// denormal-handling sequence around it, which measurably costs in the softmax loops.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---- config arithmetic (Config's, per sequence-local position t) ----
+__device__ __forceinline__ int cmp_visible(int t, int l, int d) { return num_cmp_blocks(t + 1, l, d); }
+__device__ __forceinline__ int slc_valid(int t, int ls) { return t / ls + 1; }
+__device__ __forceinline__ int win_start(int t, int w) { return t - w + 1 > 0 ? t - w + 1 : 0; }
+
+// The sequence holding offset x of a [B+1] prefix array (largest b with cu[b] <= x, b < B).
+__device__ __forceinline__ int find_seq(const int64_t* cu, int B, int64_t x) {
+  int lo = 0, hi = B - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (cu[mid] <= x) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Ranking of the top-n (Eq. 11): a NaN score ranks below every number; ties go to the lower index.
+__device__ __forceinline__ float rank_key(float s) { return isnan(s) ? -INFINITY : s; }
+__device__ __forceinline__ bool ranks_before(float ka, int a, float kb, int b) {
+  return ka > kb || (ka == kb && a < b);
+}
+
+// ---- tensor-core primitives (kernel v1) ----
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; src_bytes = 0 writes zeros (rows past the end).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// D += A B for one m16n8k16 tile: A row-major 16x16 (4 regs), B "col" 16x8 (2 regs), D fp32 16x8.
+// Thread lane holds D rows lane/4 and lane/4 + 8, columns 2*(lane%4) and 2*(lane%4) + 1.
+template <class T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A shared-memory tile of rows x D 16-bit elements (D a multiple of 64), stored in 16-byte chunks
+// with chunk c of row r at position c ^ (r % 8): the 8 rows an ldmatrix reads at one column then
+// fall in 8 different bank groups instead of one (rows are 128-256 bytes apart).
+template <int D>
+struct SwizzledTile {
+  static_assert(D % 64 == 0, "swizzle needs a multiple of 8 chunks per row");
+  static constexpr int kChunks = D / 8;
+  __device__ static __forceinline__ int offset(int row, int chunk) {
+    return row * D + ((chunk ^ (row & 7)) << 3);
+  }
+};
+
+// Copies `rows` rows of D elements into a swizzled tile with cp.async; row r comes from
+// src_row(r) (a pointer), or is zero-filled when src_row(r) is nullptr (then the valid address
+// `fallback` is named but not read). Threads [tid, nthreads) of the caller's group.
+template <int D, class T, class SrcRow>
+__device__ __forceinline__ void load_tile_async(T* tile, int rows, SrcRow src_row, const T* fallback, int tid,
+                                                int nthreads) {
+  using Tile = SwizzledTile<D>;
+  for (int c = tid; c < rows * Tile::kChunks; c += nthreads) {
+    const int r = c / Tile::kChunks, ch = c % Tile::kChunks;
+    const T* src = src_row(r);
+    cp_async_16(tile + Tile::offset(r, ch), src ? src + ch * 8 : fallback, src != nullptr);
+  }
+}
+
+// Copies rows [0, rows) of a strided matrix (row r at base + r * stride elements) into a swizzled
+// tile with cp.async; rows >= valid are zero-filled. The same copy as load_tile_async for the
+// common case of evenly strided rows, with the address arithmetic of one row in a multiply-add.
+// base must be a valid address (row 0 is always in range where it is used).
+template <int D, class T>
+__device__ __forceinline__ void load_rows_async(T* tile, int rows, const T* base, int64_t stride, int valid, int tid,
+                                                int nthreads) {
+  using Tile = SwizzledTile<D>;
+  constexpr int C = Tile::kChunks;
+  for (int c = tid; c < rows * C; c += nthreads) {
+    const int r = c / C, ch = c - r * C;
+    const bool ok = r < valid;
+    cp_async_16(tile + Tile::offset(r, ch), base + (ok ? r * stride + ch * 8 : 0), ok);
+  }
+}
+
+}  // namespace nsa::cuda::dev

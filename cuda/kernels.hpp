@@ -1,0 +1,117 @@
+// Internal: the launchers of every stage, called by forward.cu in the order of the spec.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "config.hpp"
+#include "nsa_cuda.hpp"
+#include "params.hpp"
+
+namespace nsa::cuda {
+
+// Tiles of BT consecutive positions of one sequence: tile x of the packing is sequence b =
+// the largest b with cu_tiles[b] <= x, positions [(x - cu_tiles[b]) * BT, ... + BT) of it.
+struct TileMap {
+  const int64_t* cu_tiles = nullptr;  // [B+1] device, prefix sums of ceil(T_b / BT)
+  int64_t total = 0;                  // tiles in all
+  int BT = 0;                         // positions per tile
+};
+
+// ---- compress.cu: phi (Eq. 7) ----
+struct PhiDevice {  // one of keys / values; pointers into the Plan's buffers
+  const float* pe = nullptr;  // [Hkv, l, D]      fp32
+  const void* w = nullptr;    // [Hkv, D, l*D]    elem   linear
+  const float* b = nullptr;   // [Hkv, D]         fp32
+  const void* w1 = nullptr;   // [Hkv, hc, l*D]   elem   mlp
+  const float* b1 = nullptr;  // [Hkv, hc]
+  const void* w2 = nullptr;   // [Hkv, D, hc]     elem
+  const float* b2 = nullptr;  // [Hkv, D]
+};
+struct PhiWorkspace {
+  void* X = nullptr;      // [Hkv, Nc, l*D] elem   gathered blocks + pe
+  float* H = nullptr;     // [Hkv, Nc, max(hc, D)] fp32  GEMM output before its epilogue
+  void* Hb = nullptr;     // [Hkv, Nc, hc] elem    act(H + b1)
+  float* Y = nullptr;     // [Nc, Hkv, D] fp32
+};
+// out [Nc, Hkv, D] elem = phi(x) for x [N, Hkv, D] elem.
+void compress_phi(const Config& cfg, const FwdParams& p, Precision prec, const void* x, int D, int hc,
+                  const PhiDevice& phi, const PhiWorkspace& ws, void* out, cublasHandle_t blas, cudaStream_t s);
+
+// Row-major batched C = A op(B) with fp32 output: A [M, K] (lda), B [N, K] (ldb) when
+// transB, else [K, N]; C [M, N] (ldc); `stride*` between batch entries.
+void gemm(cublasHandle_t blas, Precision prec, bool transB, int batch, int M, int N, int K, const void* A,
+          int64_t lda, int64_t strideA, const void* B, int64_t ldb, int64_t strideB, float* C, int64_t ldc,
+          int64_t strideC);
+
+// ---- gate.cu: gates (NSA-SPEC.md 2) and the v0 combine (Eq. 5) ----
+struct GateMlpDevice {
+  const float* x = nullptr;   // [N, dm]
+  const float* w0 = nullptr;  // [dm, dh]  nullptr: no hidden layer
+  const float* b0 = nullptr;  // [dh]
+  const float* w = nullptr;   // [din, 3*Hq]
+  const float* b = nullptr;   // [3*Hq]
+  int dm = 0, dh = 0;
+  Activation act = Activation::Gelu;
+  float* hidden = nullptr;    // [N, dh] workspace
+};
+void gates_from_mlp(const FwdParams& p, const GateMlpDevice& m, float* gates, cublasHandle_t blas, cudaStream_t s);
+void fill(float* x, int64_t n, float value, cudaStream_t s);
+void combine_v0(Precision prec, const FwdParams& p, cudaStream_t s);
+
+// ---- cmp_attn.cu: compression attention + Eq. 8-11 (scores, top-n) ----
+void cmp_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s);
+size_t cmp_attn_v0_smem(const FwdParams& p, int nwarps);
+// Rows per CTA = 16 * nwarps (nwarps in 1..4), i.e. BT = 16 * nwarps / G positions.
+void cmp_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
+size_t cmp_attn_v1_smem(const FwdParams& p, int nwarps);
+// v2: nwarps in 1..8, 3-stage pipeline, warp-local Eq. 9 (see cmp_attn.cu); lean: v3.
+void cmp_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
+size_t cmp_attn_v2_smem(const FwdParams& p, int nwarps);
+
+// ---- select.cu: selection attention (Eq. 12) ----
+void slc_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s);
+// tm: tiles of 16 / G positions, one per warp; nwarps warps per CTA; lean: v3 (lists in shared
+// memory, unmasked full chunks, cheaper copies).
+void slc_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
+size_t slc_attn_v1_smem(const FwdParams& p, int nwarps, bool lean);
+// v2: 4 stages per warp, block lists in shared memory.
+void slc_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
+size_t slc_attn_v2_smem(const FwdParams& p, int nwarps);
+
+// ---- window.cu: sliding window (+ Eq. 5 in v1) ----
+void win_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s);
+// tm: tiles of 64 / G positions; writes o (the gated sum) too.
+void win_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, cudaStream_t s);
+size_t win_attn_v1_smem(const FwdParams& p);
+// v2: 16 * nwarps rows per CTA (tm: tiles of 16 * nwarps / G positions), 3 stages.
+void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
+size_t win_attn_v2_smem(const FwdParams& p, int nwarps);
+
+// True when kernel v1 is compiled for these head dims (NSA_CUDA_DIMS).
+bool v1_has_dims(int dk, int dv);
+
+// Calls fn(integral_constant<DK>, integral_constant<DV>) for the compiled (dk, dv) pair; false if
+// none matches. The pairs are those of NSA_CUDA_DIMS (CMake), to bound compile time.
+template <class Fn>
+bool dispatch_dims(int dk, int dv, Fn&& fn) {
+#define NSA_DIMS_CASE(A, B)                                                        \
+  if (dk == A && dv == B) {                                                        \
+    fn(std::integral_constant<int, A>{}, std::integral_constant<int, B>{});        \
+    return true;                                                                   \
+  }
+#ifdef NSA_CUDA_ALL_DIMS
+  NSA_DIMS_CASE(64, 64)
+  NSA_DIMS_CASE(64, 128)
+  NSA_DIMS_CASE(128, 64)
+  NSA_DIMS_CASE(192, 64)
+#endif
+  NSA_DIMS_CASE(128, 128)
+  NSA_DIMS_CASE(192, 128)
+#undef NSA_DIMS_CASE
+  return false;
+}
+
+}  // namespace nsa::cuda

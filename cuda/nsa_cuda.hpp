@@ -1,0 +1,127 @@
+// The CUDA path of the NSA forward pass (../shared/NSA-SPEC.md 1-5): the reference's semantics
+// on an NVIDIA GPU (Hopper first, Ampere supported). Host-side API, free of Eigen and of CUDA
+// headers, so the CLI and the tests include it like reference/nsa_ref.hpp.
+//
+// Stages (cuda/, mirroring reference/):
+//   compress.cu     phi (Eq. 7) for keys and values: mean, linear, mlp (cuBLAS block products)
+//   cmp_attn.cu     compression attention, fused with the importance scores (Eq. 8-10) and the
+//                   top-n selection (Eq. 11): neither the T x Nc probabilities nor the T x NB
+//                   block scores reach device memory unless asked for
+//   select.cu       selection attention (Eq. 12), group-centric: one warp holds all G heads of a
+//                   group for 16/G consecutive positions and streams the union of their blocks
+//   window.cu       sliding-window attention, fused with the gated sum (Eq. 5)
+//   gate.cu         the gates (given, or the gate MLP) and the plain combine of kernel v0
+//   forward.cu      Plan: buffers, the choice of kernel version, the sequence of launches
+// Kernel versions (STYLE 6): v0 = fp32 CUDA cores, one warp per (token, head), any shape: the
+// obviously-right version and the fp32 debug mode; v1 = tensor cores (mma.sync m16n8k16, bf16 or
+// fp16 operands, fp32 accumulation) for dk in {64, 128, 192}, dv in {64, 128}, G in {1, 2, 4, 8, 16};
+// v2 = v1's computation with deeper pipelines, larger CTAs and fewer barriers; v3 = v2's compression
+// and window kernels and v1's selection kernel with the per-element work trimmed (the default).
+// docs/cuda.md has each version's measured times.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "nsa_ref.hpp"
+
+struct CUstream_st;  // cudaStream_t, without the CUDA headers
+
+namespace nsa::cuda {
+
+// Operand precision of the device computation; accumulation is always fp32.
+enum class Precision { BF16, FP16, FP32 };
+const char* to_string(Precision p);             // "bf16", "fp16", "fp32"
+Precision parse_precision(const std::string&);  // throws ConfigError naming the choices
+int element_size(Precision p);                  // bytes per stored element
+
+// Rounds x to the nearest value of the precision (round to nearest even), as the device stores
+// it; tests feed the reference the same rounded inputs.
+float round_to(Precision p, float x);
+Tensor<float> round_to(Precision p, const Tensor<float>& t);
+ref::Inputs<float> round_to(Precision p, const ref::Inputs<float>& in);
+
+// True when a CUDA device is usable; otherwise *why says what is missing.
+bool available(std::string* why = nullptr);
+// "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)"; throws CudaError without a device.
+std::string device_name();
+
+struct Options {
+  Precision dtype = Precision::BF16;
+  int kernel = -1;           // -1: chosen from the config and the device; 0 to 3: that version
+  bool intermediates = true;  // also produce o_win and block_scores (o_cmp, o_slc, lse, block_idx
+                              // and the compressed K/V are always produced: later stages use them)
+  int device = 0;
+};
+
+// True when the tensor-core kernels (v1-v3) are compiled for these head dims (NSA_CUDA_DIMS).
+bool v1_compiled(int dk, int dv);
+
+// The version `choose_kernel` picks, or the override; throws ConfigError when the override cannot
+// run this config (the message says why). *why (if given) explains the choice.
+int choose_kernel(const Config& cfg, const Options& opt, std::string* why = nullptr);
+
+// Time of one stage of a timed run, in milliseconds.
+struct StageTime {
+  std::string stage;  // "compress", "cmp_attn+select", "slc_attn", "win_attn+combine", ...
+  double ms;
+};
+
+struct BenchResult {
+  double ms = 0;                  // median of the whole forward
+  std::vector<StageTime> stages;  // per-stage medians
+  int kernel = -1;
+};
+class Plan;
+// Median time of plan.run (ms) over `reps` repeats after `warmup` runs, with the L2 cache flushed
+// before each repeat, and the per-stage medians of as many timed runs.
+BenchResult bench(Plan& plan, int warmup, int reps);
+
+// The card's measured ceilings (METHOD.md): a square matrix product through cuBLAS (operands of
+// the precision, fp32 accumulation; n = 8192), a device-to-device copy (bytes read + written),
+// and reads of a buffer that fits in L2 (16-byte loads, every SM): the rate at which kernels can
+// pull K/V that is already on chip, the bound of the selection branch on random selections.
+struct Ceilings {
+  double matmul_tflops = 0;
+  double copy_tbps = 0;
+  double l2_read_tbps = 0;
+};
+Ceilings measure_ceilings(Precision p, int device = 0);
+
+// A forward pass held on the device: buffers sized for one config and one packing of sequences,
+// reusable across runs (the benchmark times `run` alone, without host copies).
+class Plan {
+ public:
+  // cu_seqlens: [B+1] offsets of packed sequences (empty: one sequence of N tokens).
+  Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const Options& opt);
+  ~Plan();
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
+
+  // Rounds and copies host inputs (which must have passed ref::check_inputs) to the device.
+  void upload(const ref::Inputs<float>& in);
+  // Fills the inputs on the device: q, k, v ~ N(0, 1) (shared K/V), gates ~ U(0, 1), and the
+  // compression parameters of ref::random_compress_params(seed). For benchmarks.
+  void randomize(uint64_t seed);
+  // The forward pass on the device buffers, enqueued on `stream` (nullptr: the default stream).
+  void run(CUstream_st* stream = nullptr);
+  // One run with events between stages; synchronises.
+  std::vector<StageTime> run_timed();
+  // Copies every output back, in the reference's layout.
+  ref::ForwardResult<float> download() const;
+
+  int kernel() const;             // the version in use
+  const Config& config() const;
+  size_t device_bytes() const;    // bytes allocated on the device
+  struct Impl;
+
+ private:
+  friend BenchResult bench(Plan& plan, int warmup, int reps);
+  Impl* impl_;
+};
+
+// forward = Plan + upload + run + download: same shapes and meanings as ref::forward.
+ref::ForwardResult<float> forward(const Config& cfg, const ref::Inputs<float>& in, const Options& opt);
+
+}  // namespace nsa::cuda

@@ -1,0 +1,431 @@
+// The selection branch's attention (Eq. 12): query t attends over the tokens u <= t of the n
+// blocks its group selected (block_idx, written by cmp_attn). CUDA twin of the selection part of
+// reference/forward.cpp's nsa_tile.
+//
+// v1 is group-centric as the paper designs it, extended to small groups: one warp owns 16 rows,
+// all G heads of 16 / G consecutive positions (G = 16: one position). It walks the union of those
+// positions' block lists in ascending order (a merge done by the warp, one lane per position) and
+// streams each block's K and V contiguously through shared memory in chunks of 32 tokens with
+// cp.async double buffering; a row masks the blocks its position did not select. For G = 16 this
+// is exactly the paper's kernel; for G < 16 a block shared by adjacent positions (always the
+// initial and local ones) is read once for all of them instead of once per position, and the
+// m16 rows of the tensor-core tile are all real heads instead of padding.
+#include <climits>
+
+#include "check.hpp"
+#include "attn_tile.cuh"
+#include "device.cuh"
+#include "kernels.hpp"
+
+namespace nsa::cuda {
+
+namespace {
+
+using namespace dev;
+
+// ============================== v0: fp32 CUDA cores ==============================
+// One CTA per (token, group); warps over the group's heads; one key at a time, online softmax.
+template <class T>
+__global__ void slc_attn_v0_kernel(FwdParams p) {
+  const int64_t row = blockIdx.x;
+  const int g = blockIdx.y;
+  const int b = find_seq(p.cu_seqlens, p.B, row);
+  const int64_t row0 = p.cu_seqlens[b];
+  const int t = int(row - row0);
+  const int nw = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int32_t* sel = p.block_idx + (row * p.Hkv + g) * p.n;
+  const T* K = static_cast<const T*>(p.k_slc);
+  const T* V = static_cast<const T*>(p.v_slc);
+  for (int hi = warp; hi < p.G; hi += nw) {
+    const int h = g * p.G + hi;
+    const T* q = static_cast<const T*>(p.q) + (row * p.Hq + h) * p.dk;
+    float m = -INFINITY, sum = 0, o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int mm = 0; mm < p.n; ++mm) {
+      const int j = sel[mm];
+      if (j < 0) break;
+      const int u1 = min((j + 1) * p.ls, t + 1);
+      for (int u = j * p.ls; u < u1; ++u) {
+        const T* k = K + ((row0 + u) * p.Hkv + g) * p.dk;
+        float s = 0;
+        for (int c = lane; c < p.dk; c += 32) s += to_f(q[c]) * to_f(k[c]);
+        for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+        s *= p.scale;
+        const float mn = fmaxf(m, s), alpha = expf(m - mn), pr = expf(s - mn);
+        sum = sum * alpha + pr;
+        const T* v = V + ((row0 + u) * p.Hkv + g) * p.dv;
+#pragma unroll
+        for (int k2 = 0; k2 < 8; ++k2)
+          if (lane + 32 * k2 < p.dv) o[k2] = o[k2] * alpha + pr * to_f(v[lane + 32 * k2]);
+        m = mn;
+      }
+    }
+    T* out = static_cast<T*>(p.o_slc) + (row * p.Hq + h) * p.dv;
+#pragma unroll
+    for (int k2 = 0; k2 < 8; ++k2)
+      if (lane + 32 * k2 < p.dv) out[lane + 32 * k2] = from_f<T>(sum > 0 ? o[k2] / sum : 0.0f);
+    if (lane == 0) p.lse_slc[row * p.Hq + h] = sum > 0 ? m + logf(sum) : -INFINITY;
+  }
+}
+
+// ============================== v1: tensor cores ==============================
+constexpr int kChunk = 32;  // tokens per pipeline stage
+
+// Shared memory of one warp of v1/v3: two stages of K and V chunks, then (v3) the block lists of
+// the warp's P <= 16 positions, read once instead of one global load per block.
+__host__ __device__ inline size_t slc_v1_warp_bytes(int dk, int dv, int n, bool lean) {
+  return size_t(2) * kChunk * (dk + dv) * 2 + (lean ? size_t(16) * n * 4 : 0);
+}
+
+struct Item {
+  int j;          // selection block; INT_MAX: no more
+  unsigned mask;  // bit p: position t0 + p selected block j
+  int c;          // chunk of the block: tokens j l' + c*32 + [0, 32)
+};
+
+// The warp-uniform walk over the union of the P sorted block lists of a warp's positions, chunk by
+// chunk: lane p < P holds a cursor into position t0 + p's list; each new block is the minimum of
+// the lanes' heads, and the lanes holding it advance. head(cursor) is the calling lane's list
+// entry (INT_MAX past the end or at -1 padding).
+struct BlockUnion {
+  int hv = INT_MAX, cursor = 0, blk_j = -1, blk_chunks = 0, next_c = 0;
+  unsigned blk_mask = 0;
+  template <class Head>
+  __device__ __forceinline__ Item next(Head&& head, int ls, int t_maxw) {
+    if (blk_j >= 0 && next_c < blk_chunks) return {blk_j, blk_mask, next_c++};
+    int jm = hv;
+    for (int o = 16; o > 0; o /= 2) jm = min(jm, __shfl_xor_sync(0xffffffffu, jm, o));
+    if (jm == INT_MAX) return {INT_MAX, 0u, 0};
+    const unsigned mask = __ballot_sync(0xffffffffu, hv == jm);
+    if (hv == jm) hv = head(++cursor);
+    // Tokens past the warp's last position are masked for every row: not loaded.
+    const int len = min((jm + 1) * ls, t_maxw + 1) - jm * ls;
+    blk_j = jm, blk_mask = mask, blk_chunks = (len + kChunk - 1) / kChunk, next_c = 1;
+    return {jm, mask, 0};
+  }
+};
+
+// Copies chunk `it` (tokens [u0, u_end) of group g's K and V; zeros past u_end) into one stage,
+// with the warp's 32 lanes. kStrided: from a row base and stride (v3), else row by row (v1, v2).
+template <class T, int DK, int DV, bool kStrided>
+__device__ __forceinline__ void load_chunk(T* sKs, T* sVs, const Item& it, const T* K, const T* V, int64_t row0,
+                                           int Hkv, int g, int ls, int t_maxw, int lane) {
+  const int u0 = it.j * ls + it.c * kChunk, u_end = min((it.j + 1) * ls, t_maxw + 1);
+  if constexpr (kStrided) {
+    load_rows_async<DK>(sKs, kChunk, K + ((row0 + u0) * Hkv + g) * DK, int64_t(Hkv) * DK, u_end - u0, lane, 32);
+    load_rows_async<DV>(sVs, kChunk, V + ((row0 + u0) * Hkv + g) * DV, int64_t(Hkv) * DV, u_end - u0, lane, 32);
+  } else {
+    load_tile_async<DK>(
+        sKs, kChunk,
+        [&](int r) -> const T* { return u0 + r < u_end ? K + ((row0 + u0 + r) * Hkv + g) * DK : nullptr; }, K, lane,
+        32);
+    load_tile_async<DV>(
+        sVs, kChunk,
+        [&](int r) -> const T* { return u0 + r < u_end ? V + ((row0 + u0 + r) * Hkv + g) * DV : nullptr; }, V, lane,
+        32);
+  }
+}
+
+template <class T, int DK, int DV, bool kLean>
+__global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap tm) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t wi = int64_t(blockIdx.x) * (blockDim.x / 32) + warp;
+  if (wi >= int64_t(p.Hkv) * tm.total) return;  // whole warps only: no CTA-wide barrier follows
+  // KV group outermost, so the warps resident at one time read one group's K/V (L2 locality).
+  const int g = int(wi / tm.total);
+  const int64_t x = wi % tm.total;
+  const int G = p.G, P = tm.BT;  // P = 16 / G positions per warp
+  const int b = find_seq(tm.cu_tiles, p.B, x);
+  const int t0 = int(x - tm.cu_tiles[b]) * P;
+  const int64_t row0 = p.cu_seqlens[b];
+  const int T_b = int(p.cu_seqlens[b + 1] - row0);
+  const int t_maxw = min(t0 + P, T_b) - 1;  // last position of the warp
+  const int Hkv = p.Hkv;
+  const unsigned all_pos = P == 32 ? 0xffffffffu : (1u << P) - 1;  // every position of the warp
+
+  T* sK = reinterpret_cast<T*>(smem + size_t(warp) * slc_v1_warp_bytes(DK, DV, p.n, kLean));  // [2][32, DK]
+  T* sV = sK + 2 * kChunk * DK;                                                                 // [2][32, DV]
+  int* sL = reinterpret_cast<int*>(sV + 2 * kChunk * DV);  // kLean: [P][n] block lists
+  if constexpr (kLean) {
+    for (int e = lane; e < P * p.n; e += 32) {
+      const int t = t0 + e / p.n;
+      sL[e] = t < T_b ? p.block_idx[((row0 + t) * Hkv + g) * p.n + e % p.n] : -1;
+    }
+    __syncwarp();
+  }
+
+  // This thread's rows A = lane / 4 and B = A + 8 of the warp: (position r / G, head r % G).
+  const int rA = lane >> 2, rB = rA + 8;
+  const int posA = rA / G, posB = rB / G;
+  const int tA = t0 + posA, tB = t0 + posB;
+  const bool okA = tA < T_b, okB = tB < T_b;
+  const int hA = g * G + rA % G, hB = g * G + rB % G;
+
+  // Q as mma A fragments straight from global memory (16 rows x DK, read once).
+  const T* q = static_cast<const T*>(p.q);
+  const T* qA = q + ((row0 + (okA ? tA : 0)) * p.Hq + hA) * DK;
+  const T* qB = q + ((row0 + (okB ? tB : 0)) * p.Hq + hB) * DK;
+  uint32_t qa[DK / 16][4];
+  load_q_global<DK>(qa, qA, qB, okA, okB, lane);
+
+  // The union of the P block lists (v3: read from shared memory).
+  const int32_t* mylist =
+      lane < P && t0 + lane < T_b ? p.block_idx + ((row0 + t0 + lane) * Hkv + g) * p.n : nullptr;
+  auto head = [&](int c) -> int {
+    if (!mylist || c >= p.n) return INT_MAX;
+    const int j = kLean ? sL[lane * p.n + c] : mylist[c];
+    return j >= 0 ? j : INT_MAX;  // -1 padding ends the list
+  };
+  BlockUnion walk;
+  walk.hv = head(0);
+  auto next = [&]() { return walk.next(head, p.ls, t_maxw); };
+  const T* K = static_cast<const T*>(p.k_slc);
+  const T* V = static_cast<const T*>(p.v_slc);
+  auto issue = [&](const Item& it, int stage) {
+    load_chunk<T, DK, DV, kLean>(sK + stage * kChunk * DK, sV + stage * kChunk * DV, it, K, V, row0, Hkv, g, p.ls,
+                                 t_maxw, lane);
+  };
+
+  const float sl2 = p.scale * kLog2e;
+  float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
+  float oacc[DV / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0;
+
+  Item cur = next();
+  if (cur.j != INT_MAX) issue(cur, 0);
+  cp_async_commit();
+  int stage = 0;
+  while (cur.j != INT_MAX) {
+    const Item nx = next();
+    if (nx.j != INT_MAX) issue(nx, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();
+
+    const T* sKs = sK + stage * kChunk * DK;
+    const T* sVs = sV + stage * kChunk * DV;
+    float s[4][4];
+    qk_tile<T, DK, kChunk>(s, qa, sKs, lane);
+    // Row masks: the position selected this block, and u <= t (the block end for the last chunk).
+    const int u0 = cur.j * p.ls + cur.c * kChunk, blk_end = (cur.j + 1) * p.ls;
+    const bool selA = okA && ((cur.mask >> posA) & 1u), selB = okB && ((cur.mask >> posB) & 1u);
+    // kLean: a chunk inside its block, before the warp's first position, selected by all of the
+    // warp's positions, is seen whole by every row: no masks, one FFMA + ex2 per element.
+    if (kLean && u0 + kChunk <= blk_end && u0 + kChunk - 1 <= t0 && t0 + P <= T_b && cur.mask == all_pos) {
+      rescale<DV>(oacc, softmax_step_full(s, sl2, mA, mB, lA, lB));
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int u = u0 + nt * 8 + 2 * (lane & 3) + e;
+          const bool in_blk = u < blk_end;
+          s[nt][e] = selA && in_blk && u <= tA ? s[nt][e] * sl2 : -INFINITY;
+          s[nt][2 + e] = selB && in_blk && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
+        }
+      rescale<DV>(oacc, softmax_step_masked(s, mA, mB, lA, lB));
+    }
+    pv_tile<T, DV, kChunk>(oacc, s, sVs, lane);
+    __syncwarp();  // every lane is done with this stage before the next issue overwrites it
+    cur = nx;
+    stage ^= 1;
+  }
+
+  quad_sum(lA, lB);
+  const float iA = lA > 0 ? 1.0f / lA : 0.0f, iB = lB > 0 ? 1.0f / lB : 0.0f;
+  store_rows<T, DV>(static_cast<T*>(p.o_slc), ((row0 + tA) * p.Hq + hA) * DV, ((row0 + tB) * p.Hq + hB) * DV, okA,
+                   okB, oacc, iA, iB, lane);
+  if ((lane & 3) == 0) {
+    if (okA) p.lse_slc[(row0 + tA) * p.Hq + hA] = lA > 0 ? (mA + log2f(lA)) * kLn2 : -INFINITY;
+    if (okB) p.lse_slc[(row0 + tB) * p.Hq + hB] = lB > 0 ? (mB + log2f(lB)) * kLn2 : -INFINITY;
+  }
+}
+
+
+// ============================== v2: deeper pipeline, lists in shared memory ==============================
+// Measured on the H100 (T = 64k, G = 16): v1 streams ~5 TB/s of K/V, a third of the card's measured
+// L2 read rate: each warp has one 32-token chunk in flight while it computes on the other, and
+// each new block waits on a global load of the next list entry. v2 keeps four stages per warp
+// (three chunks in flight) and reads the P block lists once into shared memory at the start.
+constexpr int kStagesSlc2 = 4;
+
+__host__ __device__ inline size_t slc_v2_warp_bytes(int dk, int dv, int n) {
+  return size_t(kStagesSlc2) * kChunk * (dk + dv) * 2 + size_t(16) * n * 4;  // stages, then P <= 16 lists
+}
+
+template <class T, int DK, int DV>
+__global__ void __launch_bounds__(128) slc_attn_v2_kernel(FwdParams p, TileMap tm) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t wi = int64_t(blockIdx.x) * (blockDim.x / 32) + warp;
+  if (wi >= int64_t(p.Hkv) * tm.total) return;  // whole warps only: no CTA-wide barrier follows
+  const int g = int(wi / tm.total);
+  const int64_t x = wi % tm.total;
+  const int G = p.G, P = tm.BT;
+  const int b = find_seq(tm.cu_tiles, p.B, x);
+  const int t0 = int(x - tm.cu_tiles[b]) * P;
+  const int64_t row0 = p.cu_seqlens[b];
+  const int T_b = int(p.cu_seqlens[b + 1] - row0);
+  const int t_maxw = min(t0 + P, T_b) - 1;
+  const int Hkv = p.Hkv, n = p.n;
+
+  unsigned char* wbase = smem + size_t(warp) * slc_v2_warp_bytes(DK, DV, n);
+  T* sK = reinterpret_cast<T*>(wbase);                          // [4][32, DK]
+  T* sV = sK + kStagesSlc2 * kChunk * DK;                       // [4][32, DV]
+  int* sL = reinterpret_cast<int*>(sV + kStagesSlc2 * kChunk * DV);  // [P][n] block lists
+  for (int e = lane; e < P * n; e += 32) {
+    const int t = t0 + e / n;
+    sL[e] = t < T_b ? p.block_idx[((row0 + t) * Hkv + g) * n + e % n] : -1;
+  }
+  __syncwarp();
+
+  const int rA = lane >> 2, rB = rA + 8;
+  const int posA = rA / G, posB = rB / G;
+  const int tA = t0 + posA, tB = t0 + posB;
+  const bool okA = tA < T_b, okB = tB < T_b;
+  const int hA = g * G + rA % G, hB = g * G + rB % G;
+  const T* q = static_cast<const T*>(p.q);
+  const T* qA = q + ((row0 + (okA ? tA : 0)) * p.Hq + hA) * DK;
+  const T* qB = q + ((row0 + (okB ? tB : 0)) * p.Hq + hB) * DK;
+  uint32_t qa[DK / 16][4];
+  load_q_global<DK>(qa, qA, qB, okA, okB, lane);
+
+  // The union of the P block lists, as v1, read from shared memory.
+  auto head = [&](int c) -> int {
+    if (lane >= P || c >= n) return INT_MAX;
+    const int j = sL[lane * n + c];
+    return j >= 0 ? j : INT_MAX;
+  };
+  BlockUnion walk;
+  walk.hv = head(0);
+  auto next = [&]() { return walk.next(head, p.ls, t_maxw); };
+  const T* K = static_cast<const T*>(p.k_slc);
+  const T* V = static_cast<const T*>(p.v_slc);
+  auto issue = [&](const Item& it, int stage) {
+    load_chunk<T, DK, DV, false>(sK + stage * kChunk * DK, sV + stage * kChunk * DV, it, K, V, row0, Hkv, g, p.ls,
+                                 t_maxw, lane);
+  };
+
+  const float sl2 = p.scale * kLog2e;
+  float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
+  float oacc[DV / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0;
+
+  // Items i0 (computed next), i1, i2 in flight in stages st, st+1, st+2; a fourth is issued into
+  // the stage computed last.
+  Item i0 = next();
+  if (i0.j != INT_MAX) issue(i0, 0);
+  cp_async_commit();
+  Item i1 = next();
+  if (i1.j != INT_MAX) issue(i1, 1);
+  cp_async_commit();
+  Item i2 = next();
+  if (i2.j != INT_MAX) issue(i2, 2);
+  cp_async_commit();
+  int st = 0;
+  while (i0.j != INT_MAX) {
+    const Item nx = next();
+    if (nx.j != INT_MAX) issue(nx, (st + 3) & 3);
+    cp_async_commit();
+    cp_async_wait<kStagesSlc2 - 1>();
+    __syncwarp();
+
+    const T* sKs = sK + st * kChunk * DK;
+    const T* sVs = sV + st * kChunk * DV;
+    float s[4][4];
+    qk_tile<T, DK, kChunk>(s, qa, sKs, lane);
+    const int u0 = i0.j * p.ls + i0.c * kChunk, blk_end = (i0.j + 1) * p.ls;
+    const bool selA = okA && ((i0.mask >> posA) & 1u), selB = okB && ((i0.mask >> posB) & 1u);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int u = u0 + nt * 8 + 2 * (lane & 3) + e;
+        const bool in_blk = u < blk_end;
+        s[nt][e] = selA && in_blk && u <= tA ? s[nt][e] * sl2 : -INFINITY;
+        s[nt][2 + e] = selB && in_blk && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
+      }
+    rescale<DV>(oacc, softmax_step_masked(s, mA, mB, lA, lB));
+    pv_tile<T, DV, kChunk>(oacc, s, sVs, lane);
+    __syncwarp();  // every lane is done with stage st before it is refilled
+    i0 = i1, i1 = i2, i2 = nx;
+    st = (st + 1) & 3;
+  }
+
+  quad_sum(lA, lB);
+  const float iA = lA > 0 ? 1.0f / lA : 0.0f, iB = lB > 0 ? 1.0f / lB : 0.0f;
+  store_rows<T, DV>(static_cast<T*>(p.o_slc), ((row0 + tA) * p.Hq + hA) * DV, ((row0 + tB) * p.Hq + hB) * DV, okA,
+                   okB, oacc, iA, iB, lane);
+  if ((lane & 3) == 0) {
+    if (okA) p.lse_slc[(row0 + tA) * p.Hq + hA] = lA > 0 ? (mA + log2f(lA)) * kLn2 : -INFINITY;
+    if (okB) p.lse_slc[(row0 + tB) * p.Hq + hB] = lB > 0 ? (mB + log2f(lB)) * kLn2 : -INFINITY;
+  }
+}
+
+template <class T>
+void launch_v0(const FwdParams& p, cudaStream_t s) {
+  const int nw = p.G < 4 ? p.G : 4;
+  slc_attn_v0_kernel<T><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, 0, s>>>(p);
+  NSA_CUDA_CHECK_LAUNCH("slc_attn_v0_kernel");
+}
+
+template <class T, bool kLean>
+void launch_v1(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
+  const size_t smem = slc_attn_v1_smem(p, nw, kLean);
+  const int64_t warps = int64_t(p.Hkv) * tm.total;
+  const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
+    auto kernel = slc_attn_v1_kernel<T, decltype(DK)::value, decltype(DV)::value, kLean>;
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<unsigned((warps + nw - 1) / nw), 32 * nw, smem, s>>>(p, tm);
+    NSA_CUDA_CHECK_LAUNCH("slc_attn_v1_kernel");
+  });
+  if (!ok) throw ConfigError(cat("slc_attn v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
+}
+
+template <class T>
+void launch_v2(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
+  const size_t smem = slc_attn_v2_smem(p, nw);
+  const int64_t warps = int64_t(p.Hkv) * tm.total;
+  const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
+    auto kernel = slc_attn_v2_kernel<T, decltype(DK)::value, decltype(DV)::value>;
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<unsigned((warps + nw - 1) / nw), 32 * nw, smem, s>>>(p, tm);
+    NSA_CUDA_CHECK_LAUNCH("slc_attn_v2_kernel");
+  });
+  if (!ok) throw ConfigError(cat("slc_attn v2: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
+}
+
+}  // namespace
+
+size_t slc_attn_v1_smem(const FwdParams& p, int nwarps, bool lean) {
+  return size_t(nwarps) * slc_v1_warp_bytes(p.dk, p.dv, p.n, lean);
+}
+
+size_t slc_attn_v2_smem(const FwdParams& p, int nwarps) { return size_t(nwarps) * slc_v2_warp_bytes(p.dk, p.dv, p.n); }
+
+void slc_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
+  if (tm.total == 0) return;
+  if (prec == Precision::BF16) launch_v2<__nv_bfloat16>(p, tm, nwarps, s);
+  else if (prec == Precision::FP16) launch_v2<__half>(p, tm, nwarps, s);
+  else throw ConfigError("slc_attn v2 needs bf16 or fp16 operands (fp32 runs kernel v0)");
+}
+
+void slc_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {
+  if (p.N == 0) return;
+  switch (prec) {
+    case Precision::BF16: launch_v0<__nv_bfloat16>(p, s); break;
+    case Precision::FP16: launch_v0<__half>(p, s); break;
+    case Precision::FP32: launch_v0<float>(p, s); break;
+  }
+}
+
+void slc_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s) {
+  if (tm.total == 0) return;
+  if (prec == Precision::BF16) lean ? launch_v1<__nv_bfloat16, true>(p, tm, nwarps, s) : launch_v1<__nv_bfloat16, false>(p, tm, nwarps, s);
+  else if (prec == Precision::FP16) lean ? launch_v1<__half, true>(p, tm, nwarps, s) : launch_v1<__half, false>(p, tm, nwarps, s);
+  else throw ConfigError("slc_attn v1/v3 needs bf16 or fp16 operands (fp32 runs kernel v0)");
+}
+
+}  // namespace nsa::cuda

@@ -1,0 +1,111 @@
+// Top-n block selection (NSA-SPEC.md 4, Eq. 11), the CUDA twin of ref::select_blocks: given the
+// group scores P[j] of query t's valid blocks, the forced blocks (the first init_blocks and the
+// local_blocks ending at t's own block) plus the highest-scoring others, n in all, ascending,
+// -1 padding. Ranking: higher score first, exactly equal scores to the lower index, NaN last.
+//
+// Both versions pick the others one at a time as "the best block ranked strictly after the
+// previous pick", which needs no marks and reproduces the reference's strict order exactly.
+#pragma once
+
+#include <climits>
+
+#include "device.cuh"
+
+namespace nsa::cuda::dev {
+
+struct Forced {
+  int init, lo, own;  // forced: j < init, or lo <= j <= own
+  __device__ bool has(int j) const { return j < init || (j >= lo && j <= own); }
+  // Number of forced blocks (the two ranges may overlap).
+  __device__ int count() const {
+    const int a = lo > init ? lo : init;
+    return init + (own >= a ? own - a + 1 : 0);
+  }
+};
+
+__device__ __forceinline__ Forced forced_blocks(const FwdParams& p, int t) {
+  const int own = t / p.ls, lo = own - p.local_blocks + 1;
+  return {p.init_blocks, lo > 0 ? lo : 0, own};  // init_blocks <= n < valid whenever it is used
+}
+
+// One thread (kernel v0): writes out[0, n) in global memory.
+__device__ inline void select_serial(const float* P, int t, const FwdParams& p, int32_t* out) {
+  const int valid = slc_valid(t, p.ls), n = p.n;
+  if (valid <= n) {  // every valid block fits
+    for (int m = 0; m < n; ++m) out[m] = m < valid ? m : -1;
+    return;
+  }
+  const Forced f = forced_blocks(p, t);
+  int m = 0;
+  for (int j = 0; j < valid; ++j)
+    if (f.has(j)) out[m++] = j;
+  int prev = -1;
+  float prev_key = INFINITY;
+  for (; m < n; ++m) {
+    int best = -1;
+    float best_key = 0;
+    for (int j = 0; j < valid; ++j) {
+      if (f.has(j)) continue;
+      const float k = rank_key(P[j]);
+      if (prev >= 0 && !ranks_before(prev_key, prev, k, j)) continue;  // already picked
+      if (best < 0 || ranks_before(k, j, best_key, best)) best = j, best_key = k;
+    }
+    out[m] = best;
+    prev = best, prev_key = best_key;
+  }
+  for (int a = 1; a < n; ++a) {  // ascending
+    const int32_t x = out[a];
+    int b = a - 1;
+    for (; b >= 0 && out[b] > x; --b) out[b + 1] = out[b];
+    out[b + 1] = x;
+  }
+}
+
+// One warp (kernel v1): P in shared memory, list[n] shared scratch; writes out[0, n) in global
+// memory. Each round scans the valid blocks lane-strided and reduces (key, index) over the warp.
+__device__ inline void select_warp(const float* P, int t, const FwdParams& p, int* list, int32_t* out, int lane) {
+  const int valid = slc_valid(t, p.ls), n = p.n;
+  if (valid <= n) {
+    for (int m = lane; m < n; m += 32) out[m] = m < valid ? m : -1;
+    return;
+  }
+  const Forced f = forced_blocks(p, t);
+  const int nf = f.count();
+  if (lane == 0) {
+    int m = 0;
+    for (int j = 0; j < f.init; ++j) list[m++] = j;
+    for (int j = f.lo > f.init ? f.lo : f.init; j <= f.own; ++j) list[m++] = j;
+  }
+  float prev_key = INFINITY;
+  int prev = -1;
+  for (int r = nf; r < n; ++r) {
+    float bk = -INFINITY;
+    int bi = INT_MAX;  // none yet
+    for (int j = lane; j < valid; j += 32) {
+      if (f.has(j)) continue;
+      const float k = rank_key(P[j]);
+      if (!ranks_before(prev_key, prev, k, j)) continue;  // already picked
+      if (bi == INT_MAX || ranks_before(k, j, bk, bi)) bk = k, bi = j;
+    }
+    for (int o = 16; o > 0; o /= 2) {
+      const float ok = __shfl_xor_sync(0xffffffffu, bk, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (oi != INT_MAX && (bi == INT_MAX || ranks_before(ok, oi, bk, bi))) bk = ok, bi = oi;
+    }
+    prev_key = bk, prev = bi;
+    if (lane == 0) list[r] = bi;
+  }
+  __syncwarp();
+  if (lane == 0)
+    for (int a = 1; a < n; ++a) {
+      const int x = list[a];
+      int b = a - 1;
+      for (; b >= 0 && list[b] > x; --b) list[b + 1] = list[b];
+      list[b + 1] = x;
+    }
+  __syncwarp();
+  for (int m = lane; m < n; m += 32) out[m] = list[m];
+  __syncwarp();
+}
+
+}  // namespace nsa::cuda::dev

@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Merges the benchmark outputs of one device call (scripts/device.sh) into the committed results
+file experiments/results/<gpu>-<yyyymmdd>.json ({"device", "date", "command", "records"}) and
+prints the summary table: NSA against cuDNN SDPA per shape, and the selection stage's rate.
+
+usage: merge_results.py --command CMD --out results.json bench*.json sdpa.json [peers.json]
+"""
+import argparse
+import json
+import time
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("inputs", nargs="+")
+    ap.add_argument("--command", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    records, device, ceilings = [], None, {}
+    for path in args.inputs:
+        try:
+            d = json.load(open(path))
+        except (OSError, ValueError) as e:
+            print(f"merge_results: skipping {path}: {e}")
+            continue
+        device = device or d.get("device")
+        if "ceilings" in d:
+            ceilings = d["ceilings"]
+        for r in d.get("records", []):
+            r.setdefault("source", path.split("/")[-1])
+            records.append(r)
+        # Public NSA kernels (/work/shared/tools/peers_bench.py rows): their forward lines, at the
+        # shapes that script fixes (B = 1, Hq = 64, Hkv = 4, d = 128, bf16, n = 16, l' = 64).
+        for r in d.get("rows", []):
+            name = r.get("name", "")
+            if r.get("T") and name.endswith("_fwd") and ("nsa" in name or "slc" in name):
+                records.append({"op": "forward", "impl": name, "T": r["T"], "B": 1, "Hq": 64, "Hkv": 4, "dk": 128,
+                                "dv": 128, "dtype": "bf16", "ms": r["ms"], "source": path.split("/")[-1],
+                                "note": "public Triton NSA kernel, no window branch"})
+    out = {"device": device, "date": time.strftime("%Y-%m-%d"), "command": args.command, "ceilings": ceilings,
+           "records": records}
+    json.dump(out, open(args.out, "w"), indent=1)
+
+    def find(impl, T, dk, dv):
+        for r in records:
+            if r.get("impl") == impl and r.get("T") == T and r.get("dk") == dk and r.get("dv") == dv and r.get("ms"):
+                return r
+        return None
+
+    print(f"\n== {device}; measured ceilings: {ceilings}")
+    print(f"{'dk/dv':>7} {'T':>6} | {'nsa_cuda ms':>11} {'TFLOP/s':>7} | {'cuDNN ms':>9} {'flash ms':>9} | "
+          f"{'vs cuDNN':>8} {'vs flash':>8} | {'slc stage TFLOP/s (% of matmul)':>31} | stages ms")
+    for r in records:
+        if r.get("impl") != "nsa_cuda":
+            continue
+        T, dk, dv = r["T"], r["dk"], r["dv"]
+        cu, fl = find("sdpa_cudnn", T, dk, dv), find("sdpa_flash", T, dk, dv)
+        slc = next((s for s in r.get("stages", []) if s["stage"] == "slc_attn"), None)
+        st = " ".join(f"{s['stage']}={s['ms']:.2f}" for s in r.get("stages", []))
+        print(f"{dk:>3}/{dv:<3} {T:>6} | {r['ms']:>11.3f} {r['tflops']:>7.0f} | "
+              f"{cu['ms'] if cu else float('nan'):>9.3f} {fl['ms'] if fl else float('nan'):>9.3f} | "
+              f"{(cu['ms'] / r['ms']) if cu else float('nan'):>7.2f}x {(fl['ms'] / r['ms']) if fl else float('nan'):>7.2f}x | "
+              f"{(slc['tflops'] if slc else float('nan')):>20.0f} ({(slc['pct_of_ceiling'] if slc else float('nan')):>4.0f}%)"
+              f"     | {st}")
+    peers = [r for r in records if r.get("impl") not in ("nsa_cuda", "sdpa_cudnn", "sdpa_flash")]
+    for r in peers:
+        print(f"peer {r.get('impl')}: T={r.get('T')} {r.get('ms')} ms")
+
+
+if __name__ == "__main__":
+    main()

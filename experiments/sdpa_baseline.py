@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Full causal attention through PyTorch's SDPA (cuDNN and flash backends) on the shapes of
+`nsa bench --device cuda`: the baseline NSA is compared against, timed in the same device call
+(scripts/device.sh). Writes records in the results schema of experiments/results/*.json.
+
+Timing: CUDA events around each call, the median of --reps after --warmup calls, the L2 cache
+flushed (a 256 MiB buffer zeroed) before every repeat, random N(0, 1) bf16 inputs. GQA runs with
+enable_gqa=True where the backend takes it, else with K/V expanded to Hq heads before timing
+(the record says which).
+
+usage: sdpa_baseline.py --T 8192,16384 --dims 128:128,192:128 --out sdpa.json
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def median_ms(fn, warmup, reps, flush):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", default="8192,16384,32768,65536")
+    ap.add_argument("--dims", default="128:128,192:128", help="dk:dv pairs")
+    ap.add_argument("--Hq", type=int, default=64)
+    ap.add_argument("--Hkv", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    dev = torch.cuda.get_device_name()
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    records = []
+    backends = [("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)]
+    for dims in args.dims.split(","):
+        dk, dv = (int(x) for x in dims.split(":"))
+        for T in (int(x) for x in args.T.split(",")):
+            torch.manual_seed(T)
+            q = torch.randn(1, args.Hq, T, dk, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(1, args.Hkv, T, dk, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(1, args.Hkv, T, dv, device="cuda", dtype=torch.bfloat16)
+            G = args.Hq // args.Hkv
+            flop = 2.0 * (dk + dv) * args.Hq * T * (T + 1) / 2  # useful: causal, q.k and p.v
+            reps = args.reps if T <= 16384 else max(3, args.reps // 2)
+            for impl, be in backends:
+                rec = {"op": "forward", "impl": impl, "T": T, "B": 1, "Hq": args.Hq, "Hkv": args.Hkv, "dk": dk,
+                       "dv": dv, "dtype": "bf16", "reps": reps, "warmup": args.warmup, "l2_flushed": True}
+                err = None
+                for gqa in ("native", "expanded"):
+                    try:
+                        with sdpa_kernel([be]):
+                            if gqa == "native":
+                                fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                            else:
+                                ke = k.repeat_interleave(G, 1).contiguous()
+                                ve = v.repeat_interleave(G, 1).contiguous()
+                                fn = lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
+                            fn()
+                            torch.cuda.synchronize()
+                            ms = median_ms(fn, args.warmup, reps, flush)
+                        rec.update({"ms": ms, "gflop": flop / 1e9, "tflops": flop / ms / 1e9, "gqa": gqa})
+                        err = None
+                        break
+                    except Exception as e:  # the backend refuses this shape: try the other GQA form
+                        err = repr(e).splitlines()[0][:300]
+                        torch.cuda.synchronize()
+                if err:
+                    rec.update({"ms": None, "error": err})
+                records.append(rec)
+                ms = rec["ms"]
+                print(f"forward {impl:11s} T={T:6d} bf16 dk={dk} dv={dv}  "
+                      + (f"median {ms:9.3f} ms ({reps} reps, L2 flushed) {rec['tflops']:5.0f} TFLOP/s  gqa={rec['gqa']}"
+                         if ms is not None else f"not run: {err}"), flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+    json.dump({"device": dev, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+               "torch": torch.__version__, "records": records}, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
