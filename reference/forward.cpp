@@ -34,11 +34,13 @@ int64_t tile_queries(const Config& cfg, int64_t Ncmax, size_t elem) {
 }
 
 // Softmax attention of the tile's rows over the keys [lo(t), t] of one head, streamed through
-// chunks of kKeyChunk keys with an online softmax. K, V point at the head's first row of the
-// sequence, with row strides ks, vs. Writes O [R, dv] and lse [R] (-inf and zeros for no key).
+// chunks of kKeyChunk keys with an online softmax. Qs holds the queries already multiplied by the
+// softmax scale (scaling [R, dk] once costs less than scaling every [R, chunk] score block). K, V
+// point at the head's first row of the sequence, with row strides ks, vs. Writes O [R, dv] and
+// lse [R] (-inf and zeros for no key).
 template <class S, class Lo>
-void attend_causal_range(const Mat<S>& Q, const TileRows& tr, Lo lo, const S* K, int64_t ks, const S* V,
-                         int64_t vs, int64_t dk, int64_t dv, S scale, Mat<S>& O, Vec<S>& lse) {
+void attend_causal_range(const Mat<S>& Qs, const TileRows& tr, Lo lo, const S* K, int64_t ks, const S* V,
+                         int64_t vs, int64_t dk, int64_t dv, Mat<S>& O, Vec<S>& lse) {
   const int64_t R = tr.rows();
   Vec<S> m = Vec<S>::Constant(R, neg_inf<S>()), sum = Vec<S>::Zero(R);
   O.setZero(R, dv);
@@ -48,7 +50,7 @@ void attend_causal_range(const Mat<S>& Q, const TileRows& tr, Lo lo, const S* K,
     const int64_t bk = std::min(kKeyChunk, last - c0);
     Eigen::Map<const Mat<S>, 0, Eigen::OuterStride<>> Kc(K + c0 * ks, bk, dk, Eigen::OuterStride<>(ks));
     Eigen::Map<const Mat<S>, 0, Eigen::OuterStride<>> Vc(V + c0 * vs, bk, dv, Eigen::OuterStride<>(vs));
-    Sc.noalias() = (Q * Kc.transpose()) * scale;
+    Sc.noalias() = Qs * Kc.transpose();
     for (int64_t r = 0; r < R; ++r) {
       const int64_t t = tr.pos(r);
       const int64_t a = std::max(lo(t), c0) - c0, b = std::min(t + 1, c0 + bk) - c0;  // [a, b)
@@ -116,6 +118,7 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
   const TileRows tr{tile.t0, tile.t1, G};
   const int64_t R = tr.rows();
   const Mat<S> Q = gather_queries(in.q, row0, tr, g, dk);
+  const Mat<S> Qs = Q * scale;  // s q, for the selection and window branches
   Mat<S> O;
   Vec<S> lse(R);
 
@@ -127,6 +130,9 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
   if (nvmax > 0) {
     auto Kc = head_rows(r.k_cmp_compressed.data() + cmp0 * Hkv * dk, Hkv, dk, g, 0, nvmax);
     auto Vc = head_rows(r.v_cmp_compressed.data() + cmp0 * Hkv * dv, Hkv, dv, g, 0, nvmax);
+    // (Q K^T) s, not (s Q) K^T: with equal keys (constant inputs) this product gives exactly
+    // equal scores in every column, as the oracle does, so exact ties stay ties (measured: the
+    // other order broke a tie at one position of tests' constant-key case).
     P.noalias() = (Q * Kc.transpose()) * scale;
     for (int64_t rr = 0; rr < R; ++rr) {
       const int64_t nv = cfg.cmp_visible(tr.pos(rr));
@@ -184,7 +190,7 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
       Vg.middleRows(m, len) = head_rows(Vs.data(), Hkv, dv, g, row0 + u0, len);
       m += len;
     }
-    Sg.noalias() = (Q.middleRows((t - tr.t0) * G, G) * Kg.transpose()) * scale;
+    Sg.noalias() = Qs.middleRows((t - tr.t0) * G, G) * Kg.transpose();
     for (int64_t hi = 0; hi < G; ++hi) {
       auto row = Sg.row(hi);
       const S mx = row.maxCoeff();
@@ -201,8 +207,8 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
   const Tensor<S>& Kw = in.key(Branch::Win);
   const Tensor<S>& Vw = in.value(Branch::Win);
   attend_causal_range(
-      Q, tr, [&](int64_t t) { return cfg.win_start(t); }, Kw.row(row0, g), Hkv * dk, Vw.row(row0, g), Hkv * dv, dk,
-      dv, scale, O, lse);
+      Qs, tr, [&](int64_t t) { return cfg.win_start(t); }, Kw.row(row0, g), Hkv * dk, Vw.row(row0, g), Hkv * dv, dk,
+      dv, O, lse);
   scatter_rows(O, lse, row0, tr, g, r.o_branch[2], r.lse[2]);
 }
 
@@ -294,12 +300,12 @@ FullResult<S> full_attention(const Config& cfg, const Tensor<S>& q, const Tensor
     const Tile& tl = tiles[i];
     const int64_t row0 = cu[tl.b];
     const TileRows tr{tl.t0, tl.t1, cfg.G()};
-    const Mat<S> Q = gather_queries(q, row0, tr, tl.g, cfg.dk);
+    const Mat<S> Qs = gather_queries(q, row0, tr, tl.g, cfg.dk) * scale;
     Mat<S> O;
     Vec<S> lse;
     attend_causal_range(
-        Q, tr, [](int64_t) { return int64_t(0); }, k.row(row0, tl.g), cfg.Hkv * cfg.dk, v.row(row0, tl.g),
-        cfg.Hkv * cfg.dv, cfg.dk, cfg.dv, scale, O, lse);
+        Qs, tr, [](int64_t) { return int64_t(0); }, k.row(row0, tl.g), cfg.Hkv * cfg.dk, v.row(row0, tl.g),
+        cfg.Hkv * cfg.dv, cfg.dk, cfg.dv, O, lse);
     scatter_rows(O, lse, row0, tr, tl.g, r.o, r.lse);
   }
   return r;
