@@ -41,4 +41,19 @@ double full_forward_flops(const Config& c, int64_t T) {
   return 2.0 * double(c.dk + c.dv) * double(c.Hq) * double(T) * double(T + 1) / 2;
 }
 
+ForwardFlops nsa_backward_flops(const Config& c, int64_t T) {
+  const ForwardFlops f = nsa_forward_flops(c, T);
+  const double per_key = double(3 * c.dk + 2 * c.dv) / double(c.dk + c.dv);  // (6dk + 4dv) / (2dk + 2dv)
+  ForwardFlops b;
+  b.cmp = f.cmp * per_key;
+  b.slc = f.slc * per_key;
+  b.win = f.win * per_key;
+  b.phi = c.compress == CompressKind::Mean ? f.phi : 2 * f.phi;
+  return b;
+}
+
+double full_backward_flops(const Config& c, int64_t T) {
+  return full_forward_flops(c, T) * double(3 * c.dk + 2 * c.dv) / double(c.dk + c.dv);
+}
+
 }  // namespace nsa::analysis

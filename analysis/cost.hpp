@@ -26,4 +26,11 @@ int64_t slc_tokens(const Config& cfg, int64_t t);
 ForwardFlops nsa_forward_flops(const Config& cfg, int64_t T);
 double full_forward_flops(const Config& cfg, int64_t T);
 
+// The backward pass, same convention: a visited key costs the recomputed scores q.k (2*dk), dP =
+// dO.v (2*dv), and dq, dk (2*dk each), dv (2*dv): 6*dk + 4*dv FLOPs per query head, 2.5x the
+// forward's for dk = dv (FlashAttention's count). phi costs twice its forward (dW and dx of each
+// product; the mlp's recomputed hidden layer is not counted), mean once.
+ForwardFlops nsa_backward_flops(const Config& cfg, int64_t T);
+double full_backward_flops(const Config& cfg, int64_t T);
+
 }  // namespace nsa::analysis

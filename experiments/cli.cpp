@@ -275,6 +275,23 @@ Workload load_workload(const po::variables_map& vm, bool nsa) {
   return w;
 }
 
+ref::Path parse_path(const po::variables_map& vm) {
+  const std::string p = vm["path"].as<std::string>();
+  if (p == "fast") return ref::Path::Fast;
+  if (p == "oracle") return ref::Path::Oracle;
+  throw ConfigError(cat("path = '", p, "' is not one of: fast, oracle"));
+}
+
+bool use_double(const po::variables_map& vm) {
+  const std::string p = vm["precision"].as<std::string>();
+  if (p != "double" && p != "float") throw ConfigError(cat("precision = '", p, "' is not one of: double, float"));
+  return p == "double";
+}
+
+json workload_json(const Workload& w) {
+  return {{"N", w.in.N()}, {"batch", w.batch}, {"seqlens", w.seqlens}, {"shared_kv", w.in.all_shared()}};
+}
+
 // ---- Output -----------------------------------------------------------------------------------
 
 OutputDir::OutputDir(std::string dir) : dir_(std::move(dir)) {

@@ -66,6 +66,12 @@ struct Workload {
 // With nsa = false (full attention) only the head layout and --scale are read.
 Workload load_workload(const po::variables_map& vm, bool nsa = true);
 
+// --path (fast or oracle) and --precision (true for double), checked.
+ref::Path parse_path(const po::variables_map& vm);
+bool use_double(const po::variables_map& vm);
+// The workload's shape for config.json: N, batch, sequence lengths, shared k/v.
+json workload_json(const Workload& w);
+
 // Files of an output folder that appear all together or not at all: each is written to a
 // temporary name as it is added, and `commit()` renames them all into place (and writes
 // config.json). If the command fails before commit, the destructor removes the temporaries.
@@ -98,9 +104,6 @@ Tensor<T> unpack(const Tensor<T>& t, int64_t batch);
 // Adds forward's per-position outputs (INTERFACE.md) to `out`, unpacked to [B, T, ...] for a batch.
 template <class S>
 void write_forward(const Workload& w, const ref::ForwardResult<S>& r, OutputDir& out);
-ref::Path parse_path(const po::variables_map& vm);  // --path
-bool use_double(const po::variables_map& vm);       // --precision
-json workload_json(const Workload& w);              // N, batch, seqlens, shared_kv
 
 // The machine's free memory in bytes (MemAvailable), for refusing oversized requests early.
 double available_memory_bytes();

@@ -1,4 +1,4 @@
-// `nsa bench`: NSA forward against full attention, timed in one run (STYLE 8): medians after
+// `nsa bench`: NSA forward (and backward) against full attention, timed in one run (STYLE 8): medians after
 // warm-up, useful FLOPs (analysis/cost.hpp), the machine's measured matrix-product rate as the
 // ceiling, and full attention measured in the same run as the baseline. Writes bench.json and
 // bench.csv into --out; one line per case on stdout as each finishes.
@@ -43,15 +43,25 @@ std::vector<T> parse_list(const std::string& s, const char* what) {
   return out;
 }
 
-// Median wall time of `reps` runs after `warmup` runs, in ms.
+// The process's CPU time in ms (all its threads): with one thread, the time the work took even on
+// a machine shared with other jobs, where wall time also counts the time slices given to them.
+double cpu_time_ms() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return 1e3 * double(ts.tv_sec) + 1e-6 * double(ts.tv_nsec);
+}
+
+// Median time of `reps` runs after `warmup` runs, in ms: wall time, or CPU time (cpu_clock).
 template <class F>
-double median_ms(F&& f, int warmup, int reps) {
+double median_ms(F&& f, int warmup, int reps, bool cpu_clock) {
   for (int i = 0; i < warmup; ++i) f();
   std::vector<double> ms;
   for (int i = 0; i < reps; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
+    const double c0 = cpu_time_ms();
     f();
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    ms.push_back(cpu_clock ? cpu_time_ms() - c0
+                           : std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
@@ -101,15 +111,15 @@ struct BenchRun {
 
 template <class S>
 void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int warmup, int reps, double ceiling,
-                     const std::string& dtype, BenchRun& run) {
+                     const std::string& dtype, bool backward, bool cpu_clock, BenchRun& run) {
   for (int64_t T : Ts) {
     Config c = base;
     const ref::Inputs<S> in = random_inputs<S>(c, T, 1000 + uint64_t(T));
     ref::check_inputs(c, in);
     const bool tty = isatty(STDOUT_FILENO);
     if (tty) std::cout << "  timing T=" << T << " " << dtype << " ..." << std::flush;
-    const double nsa_ms = median_ms([&] { (void)ref::forward(c, in); }, warmup, reps);
-    const double full_ms = median_ms([&] { (void)ref::full_attention(c, in.q, in.k, in.v, {}); }, warmup, reps);
+    const double nsa_ms = median_ms([&] { (void)ref::forward(c, in); }, warmup, reps, cpu_clock);
+    const double full_ms = median_ms([&] { (void)ref::full_attention(c, in.q, in.k, in.v, {}); }, warmup, reps, cpu_clock);
     if (tty) std::cout << "\r" << std::string(40, ' ') << "\r";
     const auto f = analysis::nsa_forward_flops(c, T);
     const double full_flop = analysis::full_forward_flops(c, T);
@@ -135,6 +145,44 @@ void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int war
                 << std::setw(3) << (*r)["pct_of_ceiling"].get<double>() << "% of " << ceiling << "  "
                 << (r == &r_nsa ? cat(std::setprecision(2), std::fixed, full_ms / nsa_ms, "x faster than full")
                                 : std::string("(baseline)"))
+                << "\n"
+                << std::defaultfloat;
+    if (!backward) continue;
+    // The backward passes given their forward results, against the forward times above.
+    Tensor<S> dO({T, c.Hq, c.dv});
+    Rng rng(2000 + uint64_t(T));
+    for (auto& v : dO.vec()) v = static_cast<S>(rng.normal());
+    if (tty) std::cout << "  timing backward T=" << T << " " << dtype << " ..." << std::flush;
+    const auto fwd = ref::forward(c, in);
+    const double nsa_bwd = median_ms([&] { (void)ref::backward(c, in, fwd, dO); }, warmup, reps, cpu_clock);
+    const auto full_fwd = ref::full_attention(c, in.q, in.k, in.v, {});
+    const double full_bwd =
+        median_ms([&] { (void)ref::full_attention_backward(c, in.q, in.k, in.v, full_fwd, dO, {}); }, warmup, reps,
+                  cpu_clock);
+    if (tty) std::cout << "\r" << std::string(50, ' ') << "\r";
+    const auto fb = analysis::nsa_backward_flops(c, T);
+    json b_nsa = record("nsa_cpu", nsa_bwd, fb.total());
+    b_nsa["op"] = "backward";
+    b_nsa["flop_by_branch"] = {{"phi", fb.phi}, {"cmp", fb.cmp}, {"slc", fb.slc}, {"win", fb.win}};
+    b_nsa["forward_ms"] = nsa_ms;
+    b_nsa["backward_over_forward"] = nsa_bwd / nsa_ms;
+    b_nsa["baseline_ms"] = full_bwd;
+    b_nsa["speedup_vs_full"] = full_bwd / nsa_bwd;
+    json b_full = record("full_cpu", full_bwd, analysis::full_backward_flops(c, T));
+    b_full["op"] = "backward";
+    b_full["forward_ms"] = full_ms;
+    b_full["backward_over_forward"] = full_bwd / full_ms;
+    run.add(b_nsa);
+    run.add(b_full);
+    for (const json* r : {static_cast<const json*>(&b_nsa), static_cast<const json*>(&b_full)})
+      std::cout << "backward " << std::left << std::setw(8) << (*r)["impl"].get<std::string>() << std::right
+                << " T=" << std::setw(6) << T << " " << dtype << "  median " << std::fixed << std::setprecision(1)
+                << std::setw(9) << (*r)["ms"].get<double>() << " ms (" << reps << " reps)  " << std::setprecision(1)
+                << std::setw(7) << (*r)["gflops"].get<double>() << " GFLOP/s = " << std::setprecision(0)
+                << std::setw(3) << (*r)["pct_of_ceiling"].get<double>() << "% of " << ceiling << "  "
+                << std::setprecision(2) << (*r)["backward_over_forward"].get<double>() << "x its forward"
+                << (r == &b_nsa ? cat(std::setprecision(2), std::fixed, ", ", full_bwd / nsa_bwd, "x faster than full")
+                                : std::string(" (baseline)"))
                 << "\n"
                 << std::defaultfloat;
   }
@@ -218,8 +266,9 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
 
 int cmd_bench(const Args& args) {
   Command cmd("bench",
-              "Time the NSA forward pass against full attention on random inputs (medians after warm-up),\n"
-              "with the machine's measured matrix-product rate as the ceiling. Writes bench.json, bench.csv.");
+              "Time the NSA forward and backward passes against full attention's on random inputs (medians\n"
+              "after warm-up; each backward also against its own forward), with the machine's measured\n"
+              "matrix-product rate as the ceiling. Writes bench.json, bench.csv.");
   po::options_description o("Benchmark");
   o.add_options()("T", po::value<std::string>()->default_value("4096,8192,16384"), "sequence lengths, comma-separated")(
       "Hq", po::value<int64_t>()->default_value(16), "query heads")(
@@ -228,7 +277,11 @@ int cmd_bench(const Args& args) {
       "dv", po::value<int64_t>()->default_value(64), "value head dim")(
       "precisions", po::value<std::string>()->default_value("float,double"), "CPU arithmetic, comma-separated")(
       "warmup", po::value<int>()->default_value(1), "untimed runs first")(
-      "reps", po::value<int>()->default_value(3), "timed runs; the median is reported");
+      "reps", po::value<int>()->default_value(3), "timed runs; the median is reported")(
+      "clock", po::value<std::string>()->default_value("wall"),
+      "wall, or cpu: the process's CPU time (with --threads 1, robust on a machine shared with other jobs)")(
+      "ops", po::value<std::string>()->default_value("forward,backward"),
+      "forward, or forward,backward: also the backward passes (given dL/do), each against its forward");
   cmd.add(o);
   cmd.add(nsa_options());
   po::options_description r("Run");
@@ -251,6 +304,15 @@ int cmd_bench(const Args& args) {
   const auto precisions = parse_list<std::string>(vm["precisions"].as<std::string>(), "precisions");
   for (const auto& p : precisions)
     if (p != "float" && p != "double") throw ConfigError(cat("precisions: '", p, "' is not one of: float, double"));
+  const auto ops = parse_list<std::string>(vm["ops"].as<std::string>(), "ops");
+  const bool backward = std::find(ops.begin(), ops.end(), "backward") != ops.end();
+  for (const auto& op : ops)
+    if (op != "forward" && op != "backward") throw ConfigError(cat("ops: '", op, "' is not one of: forward, backward"));
+  if (std::find(ops.begin(), ops.end(), "forward") == ops.end())
+    throw ConfigError("ops: backward is timed against its forward pass; list both (--ops forward,backward)");
+  const std::string clock = vm["clock"].as<std::string>();
+  if (clock != "wall" && clock != "cpu") throw ConfigError(cat("clock = '", clock, "' is not one of: wall, cpu"));
+  const bool cpu_clock = clock == "cpu";
   // On the GPU a run takes milliseconds: more repeats unless asked otherwise.
   const int warmup = on_cuda && vm["warmup"].defaulted() ? 3 : vm["warmup"].as<int>();
   const int reps = on_cuda && vm["reps"].defaulted() ? 20 : vm["reps"].as<int>();
@@ -277,24 +339,25 @@ int cmd_bench(const Args& args) {
   }
   json ceilings = json::object();
   const int threads = omp_get_max_threads();
-  std::cout << "bench: " << cpu_name() << ", " << threads << " threads; Hq=" << base.Hq << " Hkv=" << base.Hkv
+  std::cout << "bench: " << cpu_name() << ", " << threads << " threads, " << clock << " clock; Hq=" << base.Hq << " Hkv=" << base.Hkv
             << " dk=" << base.dk << " dv=" << base.dv << " l=" << base.cmp_len << " d=" << base.cmp_stride
             << " l'=" << base.slc_len << " n=" << base.slc_count << " w=" << base.window << "\n";
   for (const auto& p : precisions) {
     const std::string dtype = p == "float" ? "fp32" : "fp64";
     const double ceiling =
-        p == "float" ? ref::measure_gemm_gflops<float>() : ref::measure_gemm_gflops<double>();
+        p == "float" ? ref::measure_gemm_gflops<float>(512, 0.3, cpu_clock) : ref::measure_gemm_gflops<double>(512, 0.3, cpu_clock);
     ceilings[dtype] = ceiling;
-    std::cout << "ceiling: Eigen " << p << " matrix product 512^3 per thread: " << std::fixed << std::setprecision(1)
+    std::cout << "ceiling: Eigen " << p << " matrix product 512^3 per thread (" << clock << " clock): " << std::fixed << std::setprecision(1)
               << ceiling << " GFLOP/s\n"
               << std::defaultfloat;
     if (p == "float")
-      bench_precision<float>(base, Ts, warmup, reps, ceiling, dtype, run);
+      bench_precision<float>(base, Ts, warmup, reps, ceiling, dtype, backward, cpu_clock, run);
     else
-      bench_precision<double>(base, Ts, warmup, reps, ceiling, dtype, run);
+      bench_precision<double>(base, Ts, warmup, reps, ceiling, dtype, backward, cpu_clock, run);
   }
   json j{{"device", cat("cpu: ", cpu_name(), " x ", threads, " threads")},
          {"date", today()},
+         {"clock", clock},
          {"command", command},
          {"config", config_json(base)},
          {"ceilings_gflops", ceilings},

@@ -47,23 +47,6 @@ void write_forward(const Workload& w, const ref::ForwardResult<S>& r, OutputDir&
     out.add("cu_seqlens_cmp", Tensor<int64_t>({int64_t(r.cu_cmp.size())}, r.cu_cmp));
 }
 
-ref::Path parse_path(const po::variables_map& vm) {
-  const std::string p = vm["path"].as<std::string>();
-  if (p == "fast") return ref::Path::Fast;
-  if (p == "oracle") return ref::Path::Oracle;
-  throw ConfigError(cat("path = '", p, "' is not one of: fast, oracle"));
-}
-
-bool use_double(const po::variables_map& vm) {
-  const std::string p = vm["precision"].as<std::string>();
-  if (p != "double" && p != "float") throw ConfigError(cat("precision = '", p, "' is not one of: double, float"));
-  return p == "double";
-}
-
-json workload_json(const Workload& w) {
-  return {{"N", w.in.N()}, {"batch", w.batch}, {"seqlens", w.seqlens}, {"shared_kv", w.in.all_shared()}};
-}
-
 template void write_forward<double>(const Workload&, const ref::ForwardResult<double>&, OutputDir&);
 template void write_forward<float>(const Workload&, const ref::ForwardResult<float>&, OutputDir&);
 

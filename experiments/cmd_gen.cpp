@@ -9,7 +9,7 @@ namespace nsa::cli {
 
 int cmd_gen(const Args& args) {
   Command cmd("gen",
-              "Generate a synthetic workload: q.npy, k.npy, v.npy (and per-branch k/v, gates) in --out.\n"
+              "Generate a synthetic workload: q.npy, k.npy, v.npy (and per-branch k/v, gates, do) in --out.\n"
               "Feed them to the other subcommands with --q DIR/q.npy --k DIR/k.npy --v DIR/v.npy.");
   po::options_description o("Workload");
   o.add_options()("workload", po::value<std::string>()->default_value("random"), "random: N(0, 1) entries")(
@@ -21,7 +21,10 @@ int cmd_gen(const Args& args) {
       "dv", po::value<int64_t>()->default_value(64), "value head dim")(
       "seed", po::value<uint64_t>()->default_value(0), "random seed")(
       "separate-kv", po::bool_switch(), "also write independent k/v per branch (k_cmp.npy, v_cmp.npy, ...)")(
-      "gates", po::value<std::string>()->default_value("none"), "none, or random: write gates.npy uniform in [0, 1]")(
+      "gates", po::value<std::string>()->default_value("none"),
+      "none; random: gates.npy uniform in [0, 1]; mlp / linear: the gate MLP's gate_x, gate_w, gate_b (mlp: and "
+      "gate_w0, gate_b0)")(
+      "do", po::bool_switch(), "also write do.npy [T, Hq, dv], N(0, 1): dL/do for `nsa backward --do`")(
       "dtype", po::value<std::string>()->default_value("float32"), "file dtype: float32 or float64");
   cmd.add(o);
   cmd.add(output_options());
@@ -35,6 +38,7 @@ int cmd_gen(const Args& args) {
   s.seed = vm["seed"].as<uint64_t>();
   s.separate_kv = vm["separate-kv"].as<bool>();
   s.gates = vm["gates"].as<std::string>();
+  s.grad = vm["do"].as<bool>();
   const std::string dtype = vm["dtype"].as<std::string>();
   if (dtype != "float32" && dtype != "float64") throw ConfigError(cat("dtype = '", dtype, "' is not one of: float32, float64"));
   const double bytes = double(std::max<int64_t>(s.B, 1)) * s.T * (s.Hq * s.dk + s.Hkv * (s.dk + s.dv) * (s.separate_kv ? 4 : 1)) * 8;

@@ -13,6 +13,8 @@ using Args = std::vector<std::string>;
 int cmd_forward(const Args& args);  // cmd_forward.cpp
 int cmd_full(const Args& args);     // cmd_forward.cpp
 int cmd_decode(const Args& args);   // cmd_decode.cpp
+int cmd_backward(const Args& args);   // cmd_backward.cpp
+int cmd_gradcheck(const Args& args);  // cmd_backward.cpp
 int cmd_compare(const Args& args);  // cmd_compare.cpp
 int cmd_gen(const Args& args);      // cmd_gen.cpp
 int cmd_bench(const Args& args);    // cmd_bench.cpp

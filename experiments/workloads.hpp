@@ -16,11 +16,15 @@ struct GenSpec {
   int64_t Hq = 16, Hkv = 1, dk = 64, dv = 64;
   uint64_t seed = 0;
   bool separate_kv = false;         // independent k/v per branch (k_cmp, v_cmp, ...)
-  std::string gates = "none";       // none (all ones) or random (uniform in [0, 1])
+  std::string gates = "none";       // none (all ones), random (uniform in [0, 1]), or the gate MLP's
+                                    // inputs: mlp (with a hidden layer) or linear (without)
+  bool grad = false;                // also dL/do for `nsa backward` (do.npy, [T, Hq, dv])
 };
 
-// The workload's tensors, named as the `nsa` options' files (q, k, v, k_cmp, ..., gates).
-// random: every entry N(0, 1), from one seeded stream in the order q, k, v, per-branch k/v, gates.
+// The workload's tensors, named as the `nsa` options' files (q, k, v, k_cmp, ..., gates, gate_x,
+// ..., do). random: every entry N(0, 1), from one seeded stream in the order q, k, v, per-branch
+// k/v, gates, do. The gate MLP (d_model = 16, d_hidden = 8): x ~ N(0, 1), weights N(0, 1/fan-in),
+// biases N(0, 0.1^2).
 std::vector<std::pair<std::string, Tensor<double>>> generate(const GenSpec& spec);
 
 }  // namespace nsa::cli

@@ -26,18 +26,11 @@ constexpr int64_t kTileQueries = 64;   // Bq: query positions per tile
 constexpr int64_t kKeyChunk = 256;     // keys per online-softmax step
 constexpr double kCmpTileBytes = 64e6;  // cap on a tile's compression score matrix
 
-template <class S>
-struct TileRows {
-  int64_t t0, t1, G;  // sequence-local positions [t0, t1); row r is position t0 + r / G
-  int64_t pos(int64_t r) const { return t0 + r / G; }
-  int64_t rows() const { return (t1 - t0) * G; }
-};
-
 // Softmax attention of the tile's rows over the keys [lo(t), t] of one head, streamed through
 // chunks of kKeyChunk keys with an online softmax. K, V point at the head's first row of the
 // sequence, with row strides ks, vs. Writes O [R, dv] and lse [R] (-inf and zeros for no key).
 template <class S, class Lo>
-void attend_causal_range(const Mat<S>& Q, const TileRows<S>& tr, Lo lo, const S* K, int64_t ks, const S* V,
+void attend_causal_range(const Mat<S>& Q, const TileRows& tr, Lo lo, const S* K, int64_t ks, const S* V,
                          int64_t vs, int64_t dk, int64_t dv, S scale, Mat<S>& O, Vec<S>& lse) {
   const int64_t R = tr.rows();
   Vec<S> m = Vec<S>::Constant(R, neg_inf<S>()), sum = Vec<S>::Zero(R);
@@ -80,19 +73,9 @@ void attend_causal_range(const Mat<S>& Q, const TileRows<S>& tr, Lo lo, const S*
   }
 }
 
-// The tile's query matrix: row (t - t0)*G + hi is q[row0 + t, g*G + hi, :].
-template <class S>
-Mat<S> gather_queries(const Tensor<S>& q, int64_t row0, const TileRows<S>& tr, int64_t g, int64_t dk) {
-  Mat<S> Q(tr.rows(), dk);
-  for (int64_t t = tr.t0; t < tr.t1; ++t)
-    Q.middleRows((t - tr.t0) * tr.G, tr.G) =
-        Eigen::Map<const Mat<S>>(q.row(row0 + t, g * tr.G), tr.G, dk);  // a group's heads are adjacent
-  return Q;
-}
-
 // Writes tile rows into a [N, Hq, D] tensor (and their lse into [N, Hq]).
 template <class S>
-void scatter_rows(const Mat<S>& O, const Vec<S>& lse, int64_t row0, const TileRows<S>& tr, int64_t g,
+void scatter_rows(const Mat<S>& O, const Vec<S>& lse, int64_t row0, const TileRows& tr, int64_t g,
                   Tensor<S>& out, Tensor<S>& out_lse) {
   const int64_t G = tr.G, D = O.cols();
   for (int64_t t = tr.t0; t < tr.t1; ++t) {
@@ -123,7 +106,7 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
               const std::vector<std::vector<OverlapTerm>>& ovmap, ForwardResult<S>& r) {
   const int64_t Hkv = cfg.Hkv, G = cfg.G(), dk = cfg.dk, dv = cfg.dv, g = tile.g, ls = cfg.slc_len;
   const S scale = static_cast<S>(cfg.softmax_scale());
-  const TileRows<S> tr{tile.t0, tile.t1, G};
+  const TileRows tr{tile.t0, tile.t1, G};
   const int64_t R = tr.rows();
   const Mat<S> Q = gather_queries(in.q, row0, tr, g, dk);
   Mat<S> O;
@@ -304,7 +287,7 @@ FullResult<S> full_attention(const Config& cfg, const Tensor<S>& q, const Tensor
   for (size_t i = 0; i < tiles.size(); ++i) {
     const Tile& tl = tiles[i];
     const int64_t row0 = cu[tl.b];
-    const TileRows<S> tr{tl.t0, tl.t1, cfg.G()};
+    const TileRows tr{tl.t0, tl.t1, cfg.G()};
     const Mat<S> Q = gather_queries(q, row0, tr, tl.g, cfg.dk);
     Mat<S> O;
     Vec<S> lse;

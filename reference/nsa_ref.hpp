@@ -9,6 +9,7 @@
 //   Path::Fast    Eigen block products, OpenMP over (sequence, group, query tile); nothing of
 //                 size T x T is held per head (reference/forward.cpp).
 // They agree to ~1e-13 relative in double. Every intermediate the spec names is returned.
+// The backward pass (gradients for training, section 7) is declared in backward.hpp.
 #pragma once
 
 #include <array>
@@ -172,3 +173,5 @@ Tensor<S> compute_gates(const Config& cfg, const Inputs<S>& in);
 void set_threads(int n);
 
 }  // namespace nsa::ref
+
+#include "backward.hpp"  // the backward pass (NSA-SPEC.md 7)
