@@ -143,9 +143,9 @@ void run_case(const BwdCase& bc) {
       ++compared;
       report += cat("  ", name, " ", e, e <= tol ? "" : " FAIL");
     });
-    MESSAGE(bc.name << " " << cuda::to_string(bc.prec) << " bwd v" << cuda::choose_bwd_kernel(c, opt)
-                    << (det ? " deterministic" : " fast") << ": " << compared << " tensors (tol " << tol << ")\n"
-                    << report);
+    // Built with cat: doctest's MESSAGE prints a const char* operand as a pointer.
+    MESSAGE(cat(bc.name, " ", cuda::to_string(bc.prec), " bwd v", cuda::choose_bwd_kernel(c, opt),
+                det ? " deterministic" : " fast", ": ", compared, " tensors (tol ", tol, ")\n", report));
     if (det) {  // bitwise repeatable
       const ref::BackwardResult<float> g2 = cuda::backward(c, in_f, dO_f, opt);
       int same = 0, all = 0;
