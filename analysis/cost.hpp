@@ -22,6 +22,9 @@ struct ForwardFlops {
 // selected when local_blocks >= 1; without forced local blocks this is the upper bound n*l').
 int64_t slc_tokens(const Config& cfg, int64_t t);
 
+// phi (Eq. 7) on one block of keys and the same block of values, for one KV head.
+double phi_flops_per_block(const Config& cfg);
+
 // One sequence of T tokens, all heads.
 ForwardFlops nsa_forward_flops(const Config& cfg, int64_t T);
 double full_forward_flops(const Config& cfg, int64_t T);

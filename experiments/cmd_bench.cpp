@@ -27,22 +27,6 @@ namespace nsa::cli {
 
 namespace {
 
-template <class T>
-std::vector<T> parse_list(const std::string& s, const char* what) {
-  std::vector<T> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (item.empty()) continue;
-    std::istringstream is(item);
-    T v;
-    if (!(is >> v) || !is.eof()) throw ConfigError(cat(what, ": '", item, "' in '", s, "' is not a valid value"));
-    out.push_back(v);
-  }
-  if (out.empty()) throw ConfigError(cat(what, ": empty list"));
-  return out;
-}
-
 // The process's CPU time in ms (all its threads): with one thread, the time the work took even on
 // a machine shared with other jobs, where wall time also counts the time slices given to them.
 double cpu_time_ms() {
@@ -374,7 +358,27 @@ int cmd_bench(const Args& args) {
   const int warmup = on_cuda && vm["warmup"].defaulted() ? 3 : vm["warmup"].as<int>();
   const int reps = on_cuda && vm["reps"].defaulted() ? 20 : vm["reps"].as<int>();
   if (reps < 1 || warmup < 0) throw ConfigError(cat("reps = ", reps, ", warmup = ", warmup, ": expected reps >= 1, warmup >= 0"));
-  ref::set_threads(vm["threads"].as<int>());
+  // Inputs and phi's parameters are drawn from seeds of their own: these would be silently ignored.
+  if (vm.count("compress-params")) throw UsageError("bench draws phi's parameters; --compress-params is not used");
+  if (!vm["seed"].defaulted()) throw UsageError("bench draws its inputs from fixed seeds; --seed is not used");
+  const int threads = apply_run_options(vm);
+  // The largest case, before any is run: its inputs and phi's parameters, and the larger of the
+  // NSA forward pass and full attention (each result is freed before the next run), and the
+  // matrices of the ceiling measurement.
+  for (const auto& p : precisions)
+    for (int64_t T : Ts) {
+      const int elem = p == "float" ? 4 : 8;
+      const double inputs =
+          double(T) * (double(base.Hq) * double(base.dk) + double(base.Hkv) * double(base.dk + base.dv)) +
+          ref::compress_param_count(base);
+      const ref::MemoryUse f = ref::forward_memory(base, {T}, 0, elem, threads, ref::Path::Fast);
+      const ref::MemoryUse a = ref::full_attention_memory(base, {T}, elem, threads, ref::Path::Fast);
+      MemoryBudget budget;
+      budget.add(cat("inputs at T = ", T, " in ", p), elem * inputs);
+      budget.add("the larger run's outputs and working memory", std::max(f.result + f.working, a.result + a.working));
+      budget.add("ceiling matrices", 3.0 * 512 * 512 * elem * threads);
+      budget.require();
+    }
   OutputDir out(vm["out"].as<std::string>());
   BenchRun run;
   run.csv << "op,impl,T,dtype,ms,gflop,gflops,pct_of_ceiling,speedup_vs_full\n";
@@ -395,7 +399,6 @@ int cmd_bench(const Args& args) {
     return 0;
   }
   json ceilings = json::object();
-  const int threads = omp_get_max_threads();
   std::cout << "bench: " << cpu_name() << ", " << threads << " threads, " << clock << " clock; Hq=" << base.Hq << " Hkv=" << base.Hkv
             << " dk=" << base.dk << " dv=" << base.dv << " l=" << base.cmp_len << " d=" << base.cmp_stride
             << " l'=" << base.slc_len << " n=" << base.slc_count << " w=" << base.window << "\n";

@@ -271,6 +271,27 @@ CompressParams<S> random_compress_params(const Config& cfg, uint64_t seed) {
   return {random_phi<S>(cfg, cfg.dk, cfg.hidden_k(), seed), random_phi<S>(cfg, cfg.dv, cfg.hidden_v(), seed + 1)};
 }
 
+double compress_memory(const Config& cfg, int64_t T, int64_t D, int64_t hidden, int elem, Path path) {
+  const double Nc = double(cfg.num_cmp_blocks(T)), lD = double(cfg.cmp_len) * double(D), e = elem;
+  const double out = e * Nc * double(cfg.Hkv) * double(D);
+  if (cfg.compress == CompressKind::Mean) return out;
+  if (path == Path::Oracle) return out + e * (lD + double(hidden));  // flat [l*D], hid [h_c]
+  // compress_fast, one head at a time: X [Nc, l*D], and for mlp the hidden layer [Nc, h_c] with
+  // the product's temporary.
+  return out + e * Nc * (lD + (cfg.compress == CompressKind::Mlp ? 2.0 * double(hidden) : 0.0));
+}
+
+double compress_param_count(const Config& cfg) {
+  const double H = double(cfg.Hkv), l = double(cfg.cmp_len);
+  double total = 0;
+  for (int kv = 0; kv < 2; ++kv) {
+    const double D = double(kv ? cfg.dv : cfg.dk), hc = double(kv ? cfg.hidden_v() : cfg.hidden_k());
+    if (cfg.compress == CompressKind::Linear) total += H * (l * D + D * l * D + D);  // pe, w, b
+    if (cfg.compress == CompressKind::Mlp) total += H * (l * D + hc * l * D + hc + D * hc + D);  // pe, w1, b1, w2, b2
+  }
+  return total;
+}
+
 template Tensor<double> compress(const Config&, const double*, int64_t, int64_t, const PhiParams<double>&, int64_t,
                                  Path);
 template Tensor<float> compress(const Config&, const float*, int64_t, int64_t, const PhiParams<float>&, int64_t,

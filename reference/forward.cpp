@@ -26,6 +26,13 @@ constexpr int64_t kTileQueries = 64;   // Bq: query positions per tile
 constexpr int64_t kKeyChunk = 256;     // keys per online-softmax step
 constexpr double kCmpTileBytes = 64e6;  // cap on a tile's compression score matrix
 
+// Bq for a sequence of at most Ncmax compressed blocks: the compression scores [Bq*G, Nc] of a
+// tile stay under kCmpTileBytes, with at least one position per tile.
+int64_t tile_queries(const Config& cfg, int64_t Ncmax, size_t elem) {
+  const double per_query = double(cfg.G()) * double(std::max<int64_t>(Ncmax, 1)) * double(elem);
+  return std::clamp<int64_t>(int64_t(kCmpTileBytes / per_query), 1, kTileQueries);
+}
+
 // Softmax attention of the tile's rows over the keys [lo(t), t] of one head, streamed through
 // chunks of kKeyChunk keys with an online softmax. K, V point at the head's first row of the
 // sequence, with row strides ks, vs. Writes O [R, dv] and lse [R] (-inf and zeros for no key).
@@ -216,8 +223,7 @@ void forward_fast(const Config& cfg, const Inputs<S>& in, const std::vector<int6
   int64_t Tmax = 0;
   for (int64_t b = 0; b < B; ++b) Tmax = std::max(Tmax, cu[b + 1] - cu[b]);
   const int64_t Ncmax = cfg.num_cmp_blocks(Tmax);
-  const double per_query = double(cfg.G()) * double(std::max<int64_t>(Ncmax, 1)) * sizeof(S);
-  const int64_t Bq = std::clamp<int64_t>(int64_t(kCmpTileBytes / per_query), 1, kTileQueries);
+  const int64_t Bq = tile_queries(cfg, Ncmax, sizeof(S));
   const auto ovmap = overlap_map(cfg, Ncmax);
   const std::vector<Tile> tiles = make_tiles(cu, cfg.Hkv, Bq);
 #pragma omp parallel for schedule(dynamic, 1)
@@ -297,6 +303,87 @@ FullResult<S> full_attention(const Config& cfg, const Tensor<S>& q, const Tensor
     scatter_rows(O, lse, row0, tr, tl.g, r.o, r.lse);
   }
   return r;
+}
+
+// ---- Memory (nsa_ref.hpp): the allocations above, counted --------------------------------------
+
+namespace {
+// Eigen's matrix products pack blocks of their operands into buffers sized to the caches
+// (a few MB); allowed per thread.
+constexpr double kGemmBuffers = 16e6;
+
+// The sum of the `k` largest values.
+double top_sum(std::vector<double> v, size_t k) {
+  std::sort(v.begin(), v.end(), std::greater<double>());
+  double s = 0;
+  for (size_t i = 0; i < std::min(k, v.size()); ++i) s += v[i];
+  return s;
+}
+}  // namespace
+
+MemoryUse forward_memory(const Config& cfg, const std::vector<int64_t>& seqlens, int64_t gate_hidden, int elem,
+                         int threads, Path path) {
+  const double Hq = double(cfg.Hq), Hkv = double(cfg.Hkv), G = double(cfg.G()), dk = double(cfg.dk),
+               dv = double(cfg.dv), n = double(cfg.slc_count), ls = double(cfg.slc_len), e = elem;
+  double N = 0, Nc = 0;
+  int64_t Tmax = 0, NB = 0;
+  for (int64_t T : seqlens) {
+    N += double(T), Nc += double(cfg.num_cmp_blocks(T));
+    Tmax = std::max(Tmax, T), NB = std::max(NB, cfg.num_slc_blocks(T));
+  }
+  const double Ncmax = double(cfg.num_cmp_blocks(Tmax)), nb = double(NB);
+  MemoryUse m;
+  // ForwardResult: o and the three o_branch [N, Hq, dv], three lse and the gates [N, Hq, (3)],
+  // block_scores [N, Hkv, NB], the compressed keys and values, and block_idx (int32).
+  m.result = e * (N * Hq * (4 * dv + 6) + N * Hkv * nb + Nc * Hkv * (dk + dv)) + 4.0 * N * Hkv * n;
+  // compute_gates with the MLP: the hidden activations [N, d_hidden] and the product's temporary.
+  const double gates = e * 2 * N * double(gate_hidden);
+  // compress() of one sequence's keys and then its values.
+  std::vector<double> cmp_seq;
+  for (int64_t T : seqlens)
+    cmp_seq.push_back(compress_memory(cfg, T, cfg.dk, cfg.hidden_k(), elem, path) +
+                      compress_memory(cfg, T, cfg.dv, cfg.hidden_v(), elem, path));
+  if (path == Path::Oracle) {
+    // One sequence at a time: its compressed keys and values, p_cmp, p_slc, and key/value row
+    // pointers (and scores) for at most every token.
+    const double seq = top_sum(cmp_seq, 1) + e * (Ncmax + G * nb + double(Tmax)) + 16.0 * double(Tmax);
+    m.working = std::max(gates, seq);
+    return m;
+  }
+  // Compression: the `threads` largest sequences at once, one per thread.
+  const double cmp = top_sum(cmp_seq, size_t(std::max(threads, 1))) + kGemmBuffers * threads;
+  // Tiles, one per thread: queries, outputs and lse [R, dk + dv + 1], compression probabilities
+  // [R, Nc], the window's chunk scores [R, kKeyChunk] and running max and sum, the group's mapped
+  // scores [G, NB], the gathered selected keys, values and scores [tokens, dk + dv + G] (at most
+  // n*l' tokens, and at most the sequence), select_blocks' lists (9 bytes per block), and the tile
+  // list and the Eq. 9 map shared by all.
+  const double R = double(tile_queries(cfg, int64_t(Ncmax), size_t(elem))) * G;
+  const double selected = std::min(n * ls, double(Tmax));
+  const double tile = e * (R * (dk + dv + 3 + Ncmax + double(kKeyChunk)) + G * nb + selected * (dk + dv + G)) +
+                      9.0 * nb + kGemmBuffers;
+  const double shared = 32.0 * (N / double(kTileQueries) + double(seqlens.size())) * Hkv + Ncmax * 88.0;
+  m.working = std::max({gates, cmp, tile * threads + shared});
+  return m;
+}
+
+MemoryUse full_attention_memory(const Config& cfg, const std::vector<int64_t>& seqlens, int elem, int threads,
+                                Path path) {
+  double N = 0;
+  int64_t Tmax = 0;
+  for (int64_t T : seqlens) N += double(T), Tmax = std::max(Tmax, T);
+  const double e = elem, dk = double(cfg.dk), dv = double(cfg.dv);
+  MemoryUse m;
+  m.result = e * N * double(cfg.Hq) * (dv + 1);  // o [N, Hq, dv], lse [N, Hq]
+  if (path == Path::Oracle) {
+    m.working = (16.0 + e) * double(Tmax);  // key/value row pointers and scores of one query
+    return m;
+  }
+  // A tile per thread: queries, outputs, lse, running max and sum [R, dk + dv + 3] and the chunk
+  // scores [R, kKeyChunk]; and the tile list.
+  const double R = double(kTileQueries) * double(cfg.G());
+  m.working = threads * (e * R * (dk + dv + 3 + double(kKeyChunk)) + kGemmBuffers) +
+              32.0 * (N / double(kTileQueries) + double(seqlens.size())) * double(cfg.Hkv);
+  return m;
 }
 
 template ForwardResult<double> forward<double>(const Config&, const Inputs<double>&, Path);
