@@ -364,8 +364,9 @@ int cmd_bench(const Args& args) {
   const int threads = apply_run_options(vm);
   // The largest case, before any is run: its inputs and phi's parameters, and the larger of the
   // NSA forward pass and full attention (each result is freed before the next run), and the
-  // matrices of the ceiling measurement.
-  for (const auto& p : precisions)
+  // matrices of the ceiling measurement. On the CPU only: --device cuda holds its inputs and
+  // results on the device (the Plan refuses what does not fit there).
+  for (const auto& p : on_cuda ? std::vector<std::string>{} : precisions)
     for (int64_t T : Ts) {
       const int elem = p == "float" ? 4 : 8;
       const double inputs =
