@@ -15,6 +15,9 @@
 #include "commands.hpp"
 #include "npy.hpp"
 #include "rng.hpp"
+#ifdef NSA_WITH_CUDA
+#include "nsa_cuda.hpp"
+#endif
 
 namespace nsa::cli {
 
@@ -101,15 +104,19 @@ int cmd_backward(const Args& args) {
               "Selected blocks are held fixed. Writes dq.npy, dk_cmp.npy, ... into --out.");
   cmd.add(input_options());
   po::options_description g("Gradient");
-  g.add_options()("do", po::value<std::string>(), "dL/do [T, Hq, dv] (or [B, T, Hq, dv]), shaped like the output o");
+  g.add_options()("do", po::value<std::string>(), "dL/do [T, Hq, dv] (or [B, T, Hq, dv]), shaped like the output o")(
+      "bwd-kernel", po::value<int>()->default_value(-1),
+      "CUDA backward version override: 0 (fp32 CUDA cores), 1 (tensor cores), -1 (automatic choice)")(
+      "deterministic", po::bool_switch(),
+      "CUDA: no floating-point atomics, bitwise repeatable (slower; see docs/cuda_backward.md)");
   cmd.add(g);
   cmd.add(nsa_options());
   cmd.add(run_options());
   cmd.add(output_options());
   const auto vm = cmd.parse(args);
   if (!vm.count("out")) throw UsageError("the option '--out' is required");
-  require_cpu_device(vm, "backward");
-  const bool dbl = use_double(vm);
+  const bool on_cuda = use_cuda_device(vm, "backward");
+  const bool dbl = !on_cuda && use_double(vm);
   const ref::Path path = parse_path(vm);
   Workload w = load_workload(vm);
   const Tensor<double> dO = load_do(vm, w, vm["allow-nonfinite"].as<bool>());
@@ -117,6 +124,8 @@ int cmd_backward(const Args& args) {
   ref::set_threads(vm["threads"].as<int>());
   OutputDir out(vm["out"].as<std::string>());
   double fwd_s = 0, bwd_s = 0;
+  std::string arith = dbl ? "double" : "float";
+  json device_json;
   auto run = [&](const auto& in, const auto& d) {
     const auto t0 = std::chrono::steady_clock::now();
     const auto f = ref::forward(w.cfg, in, path);
@@ -127,21 +136,54 @@ int cmd_backward(const Args& args) {
     bwd_s = std::chrono::duration<double>(t2 - t1).count();
     write_backward(w, grads, out);
   };
-  if (dbl)
+  if (on_cuda) {
+#ifdef NSA_WITH_CUDA
+    // The device rounds the inputs and dL/do to --dtype, runs its forward pass (whose selected
+    // blocks the gradients hold fixed) and the backward pass, and returns fp32 gradients.
+    cuda::Options opt;
+    opt.dtype = cuda::parse_precision(vm["dtype"].as<std::string>());
+    opt.kernel = vm["kernel"].as<int>();
+    opt.bwd_kernel = vm["bwd-kernel"].as<int>();
+    opt.deterministic = vm["deterministic"].as<bool>();
+    opt.backward = true;
+    opt.intermediates = false;
+    std::string why;
+    cuda::choose_bwd_kernel(w.cfg, opt, &why);
+    const auto t0 = std::chrono::steady_clock::now();
+    cuda::Plan plan(w.cfg, w.in.N(), w.in.cu_seqlens, opt);
+    plan.upload(w.in.cast<float>());
+    plan.run();
+    plan.upload_grad(dO.cast<float>());
+    plan.run_backward();
+    write_backward(w, plan.download_grads(), out);
+    bwd_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    arith = cat("cuda ", cuda::to_string(opt.dtype), " forward v", plan.kernel(), " backward v", plan.bwd_kernel(),
+                opt.deterministic ? " deterministic" : "");
+    device_json = {{"name", cuda::device_name()}, {"dtype", cuda::to_string(opt.dtype)}, {"kernel", plan.kernel()},
+                   {"bwd_kernel", plan.bwd_kernel()}, {"bwd_kernel_choice", why},
+                   {"deterministic", opt.deterministic}};
+#endif
+  } else if (dbl) {
     run(w.in, dO);
-  else
+  } else {
     run(w.in.cast<float>(), dO.cast<float>());
+  }
   json j = resolved_config(cmd, vm);
   j["config"] = config_json(w.cfg);
   j["workload"] = workload_json(w);
-  j["forward_seconds"] = fwd_s;
-  j["backward_seconds"] = bwd_s;
+  if (on_cuda) {
+    j["seconds"] = bwd_s;  // forward + backward, uploads and downloads included
+    j["cuda"] = device_json;
+  } else {
+    j["forward_seconds"] = fwd_s;
+    j["backward_seconds"] = bwd_s;
+  }
   out.add_text("config.json", j.dump(2) + "\n");
   out.commit();
   std::cout << "backward: " << w.in.N() << " tokens in " << w.seqlens.size() << " sequence(s), Hq=" << w.cfg.Hq
-            << " Hkv=" << w.cfg.Hkv << " dk=" << w.cfg.dk << " dv=" << w.cfg.dv << ", "
-            << (dbl ? "double" : "float") << ", forward " << fwd_s << " s + backward " << bwd_s << " s -> "
-            << out.dir() << "\n";
+            << " Hkv=" << w.cfg.Hkv << " dk=" << w.cfg.dk << " dv=" << w.cfg.dv << ", " << arith << ", ";
+  if (on_cuda) std::cout << "forward + backward " << bwd_s << " s -> " << out.dir() << "\n";
+  else std::cout << "forward " << fwd_s << " s + backward " << bwd_s << " s -> " << out.dir() << "\n";
   return 0;
 }
 

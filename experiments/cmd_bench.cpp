@@ -178,8 +178,12 @@ void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int war
 // repeat), the per-stage breakdown, and useful TFLOP/s against the card's measured matrix rate.
 // Full attention on the GPU is PyTorch's SDPA, timed by experiments/sdpa_baseline.py in the same
 // device call (scripts/device.sh).
+//
+// With backward: also forward + backward (op "forward_backward") in both backward modes, on a
+// second plan holding the gradients (dL/do ~ N(0, 1) on the device): the median of forward +
+// backward together, of the backward alone, and the backward's per-stage medians.
 void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, int reps, cuda::Precision prec,
-                int kernel, BenchRun& run, json& device) {
+                int kernel, int bwd_kernel, bool backward, BenchRun& run, json& device) {
   const cuda::Ceilings ceil = cuda::measure_ceilings(prec);
   device = {{"name", cuda::device_name()},
             {"ceilings",
@@ -194,9 +198,12 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
     opt.dtype = prec;
     opt.kernel = kernel;
     opt.intermediates = false;  // what a model needs: o (block lists and branch outputs stay internal)
-    cuda::Plan plan(base, T, {}, opt);
-    plan.randomize(1000 + uint64_t(T));
-    const cuda::BenchResult res = cuda::bench(plan, warmup, reps);
+    cuda::BenchResult res;
+    {
+      cuda::Plan plan(base, T, {}, opt);
+      plan.randomize(1000 + uint64_t(T));
+      res = cuda::bench(plan, warmup, reps);
+    }
     const auto f = analysis::nsa_forward_flops(base, T);
     const double tflops = f.total() / res.ms / 1e9;
     // Useful FLOPs of each stage's branch (the compression stage also makes a second q.k pass
@@ -242,6 +249,55 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
               << " TFLOP/s = " << std::setw(2) << 100 * tflops / ceil.matmul_tflops << "% of "
               << ceil.matmul_tflops << "  |" << line.str() << "\n"
               << std::defaultfloat;
+    if (!backward) continue;
+
+    opt.backward = true;
+    opt.bwd_kernel = bwd_kernel;
+    cuda::Plan plan(base, T, {}, opt);
+    plan.randomize(1000 + uint64_t(T));
+    plan.randomize_grad(2000 + uint64_t(T));
+    const auto fb = analysis::nsa_backward_flops(base, T);
+    const double flop = f.total() + fb.total();
+    for (bool det : {false, true}) {
+      plan.set_deterministic(det);
+      const cuda::BwdBenchResult br = cuda::bench_backward(plan, warmup, reps);
+      auto stage_bflop = [&](const std::string& st) {
+        if (st == "cmp_bwd") return fb.cmp;
+        if (st == "slc_bwd") return fb.slc;
+        if (st == "win_bwd") return fb.win;
+        if (st == "compress_bwd") return fb.phi;
+        return 0.0;
+      };
+      json bstages = json::array();
+      std::ostringstream bl;
+      bl << std::fixed;
+      for (const auto& st : br.stages) {
+        const double fl = stage_bflop(st.stage);
+        json sj{{"stage", st.stage}, {"ms", st.ms}, {"gflop", fl / 1e9}, {"tflops", fl / st.ms / 1e9}};
+        bl << "  " << st.stage << " " << std::setprecision(2) << st.ms << " ms";
+        if (fl > 0) bl << " (" << std::setprecision(0) << fl / st.ms / 1e9 << " TF)";
+        bstages.push_back(sj);
+      }
+      const double tf = flop / br.fwd_bwd_ms / 1e9;
+      json rb{{"op", "forward_backward"}, {"impl", det ? "nsa_cuda_deterministic" : "nsa_cuda"}, {"T", T}, {"B", 1},
+              {"Hq", base.Hq}, {"Hkv", base.Hkv}, {"dk", base.dk}, {"dv", base.dv}, {"dtype", dtype},
+              {"ms", br.fwd_bwd_ms}, {"forward_ms", res.ms}, {"backward_ms", br.bwd_ms},
+              {"backward_over_forward", br.bwd_ms / res.ms}, {"gflop", flop / 1e9}, {"gflops", tf * 1e3},
+              {"tflops", tf}, {"ceiling_tflops", ceil.matmul_tflops},
+              {"pct_of_ceiling", 100 * tf / ceil.matmul_tflops}, {"kernel", br.kernel},
+              {"bwd_kernel", br.bwd_kernel}, {"deterministic", det}, {"reps", reps}, {"warmup", warmup},
+              {"l2_flushed", true}, {"backward_stages", bstages},
+              {"backward_flop_by_branch", {{"phi", fb.phi}, {"cmp", fb.cmp}, {"slc", fb.slc}, {"win", fb.win}}},
+              {"config", config_json(base)}};
+      run.add(rb);
+      std::cout << "forward_backward nsa_cuda T=" << std::setw(6) << T << " " << dtype << " dk=" << base.dk
+                << " dv=" << base.dv << " v" << br.kernel << "/bwd v" << br.bwd_kernel
+                << (det ? " deterministic" : " fast") << "  median " << std::fixed << std::setprecision(3)
+                << br.fwd_bwd_ms << " ms (backward " << br.bwd_ms << " ms = " << std::setprecision(2)
+                << br.bwd_ms / res.ms << "x forward)  " << std::setprecision(0) << tf << " TFLOP/s  |" << bl.str()
+                << "\n"
+                << std::defaultfloat;
+    }
   }
 }
 #endif
@@ -272,7 +328,8 @@ int cmd_bench(const Args& args) {
   r.add_options()("device", po::value<std::string>()->default_value("cpu"), "cpu or cuda")(
       "threads", po::value<int>()->default_value(0), "CPU threads (0: all cores)")(
       "dtype", po::value<std::string>()->default_value("bf16"), "CUDA operands: bf16, fp16 or fp32")(
-      "kernel", po::value<int>()->default_value(-1), "CUDA kernel version override (-1: automatic choice)");
+      "kernel", po::value<int>()->default_value(-1), "CUDA kernel version override (-1: automatic choice)")(
+      "bwd-kernel", po::value<int>()->default_value(-1), "CUDA backward version override (-1: automatic choice)");
   cmd.add(r);
   cmd.add(output_options());
   const auto vm = cmd.parse(args);
@@ -307,8 +364,9 @@ int cmd_bench(const Args& args) {
   const int threads = apply_run_options(vm);
   // The largest case, before any is run: its inputs and phi's parameters, and the larger of the
   // NSA forward pass and full attention (each result is freed before the next run), and the
-  // matrices of the ceiling measurement.
-  for (const auto& p : precisions)
+  // matrices of the ceiling measurement. On the CPU only: --device cuda holds its inputs and
+  // results on the device (the Plan refuses what does not fit there).
+  for (const auto& p : on_cuda ? std::vector<std::string>{} : precisions)
     for (int64_t T : Ts) {
       const int elem = p == "float" ? 4 : 8;
       const double inputs =
@@ -331,7 +389,7 @@ int cmd_bench(const Args& args) {
 #ifdef NSA_WITH_CUDA
     json device;
     bench_cuda(base, Ts, warmup, reps, cuda::parse_precision(vm["dtype"].as<std::string>()), vm["kernel"].as<int>(),
-               run, device);
+               vm["bwd-kernel"].as<int>(), backward, run, device);
     json j{{"device", device["name"]}, {"date", today()}, {"command", command}, {"config", config_json(base)},
            {"ceilings", device["ceilings"]}, {"records", run.records}};
     out.add_text("bench.csv", run.csv.str());

@@ -9,9 +9,13 @@
 #      dk = 192 / dv = 128, the paper's l = 32, d = 16, l' = 64, n = 16, w = 512, bf16;
 #      PyTorch SDPA (cuDNN, flash) on the same shapes; public NSA kernels if carried in .peers/;
 #   5. the merged results file and a summary table, printed last.
+# The backward pass (docs/cuda_backward.md) has steps of its own: test_bwd (its tests and
+# `nsa backward --device cuda` through the command line), sanitize_bwd (memcheck and racecheck on
+# its small cases), bench_bwd (forward + backward in both modes; SDPA forward + backward too).
 # Logs and JSON go to $OUT (the device tool brings back at most 8 files).
-# usage: OUT=dir bash scripts/device.sh   (STEPS=test,sanitize,bench,profile,sdpa,peers chooses steps;
-#        default all but profile; DEADLINE=seconds bounds the whole run, default 560)
+# usage: OUT=dir bash scripts/device.sh   (STEPS=test,sanitize,bench,profile,sdpa,peers,test_bwd,
+#        sanitize_bwd,bench_bwd chooses steps; default test,sanitize,bench,sdpa,peers; DEADLINE=seconds
+#        bounds the whole run, default 560; CUDA_DIMS=paper builds the paper's head dims only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -52,7 +56,8 @@ say "machine"
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } >>"$LOG" 2>&1
 
 # ---- 1. build ----
-step build-configure 300 cmake --preset gpu -DNSA_EXTRA_PREFIX="$ROOT/.carry" -DNSA_CUDA_ARCHS=90a -DNSA_NATIVE=OFF
+step build-configure 300 cmake --preset gpu -DNSA_EXTRA_PREFIX="$ROOT/.carry" -DNSA_CUDA_ARCHS=90a -DNSA_NATIVE=OFF \
+  -DNSA_CUDA_DIMS="${CUDA_DIMS:-all}"
 step build 500 cmake --build build-gpu -j "$(nproc)" --target nsa test_cuda
 mkdir -p .bin && cp build-gpu/experiments/nsa build-gpu/tests/test_cuda .bin/
 BIN=$ROOT/.bin
@@ -62,8 +67,13 @@ command -v cuobjdump >/dev/null && {
 
 # ---- 2. tests ----
 if has test; then
-  step test_cuda 200 "$BIN/test_cuda" --duration=true
+  step test_cuda 300 "$BIN/test_cuda" --duration=true
   step cli_cuda_forward 90 bash tests/cli/cuda_forward.sh "$BIN/nsa"
+  step cli_cuda_backward 90 bash tests/cli/cuda_backward.sh "$BIN/nsa"
+fi
+if has test_bwd; then
+  step test_cuda_backward 240 "$BIN/test_cuda" -tc='cuda backward*,cuda bench backward*' --duration=true
+  step cli_cuda_backward 90 bash tests/cli/cuda_backward.sh "$BIN/nsa"
 fi
 
 # ---- 3. compute-sanitizer on the small cases ----
@@ -87,14 +97,31 @@ if has sanitize; then
     tail -3 "$SAN" >>"$LOG"
   done
 fi
+# The backward's small cases: memcheck (cuBLAS included), racecheck on its set without cuBLAS.
+if has sanitize_bwd; then
+  [ -f "$SAN" ] || : >"$SAN"
+  say "sanitize_bwd: memcheck and racecheck -> sanitizer.log"
+  for tool in memcheck racecheck; do
+    t=$(date +%s)
+    echo "== compute-sanitizer --tool $tool (backward)" >>"$SAN"
+    lim=$(left); [ "$lim" -gt 200 ] && lim=200
+    [ "$lim" -lt 15 ] && { SUMMARY+=("sanitizer bwd $tool SKIP (deadline)"); continue; }
+    cases='cuda backward vs reference: small*,cuda backward errors*'
+    [ $tool = racecheck ] && cases='cuda backward racecheck set*'
+    timeout "$lim" compute-sanitizer --tool $tool --error-exitcode 9 "$BIN/test_cuda" -tc="$cases" >>"$SAN" 2>&1
+    rc=$?
+    SUMMARY+=("$(printf '%-28s %-5s %4ss  rc=%s' "sanitizer bwd $tool" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" $(($(date +%s) - t)) $rc)")
+    tail -3 "$SAN" >>"$LOG"
+  done
+fi
 
 # ---- 4. benchmarks ----
 SCRATCH=$(mktemp -d)
 if has bench; then
   for dims in 128:128 192:128; do
     dk=${dims%:*} dv=${dims#*:}
-    step "bench nsa_cuda dk=$dk" 150 "$BIN/nsa" bench --device cuda --T "$TS" --Hq 64 --Hkv 4 --dk "$dk" --dv "$dv" \
-      --out "$SCRATCH/b$dk" && cp "$SCRATCH/b$dk/bench.json" "$OUT/bench$dk.json"
+    step "bench nsa_cuda dk=$dk" 150 "$BIN/nsa" bench --device cuda --ops forward --T "$TS" --Hq 64 --Hkv 4 \
+      --dk "$dk" --dv "$dv" --out "$SCRATCH/b$dk" && cp "$SCRATCH/b$dk/bench.json" "$OUT/bench$dk.json"
   done
   # Kernel-tuning variants at 64k (log only): versions, warps per CTA of each kernel.
   for v in ${VARIANTS:-"--kernel=1" "--kernel=2" "NSA_SLC_WARPS=1" "NSA_SLC_WARPS=4"}; do
@@ -106,6 +133,15 @@ if has bench; then
     esac
   done
 fi
+# Forward + backward in both backward modes (op forward_backward), each with its forward alone.
+if has bench_bwd; then
+  for dims in ${BWD_DIMS:-128:128 192:128}; do
+    dk=${dims%:*} dv=${dims#*:}
+    step "bench fwd+bwd dk=$dk" 200 "$BIN/nsa" bench --device cuda --ops forward,backward --T "$TS" --Hq 64 \
+      --Hkv 4 --dk "$dk" --dv "$dv" --reps "${BWD_REPS:-10}" --out "$SCRATCH/fb$dk" &&
+      cp "$SCRATCH/fb$dk/bench.json" "$OUT/bench_bwd$dk.json"
+  done
+fi
 # Nsight Compute on the three attention kernels at T = 16k (stall reasons, occupancy, memory).
 if has profile && command -v ncu >/dev/null; then
   step "ncu attention kernels" 150 ncu --kernel-name regex:"attn_v[12]" --launch-count 3 --section SpeedOfLight \
@@ -114,8 +150,9 @@ if has profile && command -v ncu >/dev/null; then
     --warmup 0 --reps 1 --out "$SCRATCH/prof"
   sed -n '/==PROF==/,$p' "$LOG" | grep -vE "^\s*$" | tail -400 >"$OUT/ncu.txt"
 fi
-if has sdpa; then
-  step "sdpa baseline" 200 env PYTHONUNBUFFERED=1 python3 experiments/sdpa_baseline.py --T "$TS" --out "$OUT/sdpa.json"
+if has sdpa || has bench_bwd; then
+  step "sdpa baseline" 200 env PYTHONUNBUFFERED=1 python3 experiments/sdpa_baseline.py --T "$TS" \
+    $(has bench_bwd && echo --backward) --out "$OUT/sdpa.json"
 fi
 if has peers && [ -f .peers/peers_bench.py ]; then
   step "public NSA kernels" 200 env PYTHONUNBUFFERED=1 PEERS_DIR="$ROOT/.peers" OUT="$SCRATCH" \
@@ -123,7 +160,7 @@ if has peers && [ -f .peers/peers_bench.py ]; then
 fi
 
 # ---- 5. results ----
-if has bench || has sdpa; then
+if has bench || has sdpa || has bench_bwd; then
   python3 experiments/merge_results.py --command "scripts/device.sh (STEPS=$STEPS TS=$TS)" --out "$OUT/results.json" \
     "$OUT"/bench*.json "$OUT/sdpa.json" $([ -f "$OUT/peers.json" ] && echo "$OUT/peers.json") >>"$LOG" 2>&1
 fi
@@ -131,7 +168,7 @@ rm -rf "$SCRATCH"
 {
   echo
   echo "== test and benchmark lines"
-  grep -E "^(\[doctest\] (test cases|assertions)|forward |cuda forward through|FAILED|SKIPPED|device:|ERROR SUMMARY|RACECHECK SUMMARY)" "$LOG" $([ -f "$SAN" ] && echo "$SAN") | cut -c1-300
+  grep -E "^(\[doctest\] (test cases|assertions)|forward |forward_backward |cuda (forward|backward) through|FAILED|SKIPPED|device:|ERROR SUMMARY|RACECHECK SUMMARY)" "$LOG" $([ -f "$SAN" ] && echo "$SAN") | cut -c1-300
   sed -n '/^== .*measured ceilings/,$p' "$LOG"
   echo
   echo "== steps ($(($(date +%s) - T0))s in all)"
