@@ -22,8 +22,18 @@ struct ForwardFlops {
 // selected when local_blocks >= 1; without forced local blocks this is the upper bound n*l').
 int64_t slc_tokens(const Config& cfg, int64_t t);
 
+// phi (Eq. 7) on one block of keys and the same block of values, for one KV head.
+double phi_flops_per_block(const Config& cfg);
+
 // One sequence of T tokens, all heads.
 ForwardFlops nsa_forward_flops(const Config& cfg, int64_t T);
 double full_forward_flops(const Config& cfg, int64_t T);
+
+// The backward pass, same convention: a visited key costs the recomputed scores q.k (2*dk), dP =
+// dO.v (2*dv), and dq, dk (2*dk each), dv (2*dv): 6*dk + 4*dv FLOPs per query head, 2.5x the
+// forward's for dk = dv (FlashAttention's count). phi costs twice its forward (dW and dx of each
+// product; the mlp's recomputed hidden layer is not counted), mean once.
+ForwardFlops nsa_backward_flops(const Config& cfg, int64_t T);
+double full_backward_flops(const Config& cfg, int64_t T);
 
 }  // namespace nsa::analysis

@@ -49,4 +49,7 @@ std::string cat(Args&&... args) {
   return os.str();
 }
 
+// A number for a message: NaN as "nan" whatever its sign bit (printf would say "-nan").
+inline std::string value_str(double x) { return x != x ? std::string("nan") : cat(x); }
+
 }  // namespace nsa

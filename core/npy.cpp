@@ -2,13 +2,16 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <sstream>
+#include <type_traits>
 
 namespace nsa {
 
@@ -62,7 +65,11 @@ std::string dict_value(const std::string& header, const std::string& key, const 
     p = header.find(k2);
     klen = k2.size();
   }
-  if (p == std::string::npos) bad(name, cat("header has no '", key, "' field: ", header));
+  if (p == std::string::npos) {
+    std::string shown = header.substr(0, 200);
+    while (!shown.empty() && (shown.back() == ' ' || shown.back() == '\n')) shown.pop_back();
+    bad(name, cat("header has no '", key, "' field: ", shown, header.size() > 200 ? " ..." : ""));
+  }
   p = header.find(':', p + klen);
   if (p == std::string::npos) bad(name, cat("header field '", key, "' has no value"));
   ++p;
@@ -125,79 +132,172 @@ Shape parse_shape(const std::string& s, const std::string& name) {
 
 }  // namespace
 
-NpyArray parse_npy(const char* data, size_t size, const std::string& name) {
+namespace {
+
+// Magic, version and header length: where the header dict starts and how long it is.
+struct Preamble {
+  size_t offset, header_len;
+};
+
+constexpr size_t kPreambleMax = 12;  // version 2.0 and 3.0; version 1.0 has 10 bytes
+
+// `size` bytes of the file's start are in `data` (at least min(file_size, kPreambleMax)).
+Preamble parse_preamble(const char* data, size_t size, size_t file_size, const std::string& name) {
   static const char magic[] = "\x93NUMPY";
   if (size < 10 || std::memcmp(data, magic, 6) != 0)
     bad(name, "not a .npy file (the magic string \\x93NUMPY is missing)");
   const int major = static_cast<unsigned char>(data[6]);
-  size_t header_len, offset;
+  Preamble p{};
   if (major == 1) {
-    header_len = static_cast<unsigned char>(data[8]) | (static_cast<unsigned char>(data[9]) << 8);
-    offset = 10;
+    p.header_len = static_cast<unsigned char>(data[8]) | (static_cast<unsigned char>(data[9]) << 8);
+    p.offset = 10;
   } else if (major == 2 || major == 3) {
     if (size < 12) bad(name, "truncated .npy header");
-    header_len = 0;
-    for (int i = 0; i < 4; ++i) header_len |= size_t(static_cast<unsigned char>(data[8 + i])) << (8 * i);
-    offset = 12;
+    p.header_len = 0;
+    for (int i = 0; i < 4; ++i) p.header_len |= size_t(static_cast<unsigned char>(data[8 + i])) << (8 * i);
+    p.offset = 12;
   } else {
     bad(name, cat("unsupported .npy format version ", major, "; expected 1, 2 or 3"));
   }
-  if (header_len > size - offset) bad(name, cat("truncated .npy header (", header_len, " bytes announced, ",
-                                                 size - offset, " present)"));
-  const std::string header(data + offset, header_len);
-  NpyArray a;
-  a.dtype = parse_descr(dict_value(header, "descr", name), name);
+  if (p.header_len > file_size - p.offset)
+    bad(name, cat("truncated .npy header (", p.header_len, " bytes announced, ", file_size - p.offset, " present)"));
+  return p;
+}
+
+// The header dict, checked against the size of the file it heads.
+NpyHeader parse_dict(const std::string& header, const Preamble& p, size_t file_size, const std::string& name) {
+  NpyHeader h;
+  h.dtype = parse_descr(dict_value(header, "descr", name), name);
   const std::string fortran = dict_value(header, "fortran_order", name);
   if (fortran == "True")
     bad(name, "Fortran-order data is not supported; save a C-order array (np.ascontiguousarray)");
   if (fortran != "False") bad(name, cat("bad 'fortran_order' value '", fortran, "'"));
-  a.shape = parse_shape(dict_value(header, "shape", name), name);
-  // Count the bytes with overflow checks before allocating anything.
-  const size_t item = static_cast<size_t>(dtype_size(a.dtype));
-  size_t count = 1;
-  for (int64_t d : a.shape) {
-    if (d != 0 && count > std::numeric_limits<size_t>::max() / item / static_cast<size_t>(d))
-      bad(name, cat("shape ", shape_str(a.shape), " is too large"));
-    count *= static_cast<size_t>(d);
+  h.shape = parse_shape(dict_value(header, "shape", name), name);
+  // Count the elements with overflow checks: nothing is allocated from these numbers before they
+  // have been checked against the file's size. The dims other than 0 must multiply to at most
+  // kMaxElements, whatever the dtype and the order of the dims (a 0 anywhere makes the array
+  // empty, but the rest must still be countable): so numel() never overflows, and every shape
+  // this reader accepts is one its writer can write back in any dtype (the fuzzer found a
+  // [1e11, 6151, 6151, 0, 1000] int32 file whose int64 copy was refused).
+  constexpr uint64_t kMaxElements = uint64_t(1) << 60;
+  uint64_t nonzero = 1;
+  bool empty = false;
+  for (int64_t d : h.shape) {
+    if (d == 0) {
+      empty = true;
+      continue;
+    }
+    if (nonzero > kMaxElements / static_cast<uint64_t>(d))
+      bad(name, cat("shape ", shape_str(h.shape), " is too large (more than 2^60 elements)"));
+    nonzero *= static_cast<uint64_t>(d);
   }
-  const size_t need = count * item, have = size - offset - header_len;
-  if (have < need)
-    bad(name, cat("truncated data: shape ", shape_str(a.shape), " of ", dtype_name(a.dtype), " needs ", need,
+  h.data_offset = p.offset + p.header_len;
+  h.data_bytes = static_cast<size_t>(empty ? 0 : nonzero) * static_cast<size_t>(dtype_size(h.dtype));
+  const size_t have = file_size - h.data_offset;
+  if (have < h.data_bytes)
+    bad(name, cat("truncated data: shape ", shape_str(h.shape), " of ", dtype_name(h.dtype), " needs ", h.data_bytes,
                   " bytes, the file holds ", have));
-  if (have > need)
-    bad(name, cat("corrupted file: ", have - need, " bytes beyond the data that shape ", shape_str(a.shape),
-                  " of ", dtype_name(a.dtype), " holds"));
-  a.bytes.assign(data + offset + header_len, data + offset + header_len + need);
+  if (have > h.data_bytes)
+    bad(name, cat("corrupted file: ", have - h.data_bytes, " bytes beyond the data that shape ", shape_str(h.shape),
+                  " of ", dtype_name(h.dtype), " holds"));
+  return h;
+}
+
+// Opens `path` for reading and returns its size; a folder or a missing file is named as such.
+size_t open_file(const std::string& path, std::ifstream& f) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (ec || !fs::exists(st))
+    throw InputError(cat(path, ": cannot open file (", ec ? ec.message() : "No such file or directory", ")"));
+  if (fs::is_directory(st)) throw InputError(cat(path, ": is a folder, expected a .npy file"));
+  if (!fs::is_regular_file(st)) throw InputError(cat(path, ": not a regular file, expected a .npy file"));
+  const uintmax_t size = fs::file_size(path, ec);
+  if (ec) throw InputError(cat(path, ": cannot read the file size (", ec.message(), ")"));
+  f.open(path, std::ios::binary);
+  if (!f) throw InputError(cat(path, ": cannot open file (", std::strerror(errno), ")"));
+  return static_cast<size_t>(size);
+}
+
+// Reads `n` bytes at the stream's position into `out`.
+void read_exact(std::ifstream& f, char* out, size_t n, const std::string& path) {
+  if (n > 0 && !f.read(out, static_cast<std::streamsize>(n)))
+    throw InputError(cat(path, ": read failed (the file changed while it was read?)"));
+}
+
+NpyHeader read_header(const std::string& path, std::ifstream& f) {
+  const size_t file_size = open_file(path, f);
+  std::string head(std::min(file_size, kPreambleMax), '\0');
+  read_exact(f, &head[0], head.size(), path);
+  const Preamble p = parse_preamble(head.data(), head.size(), file_size, path);
+  // The preamble is checked: header_len fits in the file, so this allocation is bounded by it.
+  std::string dict(p.header_len, '\0');
+  f.seekg(static_cast<std::streamoff>(p.offset));
+  read_exact(f, &dict[0], dict.size(), path);
+  return parse_dict(dict, p, file_size, path);
+}
+
+}  // namespace
+
+NpyArray parse_npy(const char* data, size_t size, const std::string& name) {
+  const Preamble p = parse_preamble(data, size, size, name);
+  const NpyHeader h = parse_dict(std::string(data + p.offset, p.header_len), p, size, name);
+  NpyArray a;
+  a.dtype = h.dtype;
+  a.shape = h.shape;
+  a.bytes.assign(data + h.data_offset, data + h.data_offset + h.data_bytes);
   return a;
 }
 
+NpyHeader read_npy_header(const std::string& path) {
+  std::ifstream f;
+  return read_header(path, f);
+}
+
 NpyArray read_npy(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw InputError(cat(path, ": cannot open file (", std::strerror(errno), ")"));
-  f.seekg(0, std::ios::end);
-  const std::streamoff n = f.tellg();
-  if (n < 0) throw InputError(cat(path, ": cannot read file size (is it a folder?)"));
-  f.seekg(0);
-  std::vector<char> buf(static_cast<size_t>(n));
-  if (n > 0 && !f.read(buf.data(), n)) throw InputError(cat(path, ": read failed"));
-  return parse_npy(buf.data(), buf.size(), path);
+  std::ifstream f;
+  const NpyHeader h = read_header(path, f);
+  NpyArray a;
+  a.dtype = h.dtype;
+  a.shape = h.shape;
+  a.bytes.resize(h.data_bytes);
+  f.seekg(static_cast<std::streamoff>(h.data_offset));
+  read_exact(f, a.bytes.data(), h.data_bytes, path);
+  return a;
 }
 
 namespace {
+
+// One element of the file as T. Narrowing is defined for every value, so that no file can make
+// the conversion undefined behaviour: float64 beyond float's range becomes +-inf (what IEEE
+// rounding gives), and an int64 beyond int32's range is refused.
 template <class T, class Src>
-void convert(const NpyArray& a, AlignedVector<T>& out) {
+T narrow(Src s, size_t i, const NpyArray& a, const std::string& name) {
+  if constexpr (std::is_floating_point<T>::value && std::is_floating_point<Src>::value && sizeof(T) < sizeof(Src)) {
+    if (std::isfinite(s) && std::abs(s) > static_cast<Src>(std::numeric_limits<T>::max()))
+      return std::copysign(std::numeric_limits<T>::infinity(), static_cast<T>(s > 0 ? 1 : -1));
+  } else if constexpr (std::is_integral<T>::value && sizeof(T) < sizeof(Src)) {
+    if (s < static_cast<Src>(std::numeric_limits<T>::min()) || s > static_cast<Src>(std::numeric_limits<T>::max()))
+      throw InputError(cat(name, ": value ", s, " at index ", index_str(a.shape, int64_t(i)), " does not fit in ",
+                           sizeof(T) == 4 ? "int32" : "the integer type expected"));
+  }
+  return static_cast<T>(s);
+}
+
+template <class T, class Src>
+void convert(const NpyArray& a, AlignedVector<T>& out, const std::string& name) {
   const size_t n = out.size();
   for (size_t i = 0; i < n; ++i) {
     Src s;
     std::memcpy(&s, a.bytes.data() + i * sizeof(Src), sizeof(Src));
-    out[i] = static_cast<T>(s);
+    out[i] = narrow<T, Src>(s, i, a, name);
   }
 }
+
 }  // namespace
 
 template <class T>
 Tensor<T> npy_to_tensor(const NpyArray& a, const std::string& name) {
-  AlignedVector<T> out(static_cast<size_t>(numel(a.shape)));
   constexpr bool want_float = std::is_floating_point<T>::value;
   const bool is_float = a.dtype == DType::F64 || a.dtype == DType::F32 || a.dtype == DType::F16;
   if (want_float != is_float)
@@ -205,9 +305,14 @@ Tensor<T> npy_to_tensor(const NpyArray& a, const std::string& name) {
                          want_float ? "a floating-point tensor (float64, float32 or float16)"
                                     : "an integer tensor (int32 or int64)",
                          " is expected"));
+  const size_t count = static_cast<size_t>(numel(a.shape));
+  if (a.bytes.size() != count * static_cast<size_t>(dtype_size(a.dtype)))
+    throw InputError(cat(name, ": ", a.bytes.size(), " data bytes for shape ", shape_str(a.shape), " of ",
+                         dtype_name(a.dtype)));
+  AlignedVector<T> out(count);
   switch (a.dtype) {
-    case DType::F64: convert<T, double>(a, out); break;
-    case DType::F32: convert<T, float>(a, out); break;
+    case DType::F64: convert<T, double>(a, out, name); break;
+    case DType::F32: convert<T, float>(a, out, name); break;
     case DType::F16:
       for (size_t i = 0; i < out.size(); ++i) {
         uint16_t h;
@@ -215,8 +320,8 @@ Tensor<T> npy_to_tensor(const NpyArray& a, const std::string& name) {
         out[i] = static_cast<T>(half_to_float(h));
       }
       break;
-    case DType::I32: convert<T, int32_t>(a, out); break;
-    case DType::I64: convert<T, int64_t>(a, out); break;
+    case DType::I32: convert<T, int32_t>(a, out, name); break;
+    case DType::I64: convert<T, int64_t>(a, out, name); break;
   }
   return Tensor<T>(a.shape, std::move(out));
 }
@@ -230,11 +335,11 @@ template <> const char* descr<int64_t>() { return "<i8"; }
 }  // namespace
 
 template <class T>
-std::string npy_bytes(const Tensor<T>& t) {
+std::string npy_header_bytes(const Shape& dims) {
   std::string shape = "(";
-  for (size_t i = 0; i < t.shape().size(); ++i) shape += std::to_string(t.shape()[i]) + ", ";
-  if (t.shape().size() > 1) shape.resize(shape.size() - 2);
-  if (t.shape().size() == 1) shape.resize(shape.size() - 1);
+  for (size_t i = 0; i < dims.size(); ++i) shape += std::to_string(dims[i]) + ", ";
+  if (dims.size() > 1) shape.resize(shape.size() - 2);
+  if (dims.size() == 1) shape.resize(shape.size() - 1);
   shape += ")";
   std::string header = cat("{'descr': '", descr<T>(), "', 'fortran_order': False, 'shape': ", shape, ", }");
   // Pad with spaces so that the data starts on a 64-byte boundary, newline last (format spec).
@@ -253,7 +358,12 @@ std::string npy_bytes(const Tensor<T>& t) {
     out += static_cast<char>((hl >> 16) & 0xff);
     out += static_cast<char>((hl >> 24) & 0xff);
   }
-  out += header;
+  return out + header;
+}
+
+template <class T>
+std::string npy_bytes(const Tensor<T>& t) {
+  std::string out = npy_header_bytes<T>(t.shape());
   out.append(reinterpret_cast<const char*>(t.data()), static_cast<size_t>(t.numel()) * sizeof(T));
   return out;
 }
@@ -283,6 +393,7 @@ void save_npy(const std::string& path, const Tensor<T>& t) {
 
 #define NSA_NPY_INSTANTIATE(T)                                                  \
   template Tensor<T> npy_to_tensor<T>(const NpyArray&, const std::string&); \
+  template std::string npy_header_bytes<T>(const Shape&);                   \
   template std::string npy_bytes<T>(const Tensor<T>&);                      \
   template void save_npy<T>(const std::string&, const Tensor<T>&);
 NSA_NPY_INSTANTIATE(double)

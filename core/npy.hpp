@@ -20,6 +20,15 @@ enum class DType { F64, F32, F16, I32, I64 };
 const char* dtype_name(DType t);  // "float64", ...
 int dtype_size(DType t);
 
+// What a `.npy` header says, checked against the size of its file: the data is exactly
+// `data_bytes` = numel(shape) * dtype_size(dtype) bytes, starting at `data_offset`.
+struct NpyHeader {
+  DType dtype = DType::F64;
+  Shape shape;
+  size_t data_offset = 0;  // magic, version, header length and header
+  size_t data_bytes = 0;
+};
+
 // A parsed `.npy` file: its dtype, shape and raw little-endian bytes.
 struct NpyArray {
   DType dtype = DType::F64;
@@ -29,6 +38,11 @@ struct NpyArray {
 
 // Parses a whole file held in memory. `name` is used in error messages (usually the path).
 NpyArray parse_npy(const char* data, size_t size, const std::string& name);
+// Reads the header only (a few hundred bytes), checked against the file's size: what the data
+// would cost in memory is known before any of it is read.
+NpyHeader read_npy_header(const std::string& path);
+// Reads a file: the header first, then exactly the data it announces (never more than the file
+// holds), straight into the array.
 NpyArray read_npy(const std::string& path);
 
 // Converts to T (a floating type, or int32/int64 for index files). Floating files convert to any
@@ -41,7 +55,11 @@ Tensor<T> load_npy(const std::string& path) {
   return npy_to_tensor<T>(read_npy(path), path);
 }
 
-// The bytes of a `.npy` file (format 1.0, or 2.0 when the header needs it) holding `t`.
+// The header of a `.npy` file (format 1.0, or 2.0 when the header needs it) for a C-order array of
+// T with this shape; the data follows it directly.
+template <class T>
+std::string npy_header_bytes(const Shape& shape);
+// The bytes of a `.npy` file holding `t`: the header, then the data.
 template <class T>
 std::string npy_bytes(const Tensor<T>& t);
 

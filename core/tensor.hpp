@@ -49,6 +49,17 @@ inline std::string shape_str(const Shape& shape) {
   return s + "]";
 }
 
+// The multi-index of flat position `flat` (C order) in `shape`, as "[i, j, k]": names the
+// position of a bad value in messages.
+inline std::string index_str(const Shape& shape, int64_t flat) {
+  Shape idx(shape.size());
+  for (size_t a = shape.size(); a-- > 0;) {
+    idx[a] = shape[a] ? flat % shape[a] : 0;
+    flat = shape[a] ? flat / shape[a] : 0;
+  }
+  return shape_str(idx);
+}
+
 template <class T>
 class Tensor {
  public:

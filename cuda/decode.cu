@@ -20,6 +20,7 @@
 #include "device.cuh"
 #include "kernels.hpp"
 #include "nsa_cuda.hpp"
+#include "plan.hpp"
 
 namespace nsa::cuda {
 
@@ -719,14 +720,14 @@ DecodeBench bench_decode(const Config& cfg, int64_t B, int64_t s, const Options&
   Decoder::Impl& I = *dec.impl_;
   DecParams& p = I.p;
   const Precision prec = opt.dtype;
-  fill_random_normal(prec, p.k_slc, B * capacity * I.rk(), seed + 1, nullptr);
-  fill_random_normal(prec, p.v_slc, B * capacity * I.rv(), seed + 2, nullptr);
-  fill_random_normal(prec, p.k_cmp, B * p.Ncap * I.rk(), seed + 3, nullptr);
-  fill_random_normal(prec, p.v_cmp, B * p.Ncap * I.rv(), seed + 4, nullptr);
-  fill_random_normal(prec, I.q, B * cfg.Hq * cfg.dk, seed + 5, nullptr);
-  fill_random_normal(prec, I.k_in[1], B * I.rk(), seed + 6, nullptr);
-  fill_random_normal(prec, I.v_in[1], B * I.rv(), seed + 7, nullptr);
-  fill_random_uniform(I.gates, B * cfg.Hq * 3, seed + 8, nullptr);
+  fill_normal_elems(prec, p.k_slc, B * capacity * I.rk(), seed + 1);
+  fill_normal_elems(prec, p.v_slc, B * capacity * I.rv(), seed + 2);
+  fill_normal_elems(prec, p.k_cmp, B * p.Ncap * I.rk(), seed + 3);
+  fill_normal_elems(prec, p.v_cmp, B * p.Ncap * I.rv(), seed + 4);
+  fill_normal_elems(prec, I.q, B * cfg.Hq * cfg.dk, seed + 5);
+  fill_normal_elems(prec, I.k_in[1], B * I.rk(), seed + 6);
+  fill_normal_elems(prec, I.v_in[1], B * I.rv(), seed + 7);
+  fill_uniform_floats(I.gates, B * cfg.Hq * 3, seed + 8);
   if (cfg.compress != CompressKind::Mean) dec.set_phi(ref::random_compress_params<float>(cfg, seed));
   int l2 = 0;
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, opt.device));

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "config.hpp"
 #include "params.hpp"
 
 namespace nsa::cuda::dev {
@@ -49,6 +50,37 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+
+// act(x) and act'(x) of the hidden layers (phi = mlp, the gate MLP) in fp32: the reference's
+// formulas (reference/common.hpp).
+__device__ __forceinline__ float activation(Activation a, float x) {
+  switch (a) {
+    case Activation::Gelu: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case Activation::GeluTanh: return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    case Activation::Relu: return x > 0 ? x : 0.0f;
+    case Activation::Silu: return x / (1.0f + expf(-x));
+  }
+  return x;
+}
+__device__ __forceinline__ float activation_grad(Activation a, float x) {
+  switch (a) {
+    case Activation::Gelu: {
+      const float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+      const float pdf = expf(-0.5f * x * x) * 0.39894228040143268f;  // 1 / sqrt(2 pi)
+      return cdf + x * pdf;
+    }
+    case Activation::GeluTanh: {
+      const float c = 0.79788456080286536f, u = c * (x + 0.044715f * x * x * x), th = tanhf(u);
+      return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * c * (1.0f + 3.0f * 0.044715f * x * x);
+    }
+    case Activation::Relu: return x > 0 ? 1.0f : 0.0f;
+    case Activation::Silu: {
+      const float s = 1.0f / (1.0f + expf(-x));
+      return s * (1.0f + x * (1.0f - s));
+    }
+  }
+  return 1.0f;
+}
 
 // ---- config arithmetic (Config's, per sequence-local position t) ----
 __device__ __forceinline__ int cmp_visible(int t, int l, int d) { return num_cmp_blocks(t + 1, l, d); }

@@ -11,6 +11,7 @@
 #include "device.cuh"
 #include "kernels.hpp"
 #include "nsa_cuda.hpp"
+#include "plan.hpp"
 
 namespace nsa::cuda {
 
@@ -74,13 +75,6 @@ bool available(std::string* why) {
   return true;
 }
 
-namespace {
-
-struct DeviceInfo {
-  cudaDeviceProp prop{};
-  int smem_optin = 0;  // bytes of shared memory a block may opt in to
-};
-
 const DeviceInfo& device_info(int device) {
   static DeviceInfo info[16];
   static bool done[16] = {};
@@ -99,15 +93,13 @@ int env_int(const char* name, int fallback) {
   return s && *s ? std::atoi(s) : fallback;
 }
 
-}  // namespace
-
 std::string device_name() {
   const DeviceInfo& d = device_info(0);
   return cat(d.prop.name, " (sm_", d.prop.major, d.prop.minor, ", ", d.prop.multiProcessorCount, " SMs)");
 }
 
 // Why kernels v1 and v2 cannot run cfg at this precision on this device (empty: it can).
-static std::string v1_obstacle(const Config& cfg, const Options& opt) {
+std::string v1_obstacle(const Config& cfg, const Options& opt) {
   const int64_t G = cfg.G();
   if (opt.dtype == Precision::FP32) return "fp32 runs on CUDA cores (kernel v0; v1-v3 need bf16 or fp16 operands)";
   if (G != 1 && G != 2 && G != 4 && G != 8 && G != 16) return cat("G = ", G, " is not one of 1, 2, 4, 8, 16");
@@ -142,6 +134,7 @@ int choose_kernel(const Config& cfg, const Options& opt, std::string* why) {
 }
 
 // ---------------------------------------------------------------- the plan
+// Host float -> device elements of the precision (rounded to nearest even).
 std::vector<char> to_elems(Precision prec, const float* x, size_t n) {
   std::vector<char> out(n * size_t(element_size(prec)));
   if (prec == Precision::FP32) {
@@ -169,11 +162,6 @@ void from_elems(Precision prec, const char* src, size_t n, float* out) {
 }
 
 namespace {
-
-struct DeviceBuffer {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-};
 
 // Deterministic pseudo-random fills for benchmarks (splitmix64 of the index).
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {
@@ -210,112 +198,21 @@ __global__ void fill_uniform(float* x, int64_t n, uint64_t seed) {
 
 }  // namespace
 
-void fill_random_normal(Precision prec, void* x, int64_t n, uint64_t seed, cudaStream_t s) {
+void fill_normal_elems(Precision prec, void* x, int64_t n, uint64_t seed) {
   if (n == 0) return;
   switch (prec) {
-    case Precision::BF16: fill_normal<<<1024, 256, 0, s>>>(static_cast<__nv_bfloat16*>(x), n, seed); break;
-    case Precision::FP16: fill_normal<<<1024, 256, 0, s>>>(static_cast<__half*>(x), n, seed); break;
-    case Precision::FP32: fill_normal<<<1024, 256, 0, s>>>(static_cast<float*>(x), n, seed); break;
+    case Precision::BF16: fill_normal<<<1024, 256>>>(static_cast<__nv_bfloat16*>(x), n, seed); break;
+    case Precision::FP16: fill_normal<<<1024, 256>>>(static_cast<__half*>(x), n, seed); break;
+    case Precision::FP32: fill_normal<<<1024, 256>>>(static_cast<float*>(x), n, seed); break;
   }
   NSA_CUDA_CHECK_LAUNCH("fill_normal");
 }
 
-void fill_random_uniform(float* x, int64_t n, uint64_t seed, cudaStream_t s) {
+void fill_uniform_floats(float* x, int64_t n, uint64_t seed) {
   if (n == 0) return;
-  fill_uniform<<<1024, 256, 0, s>>>(x, n, seed);
+  fill_uniform<<<1024, 256>>>(x, n, seed);
   NSA_CUDA_CHECK_LAUNCH("fill_uniform");
 }
-
-struct Plan::Impl {
-  Config cfg;
-  Options opt;
-  int version = 0;
-  int64_t N = 0;
-  std::vector<int64_t> cu, cu_cmp;  // host copies
-  FwdParams p;
-  int cmp_warps = 4, slc_warps = 2, win_warps = 4;  // warps per CTA of the v1/v2 kernels
-  TileMap tm_cmp, tm_slc, tm_win;
-  std::vector<DeviceBuffer> buffers;
-  cublasHandle_t blas = nullptr;
-  PhiDevice phi_k, phi_v;
-  PhiWorkspace ws;
-  enum class GateSource { Ones, Given, Mlp } gate_source = GateSource::Ones;
-  GateMlpDevice gate_mlp;
-  void* k_shared = nullptr;  // [N, Hkv, dk] elem
-  void* v_shared = nullptr;
-  void* flush = nullptr;     // L2 flush buffer of the benchmark
-  size_t flush_bytes = 0;
-
-  void* alloc(size_t bytes, const char* what) {
-    DeviceBuffer b;
-    b.bytes = bytes;
-    if (bytes > 0) {
-      const cudaError_t e = cudaMalloc(&b.ptr, bytes);
-      if (e == cudaErrorMemoryAllocation) {
-        cudaGetLastError();
-        size_t free_b = 0, total_b = 0;
-        cudaMemGetInfo(&free_b, &total_b);
-        throw ResourceError(cat("out of device memory allocating ", what, " (", bytes / 1048576.0, " MiB; ",
-                                free_b / 1048576.0, " MiB free of ", total_b / 1048576.0, ")"));
-      }
-      NSA_CUDA_CHECK(e);
-    }
-    buffers.push_back(b);
-    return b.ptr;
-  }
-  template <class X>
-  X* alloc_t(int64_t n, const char* what) {
-    return static_cast<X*>(alloc(size_t(n) * sizeof(X), what));
-  }
-  void* alloc_e(int64_t n, const char* what) { return alloc(size_t(n) * element_size(opt.dtype), what); }
-
-  void put(void* dst, const void* src, size_t bytes) {
-    if (bytes) NSA_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
-  }
-  // Uploads a host tensor as elements of the precision (elem) or as fp32.
-  void* upload_e(const Tensor<float>& t, const char* what) {
-    if (t.empty()) return nullptr;
-    const std::vector<char> e = to_elems(opt.dtype, t.data(), size_t(t.numel()));
-    void* d = alloc(e.size(), what);
-    put(d, e.data(), e.size());
-    return d;
-  }
-  float* upload_f(const Tensor<float>& t, const char* what) {
-    if (t.empty()) return nullptr;
-    float* d = alloc_t<float>(t.numel(), what);
-    put(d, t.data(), size_t(t.numel()) * sizeof(float));
-    return d;
-  }
-  TileMap tile_map(int BT, const char* what) {
-    std::vector<int64_t> ct(1, 0);
-    for (size_t b = 0; b + 1 < cu.size(); ++b) ct.push_back(ct.back() + (cu[b + 1] - cu[b] + BT - 1) / BT);
-    TileMap tm;
-    tm.BT = BT;
-    tm.total = ct.back();
-    auto* d = alloc_t<int64_t>(int64_t(ct.size()), what);
-    put(d, ct.data(), ct.size() * sizeof(int64_t));
-    tm.cu_tiles = d;
-    return tm;
-  }
-  PhiDevice upload_phi(const ref::PhiParams<float>& ph) {
-    PhiDevice d;
-    d.pe = upload_f(ph.pe, "phi.pe");
-    d.w = upload_e(ph.w, "phi.w");
-    d.b = upload_f(ph.b, "phi.b");
-    d.w1 = upload_e(ph.w1, "phi.w1");
-    d.b1 = upload_f(ph.b1, "phi.b1");
-    d.w2 = upload_e(ph.w2, "phi.w2");
-    d.b2 = upload_f(ph.b2, "phi.b2");
-    return d;
-  }
-
-  ~Impl() {
-    for (auto& b : buffers)
-      if (b.ptr) cudaFree(b.ptr);
-    if (flush) cudaFree(flush);
-    if (blas) cublasDestroy(blas);
-  }
-};
 
 Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const Options& opt) : impl_(new Impl) {
   Impl& I = *impl_;
@@ -408,8 +305,8 @@ Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const 
     p.o = I.alloc_e(NHq * p.dv, "o");
     p.o_cmp = I.alloc_e(NHq * p.dv, "o_cmp");
     p.o_slc = I.alloc_e(NHq * p.dv, "o_slc");
-    // v0 combines in a separate kernel, so it always stores O_win.
-    p.o_win = opt.intermediates || I.version == 0 ? I.alloc_e(NHq * p.dv, "o_win") : nullptr;
+    // v0 combines in a separate kernel, so it always stores O_win; the backward pass reads it.
+    p.o_win = opt.intermediates || I.version == 0 || opt.backward ? I.alloc_e(NHq * p.dv, "o_win") : nullptr;
     p.lse_cmp = I.alloc_t<float>(NHq, "lse_cmp");
     p.lse_slc = I.alloc_t<float>(NHq, "lse_slc");
     p.lse_win = I.alloc_t<float>(NHq, "lse_win");
@@ -440,6 +337,7 @@ Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const 
       I.tm_win = I.tile_map(16 * I.win_warps / p.G, "win tiles");
     }
     NSA_CUBLAS_CHECK(cublasCreate(&I.blas));
+    if (opt.backward) setup_backward(I);
     NSA_CUDA_CHECK(cudaDeviceSynchronize());
   } catch (...) {
     delete impl_;
@@ -500,6 +398,7 @@ void Plan::upload(const ref::Inputs<float>& in) {
     I.phi_k = I.upload_phi(in.phi.k);
     I.phi_v = I.upload_phi(in.phi.v);
   }
+  if (I.has_bwd) backward_inputs_changed(I, &in.phi);
   NSA_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
@@ -507,13 +406,7 @@ void Plan::randomize(uint64_t seed) {
   Impl& I = *impl_;
   FwdParams& p = I.p;
   auto normal = [&](const void* x, int64_t n, uint64_t s) {
-    if (n == 0) return;
-    switch (I.opt.dtype) {
-      case Precision::BF16: fill_normal<<<1024, 256>>>((__nv_bfloat16*)x, n, s); break;
-      case Precision::FP16: fill_normal<<<1024, 256>>>((__half*)x, n, s); break;
-      case Precision::FP32: fill_normal<<<1024, 256>>>((float*)x, n, s); break;
-    }
-    NSA_CUDA_CHECK_LAUNCH("fill_normal");
+    fill_normal_elems(I.opt.dtype, const_cast<void*>(x), n, s);
   };
   normal(p.q, I.N * p.Hq * p.dk, seed);
   normal(I.k_shared, I.N * p.Hkv * p.dk, seed + 1);
@@ -527,6 +420,9 @@ void Plan::randomize(uint64_t seed) {
     const ref::CompressParams<float> phi = ref::random_compress_params<float>(I.cfg, seed);
     I.phi_k = I.upload_phi(phi.k);
     I.phi_v = I.upload_phi(phi.v);
+    if (I.has_bwd) backward_inputs_changed(I, &phi);
+  } else if (I.has_bwd) {
+    backward_inputs_changed(I, nullptr);
   }
   NSA_CUDA_CHECK(cudaDeviceSynchronize());
 }

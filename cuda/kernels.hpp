@@ -5,7 +5,6 @@
 #include <cuda_runtime.h>
 
 #include <type_traits>
-#include <vector>
 
 #include "config.hpp"
 #include "nsa_cuda.hpp"
@@ -65,13 +64,6 @@ struct GateMlpDevice {
 };
 void gates_from_mlp(const FwdParams& p, const GateMlpDevice& m, float* gates, cublasHandle_t blas, cudaStream_t s);
 void fill(float* x, int64_t n, float value, cudaStream_t s);
-// forward.cu: host floats <-> device elements of the precision (rounded to nearest even).
-std::vector<char> to_elems(Precision prec, const float* x, size_t n);
-void from_elems(Precision prec, const char* src, size_t n, float* out);
-// forward.cu: pseudo-random fills for benchmarks (splitmix64 of the index): N(0, 1) elements of
-// the precision, U(0, 1) floats.
-void fill_random_normal(Precision prec, void* x, int64_t n, uint64_t seed, cudaStream_t s);
-void fill_random_uniform(float* x, int64_t n, uint64_t seed, cudaStream_t s);
 void combine_v0(Precision prec, const FwdParams& p, cudaStream_t s);
 
 // ---- cmp_attn.cu: compression attention + Eq. 8-11 (scores, top-n) ----
@@ -102,6 +94,78 @@ size_t win_attn_v1_smem(const FwdParams& p);
 // v2: 16 * nwarps rows per CTA (tm: tiles of 16 * nwarps / G positions), 3 stages.
 void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
 size_t win_attn_v2_smem(const FwdParams& p, int nwarps);
+
+// ---- the backward pass (backward.cu runs the stages in this order) ----
+// gate_bwd.cu: dgates = <dL/do, O_c> and the deltas D_c = g_c dgates_c for every (token, head).
+void bwd_prep(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s);
+struct GateMlpGradDevice {  // gradients of the gate MLP (fp32) and its workspace
+  float* dz = nullptr;    // [N, 3 Hq]  dL/d(pre-sigmoid)
+  float* a = nullptr;     // [N, dh]    x W0 + b0, recomputed
+  float* dhid = nullptr;  // [N, din]   dL/d(hidden), then dL/da in place
+  float* dx = nullptr;    // [N, dm]
+  float* dw0 = nullptr;   // [dm, dh]
+  float* db0 = nullptr;   // [dh]
+  float* dw = nullptr;    // [din, 3 Hq]
+  float* db = nullptr;    // [3 Hq]
+};
+void gate_mlp_backward(const FwdParams& p, const GateMlpDevice& m, const float* dgates, const GateMlpGradDevice& g,
+                       cublasHandle_t blas, cudaStream_t s);
+
+// select_bwd.cu: the lists of the positions that selected each block (BwdParams); with items,
+// also the v1 work items (item_cnt, item_off). tmp: cub's scratch of slc_lists_scan_bytes.
+size_t slc_lists_scan_bytes(int64_t slots, int64_t lists);
+void build_slc_lists(const FwdParams& p, const BwdParams& bp, int64_t chunks, int64_t slots, bool items, void* tmp,
+                     size_t tmp_bytes, cudaStream_t s);
+size_t slc_lists_smem(const FwdParams& p, const BwdParams& bp);
+
+// Per branch (cmp_bwd.cu, select_bwd.cu, window_bwd.cu): dq (cmp writes, slc and win add), then
+// dK/dV. v0: any shape (dk, dv <= 256).
+void cmp_bwd_v0(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s);
+void slc_bwd_v0(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s);
+void win_bwd_v0(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s);
+// v1: tm_dq tiles of 64 / G positions; tm_slc tiles of 16 / G positions (one per warp);
+// tm_keys tiles of 64 tokens; cmp_items work items per group (BwdParams::cu_cmp_items);
+// slc_items an upper bound on the selection's work items (the kernel reads the count).
+void cmp_bwd_v1(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_dq, int64_t cmp_items,
+                cudaStream_t s);
+void slc_bwd_v1(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_slc, int64_t slc_items,
+                cudaStream_t s);
+void win_bwd_v1(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_dq, const TileMap& tm_keys,
+                cudaStream_t s);
+size_t bwd_v1_smem(const FwdParams& p);  // the most shared memory any v1 backward kernel asks for
+
+// compress_bwd.cu: phi's backward (Eq. 7): dy = dL/dphi(x) [Nc, Hkv, D] -> dx [N, Hkv, D] (fp32,
+// every row written) and the parameters' gradients.
+struct PhiBwdDevice {
+  const float* w = nullptr;   // [Hkv, D, l*D]   fp32 copies of the (rounded) weights
+  const float* w1 = nullptr;  // [Hkv, hc, l*D]
+  const float* w2 = nullptr;  // [Hkv, D, hc]
+  float* dpe = nullptr;       // [Hkv, l, D]
+  float* dw = nullptr;        // [Hkv, D, l*D]   linear
+  float* db = nullptr;        // [Hkv, D]
+  float* dw1 = nullptr;       // [Hkv, hc, l*D]  mlp
+  float* db1 = nullptr;       // [Hkv, hc]
+  float* dw2 = nullptr;       // [Hkv, D, hc]
+  float* db2 = nullptr;       // [Hkv, D]
+};
+struct PhiBwdWorkspace {
+  float* X = nullptr;   // [Hkv, Nc, l*D]  the gathered blocks + pe, rounded as the forward's
+  float* A = nullptr;   // [Hkv, Nc, hc]   the hidden layer's pre-activation
+  float* Hb = nullptr;  // [Hkv, Nc, hc]   act(A), rounded as the forward's
+  float* dA = nullptr;  // [Hkv, Nc, hc]
+  float* dX = nullptr;  // [Hkv, Nc, l*D]  dL/d(flattened block + pe)
+};
+void compress_backward(const Config& cfg, const FwdParams& p, Precision prec, const void* x, int D, int hc,
+                       const PhiDevice& phi, const PhiBwdDevice& g, const PhiBwdWorkspace& ws, const float* dy,
+                       float* dx, cublasHandle_t blas, cudaStream_t s);
+// Row-major batched C = op(A) op(B) in fp32 (A [M, K] or, transposed, [K, M]; B [K, N] or [N, K]);
+// tf32: tensor-core TF32 products (for bf16 runs: the operands' own rounding is coarser).
+void gemm_f32(cublasHandle_t blas, bool tf32, bool transA, bool transB, int batch, int M, int N, int K,
+              const float* A, int64_t lda, int64_t strideA, const float* B, int64_t ldb, int64_t strideB, float* C,
+              int64_t ldc, int64_t strideC);
+// out[bt * out_stride + c] = sum over r < rows, in order, of X[bt * bstride + r * ld + c], c < cols.
+void colsum(const float* X, int64_t rows, int64_t cols, int64_t ld, int64_t bstride, int batch, float* out,
+            int64_t out_stride, cudaStream_t s);
 
 // ---- decode_attn.cu: the decode step (NSA-SPEC.md 8) ----
 constexpr int kDecTile = 32;  // split sizes are multiples of this many keys (whole tiles of every version)

@@ -12,6 +12,23 @@
 //   window.cu       sliding-window attention, fused with the gated sum (Eq. 5)
 //   gate.cu         the gates (given, or the gate MLP) and the plain combine of kernel v0
 //   forward.cu      Plan: buffers, the choice of kernel version, the sequence of launches
+// and the backward pass (NSA-SPEC.md 7), stage by stage, each the twin of reference/backward.cpp's:
+//   gate_bwd.cu     dL/dg and the softmax deltas D_c; the gate MLP's backward (cuBLAS)
+//   cmp_bwd.cu      compression attention: dq (query-centric), dK/dV of the compressed rows
+//   select_bwd.cu   per-block lists of the queries that selected each block (counting sort);
+//                   selection attention: dq (group-centric), dK/dV (key-centric, over the lists)
+//   window_bwd.cu   window attention: dq, dK/dV
+//   compress_bwd.cu phi's backward: to the raw k_cmp, v_cmp and phi's parameters (cuBLAS)
+//   backward.cu     the backward stages of Plan, its version choice and benchmark
+// and decoding with a KV cache (NSA-SPEC.md 8), the twin of reference/decode.cpp:
+//   decode_attn.cu  the step's kernels: split-softmax attention over the compressed rows, the
+//                   window and the selected blocks (group-centric), Eq. 8-11, the merges and Eq. 5
+//   decode.cu       Decoder: the device cache, prefill, step; decode_workload; bench_decode
+// Backward versions: v0 = fp32 CUDA cores, one warp per (token, head) or (key, group), no atomics;
+// v1 = tensor cores (mma.sync), FlashAttention-2's split: key-centric kernels for dK/dV, query-
+// centric ones for dq (no atomics on dq); where many work items meet on one key (the compression
+// keys, the selection blocks) the fast mode adds with fp32 atomics and the deterministic mode
+// writes partial sums that one kernel adds in a fixed order.
 // Kernel versions (STYLE 6): v0 = fp32 CUDA cores, one warp per (token, head), any shape: the
 // obviously-right version and the fp32 debug mode; v1 = tensor cores (mma.sync m16n8k16, bf16 or
 // fp16 operands, fp32 accumulation) for dk in {64, 128, 192}, dv in {64, 128}, G in {1, 2, 4, 8, 16};
@@ -54,9 +71,14 @@ struct Options {
   bool intermediates = true;  // also produce o_win and block_scores (o_cmp, o_slc, lse, block_idx
                               // and the compressed K/V are always produced: later stages use them)
   int device = 0;
-  int decode_kernel = -1;     // the decode step's split kernel (-1: the default): 1 every tile by the
-                              // general path; 2 regular tiles by strided copies and an unmasked softmax;
-                              // 3 = 2 with 16-key tiles and twice the warps per SM
+  // ---- backward (cuda/backward.cu) ----
+  bool backward = false;       // the plan also runs the backward pass (keeps O_win, holds gradients)
+  int bwd_kernel = -1;         // -1: chosen; 0: fp32 CUDA cores; 1: tensor cores
+  bool deterministic = false;  // backward without floating-point atomics: bitwise repeatable
+  // ---- decode (cuda/decode.cu) ----
+  int decode_kernel = -1;  // the decode step's split kernel (-1: the default): 1 every tile by the
+                           // general path; 2 regular tiles by strided copies and an unmasked softmax;
+                           // 3 = 2 with 16-key tiles and twice the warps per SM
 };
 
 // True when the tensor-core kernels (v1-v3) are compiled for these head dims (NSA_CUDA_DIMS).
@@ -65,6 +87,10 @@ bool v1_compiled(int dk, int dv);
 // The version `choose_kernel` picks, or the override; throws ConfigError when the override cannot
 // run this config (the message says why). *why (if given) explains the choice.
 int choose_kernel(const Config& cfg, const Options& opt, std::string* why = nullptr);
+
+// The backward version `Plan` uses (v0: fp32 CUDA cores, any shape; v1: tensor cores, the shapes
+// of forward v1-v3), or the override; throws ConfigError when the override cannot run this config.
+int choose_bwd_kernel(const Config& cfg, const Options& opt, std::string* why = nullptr);
 
 // Time of one stage of a timed run, in milliseconds.
 struct StageTime {
@@ -77,10 +103,22 @@ struct BenchResult {
   std::vector<StageTime> stages;  // per-stage medians
   int kernel = -1;
 };
+// Forward + backward timing (Options::backward): medians of run + run_backward together, of
+// run_backward alone (after one forward), and the backward's per-stage medians.
+struct BwdBenchResult {
+  double fwd_bwd_ms = 0;
+  double bwd_ms = 0;
+  std::vector<StageTime> stages;
+  int kernel = -1, bwd_kernel = -1;
+  bool deterministic = false;
+};
 class Plan;
 // Median time of plan.run (ms) over `reps` repeats after `warmup` runs, with the L2 cache flushed
 // before each repeat, and the per-stage medians of as many timed runs.
 BenchResult bench(Plan& plan, int warmup, int reps);
+// The same for the backward pass (plan made with Options::backward, gradient of the output set);
+// the L2 cache is flushed before every timed repeat.
+BwdBenchResult bench_backward(Plan& plan, int warmup, int reps);
 
 // The card's measured ceilings (METHOD.md): a square matrix product through cuBLAS (operands of
 // the precision, fp32 accumulation; n = 8192), a device-to-device copy (bytes read + written),
@@ -115,6 +153,21 @@ class Plan {
   // Copies every output back, in the reference's layout.
   ref::ForwardResult<float> download() const;
 
+  // ---- backward (NSA-SPEC.md 7; Options::backward) ----
+  // Rounds and copies dL/do [N, Hq, dv] to the device.
+  void upload_grad(const Tensor<float>& dO);
+  // dL/do ~ N(0, 1) on the device. For benchmarks.
+  void randomize_grad(uint64_t seed);
+  // The backward pass of the last `run`, enqueued on `stream`: every gradient of ref::backward.
+  void run_backward(CUstream_st* stream = nullptr);
+  // One backward run with events between stages; synchronises.
+  std::vector<StageTime> run_backward_timed();
+  // Copies every gradient back, in the reference's layout (ref::BackwardResult).
+  ref::BackwardResult<float> download_grads() const;
+  // Switches between the fast mode (atomics where partial sums meet) and the deterministic one.
+  void set_deterministic(bool on);
+  int bwd_kernel() const;         // the backward version in use
+
   int kernel() const;             // the version in use
   const Config& config() const;
   size_t device_bytes() const;    // bytes allocated on the device
@@ -122,11 +175,21 @@ class Plan {
 
  private:
   friend BenchResult bench(Plan& plan, int warmup, int reps);
+  friend BwdBenchResult bench_backward(Plan& plan, int warmup, int reps);
+// The same for the backward pass (plan made with Options::backward, gradient of the output set);
+// the L2 cache is flushed before every timed repeat.
+BwdBenchResult bench_backward(Plan& plan, int warmup, int reps);
   Impl* impl_;
 };
 
 // forward = Plan + upload + run + download: same shapes and meanings as ref::forward.
 ref::ForwardResult<float> forward(const Config& cfg, const ref::Inputs<float>& in, const Options& opt);
+
+// backward = Plan (Options::backward) + upload + run + upload_grad + run_backward + download: the
+// gradients of ref::backward for dL/do = dO; *fwd (if given) receives the forward's results, whose
+// block_idx the gradients hold fixed.
+ref::BackwardResult<float> backward(const Config& cfg, const ref::Inputs<float>& in, const Tensor<float>& dO,
+                                    const Options& opt, ref::ForwardResult<float>* fwd = nullptr);
 
 // ---- Decoding with a KV cache (NSA-SPEC.md 8; docs/cuda_decode.md) ------------------------------
 //

@@ -16,6 +16,7 @@
 #include "attn_tile.cuh"
 #include "device.cuh"
 #include "kernels.hpp"
+#include "select.cuh"
 
 namespace nsa::cuda {
 
@@ -68,61 +69,12 @@ __global__ void slc_attn_v0_kernel(FwdParams p) {
 }
 
 // ============================== v1: tensor cores ==============================
-constexpr int kChunk = 32;  // tokens per pipeline stage
+constexpr int kChunk = kSlcChunk;  // tokens per pipeline stage
 
 // Shared memory of one warp of v1/v3: two stages of K and V chunks, then (v3) the block lists of
 // the warp's P <= 16 positions, read once instead of one global load per block.
 __host__ __device__ inline size_t slc_v1_warp_bytes(int dk, int dv, int n, bool lean) {
   return size_t(2) * kChunk * (dk + dv) * 2 + (lean ? size_t(16) * n * 4 : 0);
-}
-
-struct Item {
-  int j;          // selection block; INT_MAX: no more
-  unsigned mask;  // bit p: position t0 + p selected block j
-  int c;          // chunk of the block: tokens j l' + c*32 + [0, 32)
-};
-
-// The warp-uniform walk over the union of the P sorted block lists of a warp's positions, chunk by
-// chunk: lane p < P holds a cursor into position t0 + p's list; each new block is the minimum of
-// the lanes' heads, and the lanes holding it advance. head(cursor) is the calling lane's list
-// entry (INT_MAX past the end or at -1 padding).
-struct BlockUnion {
-  int hv = INT_MAX, cursor = 0, blk_j = -1, blk_chunks = 0, next_c = 0;
-  unsigned blk_mask = 0;
-  template <class Head>
-  __device__ __forceinline__ Item next(Head&& head, int ls, int t_maxw) {
-    if (blk_j >= 0 && next_c < blk_chunks) return {blk_j, blk_mask, next_c++};
-    int jm = hv;
-    for (int o = 16; o > 0; o /= 2) jm = min(jm, __shfl_xor_sync(0xffffffffu, jm, o));
-    if (jm == INT_MAX) return {INT_MAX, 0u, 0};
-    const unsigned mask = __ballot_sync(0xffffffffu, hv == jm);
-    if (hv == jm) hv = head(++cursor);
-    // Tokens past the warp's last position are masked for every row: not loaded.
-    const int len = min((jm + 1) * ls, t_maxw + 1) - jm * ls;
-    blk_j = jm, blk_mask = mask, blk_chunks = (len + kChunk - 1) / kChunk, next_c = 1;
-    return {jm, mask, 0};
-  }
-};
-
-// Copies chunk `it` (tokens [u0, u_end) of group g's K and V; zeros past u_end) into one stage,
-// with the warp's 32 lanes. kStrided: from a row base and stride (v3), else row by row (v1, v2).
-template <class T, int DK, int DV, bool kStrided>
-__device__ __forceinline__ void load_chunk(T* sKs, T* sVs, const Item& it, const T* K, const T* V, int64_t row0,
-                                           int Hkv, int g, int ls, int t_maxw, int lane) {
-  const int u0 = it.j * ls + it.c * kChunk, u_end = min((it.j + 1) * ls, t_maxw + 1);
-  if constexpr (kStrided) {
-    load_rows_async<DK>(sKs, kChunk, K + ((row0 + u0) * Hkv + g) * DK, int64_t(Hkv) * DK, u_end - u0, lane, 32);
-    load_rows_async<DV>(sVs, kChunk, V + ((row0 + u0) * Hkv + g) * DV, int64_t(Hkv) * DV, u_end - u0, lane, 32);
-  } else {
-    load_tile_async<DK>(
-        sKs, kChunk,
-        [&](int r) -> const T* { return u0 + r < u_end ? K + ((row0 + u0 + r) * Hkv + g) * DK : nullptr; }, K, lane,
-        32);
-    load_tile_async<DV>(
-        sVs, kChunk,
-        [&](int r) -> const T* { return u0 + r < u_end ? V + ((row0 + u0 + r) * Hkv + g) * DV : nullptr; }, V, lane,
-        32);
-  }
 }
 
 template <class T, int DK, int DV, bool kLean>

@@ -1,4 +1,4 @@
-// `nsa bench`: NSA forward against full attention, timed in one run (STYLE 8): medians after
+// `nsa bench`: NSA forward (and backward) against full attention, timed in one run (STYLE 8): medians after
 // warm-up, useful FLOPs (analysis/cost.hpp), the machine's measured matrix-product rate as the
 // ceiling, and full attention measured in the same run as the baseline. Writes bench.json and
 // bench.csv into --out; one line per case on stdout as each finishes.
@@ -28,31 +28,25 @@ namespace nsa::cli {
 
 namespace {
 
-template <class T>
-std::vector<T> parse_list(const std::string& s, const char* what) {
-  std::vector<T> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (item.empty()) continue;
-    std::istringstream is(item);
-    T v;
-    if (!(is >> v) || !is.eof()) throw ConfigError(cat(what, ": '", item, "' in '", s, "' is not a valid value"));
-    out.push_back(v);
-  }
-  if (out.empty()) throw ConfigError(cat(what, ": empty list"));
-  return out;
+// The process's CPU time in ms (all its threads): with one thread, the time the work took even on
+// a machine shared with other jobs, where wall time also counts the time slices given to them.
+double cpu_time_ms() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return 1e3 * double(ts.tv_sec) + 1e-6 * double(ts.tv_nsec);
 }
 
-// Median wall time of `reps` runs after `warmup` runs, in ms.
+// Median time of `reps` runs after `warmup` runs, in ms: wall time, or CPU time (cpu_clock).
 template <class F>
-double median_ms(F&& f, int warmup, int reps) {
+double median_ms(F&& f, int warmup, int reps, bool cpu_clock) {
   for (int i = 0; i < warmup; ++i) f();
   std::vector<double> ms;
   for (int i = 0; i < reps; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
+    const double c0 = cpu_time_ms();
     f();
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    ms.push_back(cpu_clock ? cpu_time_ms() - c0
+                           : std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
@@ -102,15 +96,15 @@ struct BenchRun {
 
 template <class S>
 void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int warmup, int reps, double ceiling,
-                     const std::string& dtype, BenchRun& run) {
+                     const std::string& dtype, bool backward, bool cpu_clock, BenchRun& run) {
   for (int64_t T : Ts) {
     Config c = base;
     const ref::Inputs<S> in = random_inputs<S>(c, T, 1000 + uint64_t(T));
     ref::check_inputs(c, in);
     const bool tty = isatty(STDOUT_FILENO);
     if (tty) std::cout << "  timing T=" << T << " " << dtype << " ..." << std::flush;
-    const double nsa_ms = median_ms([&] { (void)ref::forward(c, in); }, warmup, reps);
-    const double full_ms = median_ms([&] { (void)ref::full_attention(c, in.q, in.k, in.v, {}); }, warmup, reps);
+    const double nsa_ms = median_ms([&] { (void)ref::forward(c, in); }, warmup, reps, cpu_clock);
+    const double full_ms = median_ms([&] { (void)ref::full_attention(c, in.q, in.k, in.v, {}); }, warmup, reps, cpu_clock);
     if (tty) std::cout << "\r" << std::string(40, ' ') << "\r";
     const auto f = analysis::nsa_forward_flops(c, T);
     const double full_flop = analysis::full_forward_flops(c, T);
@@ -138,6 +132,44 @@ void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int war
                                 : std::string("(baseline)"))
                 << "\n"
                 << std::defaultfloat;
+    if (!backward) continue;
+    // The backward passes given their forward results, against the forward times above.
+    Tensor<S> dO({T, c.Hq, c.dv});
+    Rng rng(2000 + uint64_t(T));
+    for (auto& v : dO.vec()) v = static_cast<S>(rng.normal());
+    if (tty) std::cout << "  timing backward T=" << T << " " << dtype << " ..." << std::flush;
+    const auto fwd = ref::forward(c, in);
+    const double nsa_bwd = median_ms([&] { (void)ref::backward(c, in, fwd, dO); }, warmup, reps, cpu_clock);
+    const auto full_fwd = ref::full_attention(c, in.q, in.k, in.v, {});
+    const double full_bwd =
+        median_ms([&] { (void)ref::full_attention_backward(c, in.q, in.k, in.v, full_fwd, dO, {}); }, warmup, reps,
+                  cpu_clock);
+    if (tty) std::cout << "\r" << std::string(50, ' ') << "\r";
+    const auto fb = analysis::nsa_backward_flops(c, T);
+    json b_nsa = record("nsa_cpu", nsa_bwd, fb.total());
+    b_nsa["op"] = "backward";
+    b_nsa["flop_by_branch"] = {{"phi", fb.phi}, {"cmp", fb.cmp}, {"slc", fb.slc}, {"win", fb.win}};
+    b_nsa["forward_ms"] = nsa_ms;
+    b_nsa["backward_over_forward"] = nsa_bwd / nsa_ms;
+    b_nsa["baseline_ms"] = full_bwd;
+    b_nsa["speedup_vs_full"] = full_bwd / nsa_bwd;
+    json b_full = record("full_cpu", full_bwd, analysis::full_backward_flops(c, T));
+    b_full["op"] = "backward";
+    b_full["forward_ms"] = full_ms;
+    b_full["backward_over_forward"] = full_bwd / full_ms;
+    run.add(b_nsa);
+    run.add(b_full);
+    for (const json* r : {static_cast<const json*>(&b_nsa), static_cast<const json*>(&b_full)})
+      std::cout << "backward " << std::left << std::setw(8) << (*r)["impl"].get<std::string>() << std::right
+                << " T=" << std::setw(6) << T << " " << dtype << "  median " << std::fixed << std::setprecision(1)
+                << std::setw(9) << (*r)["ms"].get<double>() << " ms (" << reps << " reps)  " << std::setprecision(1)
+                << std::setw(7) << (*r)["gflops"].get<double>() << " GFLOP/s = " << std::setprecision(0)
+                << std::setw(3) << (*r)["pct_of_ceiling"].get<double>() << "% of " << ceiling << "  "
+                << std::setprecision(2) << (*r)["backward_over_forward"].get<double>() << "x its forward"
+                << (r == &b_nsa ? cat(std::setprecision(2), std::fixed, ", ", full_bwd / nsa_bwd, "x faster than full")
+                                : std::string(" (baseline)"))
+                << "\n"
+                << std::defaultfloat;
   }
 }
 
@@ -147,8 +179,12 @@ void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int war
 // repeat), the per-stage breakdown, and useful TFLOP/s against the card's measured matrix rate.
 // Full attention on the GPU is PyTorch's SDPA, timed by experiments/sdpa_baseline.py in the same
 // device call (scripts/device.sh).
+//
+// With backward: also forward + backward (op "forward_backward") in both backward modes, on a
+// second plan holding the gradients (dL/do ~ N(0, 1) on the device): the median of forward +
+// backward together, of the backward alone, and the backward's per-stage medians.
 void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, int reps, cuda::Precision prec,
-                int kernel, BenchRun& run, json& device) {
+                int kernel, int bwd_kernel, bool backward, BenchRun& run, json& device) {
   const cuda::Ceilings ceil = cuda::measure_ceilings(prec);
   device = {{"name", cuda::device_name()},
             {"ceilings",
@@ -163,9 +199,12 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
     opt.dtype = prec;
     opt.kernel = kernel;
     opt.intermediates = false;  // what a model needs: o (block lists and branch outputs stay internal)
-    cuda::Plan plan(base, T, {}, opt);
-    plan.randomize(1000 + uint64_t(T));
-    const cuda::BenchResult res = cuda::bench(plan, warmup, reps);
+    cuda::BenchResult res;
+    {
+      cuda::Plan plan(base, T, {}, opt);
+      plan.randomize(1000 + uint64_t(T));
+      res = cuda::bench(plan, warmup, reps);
+    }
     const auto f = analysis::nsa_forward_flops(base, T);
     const double tflops = f.total() / res.ms / 1e9;
     // Useful FLOPs of each stage's branch (the compression stage also makes a second q.k pass
@@ -211,10 +250,59 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
               << " TFLOP/s = " << std::setw(2) << 100 * tflops / ceil.matmul_tflops << "% of "
               << ceil.matmul_tflops << "  |" << line.str() << "\n"
               << std::defaultfloat;
+    if (!backward) continue;
+
+    opt.backward = true;
+    opt.bwd_kernel = bwd_kernel;
+    cuda::Plan plan(base, T, {}, opt);
+    plan.randomize(1000 + uint64_t(T));
+    plan.randomize_grad(2000 + uint64_t(T));
+    const auto fb = analysis::nsa_backward_flops(base, T);
+    const double flop = f.total() + fb.total();
+    for (bool det : {false, true}) {
+      plan.set_deterministic(det);
+      const cuda::BwdBenchResult br = cuda::bench_backward(plan, warmup, reps);
+      auto stage_bflop = [&](const std::string& st) {
+        if (st == "cmp_bwd") return fb.cmp;
+        if (st == "slc_bwd") return fb.slc;
+        if (st == "win_bwd") return fb.win;
+        if (st == "compress_bwd") return fb.phi;
+        return 0.0;
+      };
+      json bstages = json::array();
+      std::ostringstream bl;
+      bl << std::fixed;
+      for (const auto& st : br.stages) {
+        const double fl = stage_bflop(st.stage);
+        json sj{{"stage", st.stage}, {"ms", st.ms}, {"gflop", fl / 1e9}, {"tflops", fl / st.ms / 1e9}};
+        bl << "  " << st.stage << " " << std::setprecision(2) << st.ms << " ms";
+        if (fl > 0) bl << " (" << std::setprecision(0) << fl / st.ms / 1e9 << " TF)";
+        bstages.push_back(sj);
+      }
+      const double tf = flop / br.fwd_bwd_ms / 1e9;
+      json rb{{"op", "forward_backward"}, {"impl", det ? "nsa_cuda_deterministic" : "nsa_cuda"}, {"T", T}, {"B", 1},
+              {"Hq", base.Hq}, {"Hkv", base.Hkv}, {"dk", base.dk}, {"dv", base.dv}, {"dtype", dtype},
+              {"ms", br.fwd_bwd_ms}, {"forward_ms", res.ms}, {"backward_ms", br.bwd_ms},
+              {"backward_over_forward", br.bwd_ms / res.ms}, {"gflop", flop / 1e9}, {"gflops", tf * 1e3},
+              {"tflops", tf}, {"ceiling_tflops", ceil.matmul_tflops},
+              {"pct_of_ceiling", 100 * tf / ceil.matmul_tflops}, {"kernel", br.kernel},
+              {"bwd_kernel", br.bwd_kernel}, {"deterministic", det}, {"reps", reps}, {"warmup", warmup},
+              {"l2_flushed", true}, {"backward_stages", bstages},
+              {"backward_flop_by_branch", {{"phi", fb.phi}, {"cmp", fb.cmp}, {"slc", fb.slc}, {"win", fb.win}}},
+              {"config", config_json(base)}};
+      run.add(rb);
+      std::cout << "forward_backward nsa_cuda T=" << std::setw(6) << T << " " << dtype << " dk=" << base.dk
+                << " dv=" << base.dv << " v" << br.kernel << "/bwd v" << br.bwd_kernel
+                << (det ? " deterministic" : " fast") << "  median " << std::fixed << std::setprecision(3)
+                << br.fwd_bwd_ms << " ms (backward " << br.bwd_ms << " ms = " << std::setprecision(2)
+                << br.bwd_ms / res.ms << "x forward)  " << std::setprecision(0) << tf << " TFLOP/s  |" << bl.str()
+                << "\n"
+                << std::defaultfloat;
+    }
   }
 }
 
-// --op decode: the latency of one decode step (cuda::bench_decode) for each cache length s
+// --ops decode: the latency of one decode step (cuda::bench_decode) for each cache length s
 // (--T: tokens held before the step) and batch (--batch), against the bytes the step must read
 // (the traffic model of reference/decode.hpp: ref::step_tokens at the cache length s + 1 that
 // the step attends over, times Hkv (dk + dv) element bytes, per sequence; phi's parameters once
@@ -293,8 +381,9 @@ void bench_cuda_decode(const Config& base, const std::vector<int64_t>& Ts, const
 
 int cmd_bench(const Args& args) {
   Command cmd("bench",
-              "Time the NSA forward pass against full attention on random inputs (medians after warm-up),\n"
-              "with the machine's measured matrix-product rate as the ceiling. Writes bench.json, bench.csv.");
+              "Time the NSA forward and backward passes against full attention's on random inputs (medians\n"
+              "after warm-up; each backward also against its own forward), with the machine's measured\n"
+              "matrix-product rate as the ceiling. Writes bench.json, bench.csv.");
   po::options_description o("Benchmark");
   o.add_options()("T", po::value<std::string>()->default_value("4096,8192,16384"), "sequence lengths, comma-separated")(
       "Hq", po::value<int64_t>()->default_value(16), "query heads")(
@@ -304,8 +393,11 @@ int cmd_bench(const Args& args) {
       "precisions", po::value<std::string>()->default_value("float,double"), "CPU arithmetic, comma-separated")(
       "warmup", po::value<int>()->default_value(1), "untimed runs first")(
       "reps", po::value<int>()->default_value(3), "timed runs; the median is reported")(
-      "op", po::value<std::string>()->default_value("forward"),
-      "forward, or decode (--device cuda): one decode step at cache lengths --T for each --batch")(
+      "clock", po::value<std::string>()->default_value("wall"),
+      "wall, or cpu: the process's CPU time (with --threads 1, robust on a machine shared with other jobs)")(
+      "ops", po::value<std::string>()->default_value("forward,backward"),
+      "forward, or forward,backward: also the backward passes (given dL/do), each against its forward; or "
+      "decode (--device cuda): one decode step at cache lengths --T for each --batch")(
       "batch", po::value<std::string>()->default_value("1,16,64"), "decode: sequences per step, comma-separated");
   cmd.add(o);
   cmd.add(nsa_options());
@@ -314,7 +406,8 @@ int cmd_bench(const Args& args) {
       "threads", po::value<int>()->default_value(0), "CPU threads (0: all cores)")(
       "dtype", po::value<std::string>()->default_value("bf16"), "CUDA operands: bf16, fp16 or fp32")(
       "kernel", po::value<int>()->default_value(-1),
-      "CUDA kernel version override (-1: automatic choice); with --op decode the decode step's split kernel (1-3)");
+      "CUDA kernel version override (-1: automatic choice); with --ops decode the decode step's split kernel (1-3)")(
+      "bwd-kernel", po::value<int>()->default_value(-1), "CUDA backward version override (-1: automatic choice)");
   cmd.add(r);
   cmd.add(output_options());
   const auto vm = cmd.parse(args);
@@ -330,30 +423,62 @@ int cmd_bench(const Args& args) {
   const auto precisions = parse_list<std::string>(vm["precisions"].as<std::string>(), "precisions");
   for (const auto& p : precisions)
     if (p != "float" && p != "double") throw ConfigError(cat("precisions: '", p, "' is not one of: float, double"));
+  const auto ops = parse_list<std::string>(vm["ops"].as<std::string>(), "ops");
+  const bool backward = std::find(ops.begin(), ops.end(), "backward") != ops.end();
+  const bool decode = std::find(ops.begin(), ops.end(), "decode") != ops.end();
+  for (const auto& op : ops)
+    if (op != "forward" && op != "backward" && op != "decode")
+      throw ConfigError(cat("ops: '", op, "' is not one of: forward, backward, decode"));
+  if (decode && (ops.size() != 1 || !on_cuda))
+    throw ConfigError("ops: decode is timed alone (--ops decode) and on the GPU (--device cuda)");
+  if (!decode && std::find(ops.begin(), ops.end(), "forward") == ops.end())
+    throw ConfigError("ops: backward is timed against its forward pass; list both (--ops forward,backward)");
+  const auto batches = parse_list<int64_t>(vm["batch"].as<std::string>(), "batch");
+  for (int64_t B : batches)
+    if (B < 1) throw ConfigError(cat("batch = ", B, " is invalid: expected >= 1"));
+  const std::string clock = vm["clock"].as<std::string>();
+  if (clock != "wall" && clock != "cpu") throw ConfigError(cat("clock = '", clock, "' is not one of: wall, cpu"));
+  const bool cpu_clock = clock == "cpu";
   // On the GPU a run takes milliseconds: more repeats unless asked otherwise.
   const int warmup = on_cuda && vm["warmup"].defaulted() ? 3 : vm["warmup"].as<int>();
   const int reps = on_cuda && vm["reps"].defaulted() ? 20 : vm["reps"].as<int>();
   if (reps < 1 || warmup < 0) throw ConfigError(cat("reps = ", reps, ", warmup = ", warmup, ": expected reps >= 1, warmup >= 0"));
-  ref::set_threads(vm["threads"].as<int>());
+  // Inputs and phi's parameters are drawn from seeds of their own: these would be silently ignored.
+  if (vm.count("compress-params")) throw UsageError("bench draws phi's parameters; --compress-params is not used");
+  if (!vm["seed"].defaulted()) throw UsageError("bench draws its inputs from fixed seeds; --seed is not used");
+  const int threads = apply_run_options(vm);
+  // The largest case, before any is run: its inputs and phi's parameters, and the larger of the
+  // NSA forward pass and full attention (each result is freed before the next run), and the
+  // matrices of the ceiling measurement. On the CPU only: --device cuda holds its inputs and
+  // results on the device (the Plan refuses what does not fit there).
+  for (const auto& p : on_cuda ? std::vector<std::string>{} : precisions)
+    for (int64_t T : Ts) {
+      const int elem = p == "float" ? 4 : 8;
+      const double inputs =
+          double(T) * (double(base.Hq) * double(base.dk) + double(base.Hkv) * double(base.dk + base.dv)) +
+          ref::compress_param_count(base);
+      const ref::MemoryUse f = ref::forward_memory(base, {T}, 0, elem, threads, ref::Path::Fast);
+      const ref::MemoryUse a = ref::full_attention_memory(base, {T}, elem, threads, ref::Path::Fast);
+      MemoryBudget budget;
+      budget.add(cat("inputs at T = ", T, " in ", p), elem * inputs);
+      budget.add("the larger run's outputs and working memory", std::max(f.result + f.working, a.result + a.working));
+      budget.add("ceiling matrices", 3.0 * 512 * 512 * elem * threads);
+      budget.require();
+    }
   OutputDir out(vm["out"].as<std::string>());
   BenchRun run;
   run.csv << "op,impl,T,dtype,ms,gflop,gflops,pct_of_ceiling,speedup_vs_full\n";
   std::string command = "nsa bench";
   for (const auto& a : args) command += " " + a;
-  const std::string op = vm["op"].as<std::string>();
-  if (op != "forward" && op != "decode") throw ConfigError(cat("op = '", op, "' is not one of: forward, decode"));
-  if (op == "decode" && !on_cuda) throw ConfigError("op = decode: the decode benchmark runs with --device cuda");
-  const auto batches = parse_list<int64_t>(vm["batch"].as<std::string>(), "batch");
-  for (int64_t B : batches)
-    if (B < 1) throw ConfigError(cat("batch = ", B, " is invalid: expected >= 1"));
   if (on_cuda) {
 #ifdef NSA_WITH_CUDA
     json device;
     const cuda::Precision prec = cuda::parse_precision(vm["dtype"].as<std::string>());
-    if (op == "decode")
+    if (decode)
       bench_cuda_decode(base, Ts, batches, warmup, reps, prec, vm["kernel"].as<int>(), run, device);
     else
-      bench_cuda(base, Ts, warmup, reps, prec, vm["kernel"].as<int>(), run, device);
+      bench_cuda(base, Ts, warmup, reps, prec, vm["kernel"].as<int>(), vm["bwd-kernel"].as<int>(), backward, run,
+                 device);
     json j{{"device", device["name"]}, {"date", today()}, {"command", command}, {"config", config_json(base)},
            {"ceilings", device["ceilings"]}, {"records", run.records}};
     out.add_text("bench.csv", run.csv.str());
@@ -364,25 +489,25 @@ int cmd_bench(const Args& args) {
     return 0;
   }
   json ceilings = json::object();
-  const int threads = omp_get_max_threads();
-  std::cout << "bench: " << cpu_name() << ", " << threads << " threads; Hq=" << base.Hq << " Hkv=" << base.Hkv
+  std::cout << "bench: " << cpu_name() << ", " << threads << " threads, " << clock << " clock; Hq=" << base.Hq << " Hkv=" << base.Hkv
             << " dk=" << base.dk << " dv=" << base.dv << " l=" << base.cmp_len << " d=" << base.cmp_stride
             << " l'=" << base.slc_len << " n=" << base.slc_count << " w=" << base.window << "\n";
   for (const auto& p : precisions) {
     const std::string dtype = p == "float" ? "fp32" : "fp64";
     const double ceiling =
-        p == "float" ? ref::measure_gemm_gflops<float>() : ref::measure_gemm_gflops<double>();
+        p == "float" ? ref::measure_gemm_gflops<float>(512, 0.3, cpu_clock) : ref::measure_gemm_gflops<double>(512, 0.3, cpu_clock);
     ceilings[dtype] = ceiling;
-    std::cout << "ceiling: Eigen " << p << " matrix product 512^3 per thread: " << std::fixed << std::setprecision(1)
+    std::cout << "ceiling: Eigen " << p << " matrix product 512^3 per thread (" << clock << " clock): " << std::fixed << std::setprecision(1)
               << ceiling << " GFLOP/s\n"
               << std::defaultfloat;
     if (p == "float")
-      bench_precision<float>(base, Ts, warmup, reps, ceiling, dtype, run);
+      bench_precision<float>(base, Ts, warmup, reps, ceiling, dtype, backward, cpu_clock, run);
     else
-      bench_precision<double>(base, Ts, warmup, reps, ceiling, dtype, run);
+      bench_precision<double>(base, Ts, warmup, reps, ceiling, dtype, backward, cpu_clock, run);
   }
   json j{{"device", cat("cpu: ", cpu_name(), " x ", threads, " threads")},
          {"date", today()},
+         {"clock", clock},
          {"command", command},
          {"config", config_json(base)},
          {"ceilings_gflops", ceilings},

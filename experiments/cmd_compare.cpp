@@ -28,15 +28,6 @@ struct Tolerance {
   bool rel_l2_metric;
 };
 
-std::string index_of(const Shape& shape, int64_t flat) {
-  Shape idx(shape.size());
-  for (size_t a = shape.size(); a-- > 0;) {
-    idx[a] = shape[a] ? flat % shape[a] : 0;
-    flat = shape[a] ? flat / shape[a] : 0;
-  }
-  return shape_str(idx);
-}
-
 bool is_int(DType t) { return t == DType::I32 || t == DType::I64; }
 
 // Rows of block_idx [..., n] that differ, checked against B's block_scores [..., NB].
@@ -67,7 +58,7 @@ bool near_ties_only(const Tensor<int64_t>& a, const Tensor<int64_t>& b, const Te
     for (int64_t j : diff)
       if (j >= NB || std::abs(P[j] - nth) > tie_tol * std::abs(nth)) {
         ok = false;
-        if (note.empty()) note = cat("row ", index_of(Shape(a.shape().begin(), a.shape().end() - 1), r), " block ", j,
+        if (note.empty()) note = cat("row ", index_str(Shape(a.shape().begin(), a.shape().end() - 1), r), " block ", j,
                                      " is not a near-tie");
       }
   }
@@ -77,6 +68,17 @@ bool near_ties_only(const Tensor<int64_t>& a, const Tensor<int64_t>& b, const Te
 // Compares one pair of files; prints one line; returns PASS.
 bool compare_files(const std::string& pa, const std::string& pb, const std::string& label, const Tolerance& tol,
                    const std::string& scores_path) {
+  // Both files and their values in double (in int64 for index files) are held at once, with B's
+  // block scores for block_idx: refused before reading when that cannot fit.
+  const NpyHeader ha = read_npy_header(pa), hb = read_npy_header(pb);
+  MemoryBudget budget;
+  budget.add("the two files", double(ha.data_bytes) + double(hb.data_bytes));
+  budget.add("their values in 8 bytes each", 8.0 * (double(numel(ha.shape)) + double(numel(hb.shape))));
+  if (fs::path(pa).stem() == "block_idx" && !scores_path.empty() && fs::exists(scores_path)) {
+    const NpyHeader hs = read_npy_header(scores_path);
+    budget.add("block scores", double(hs.data_bytes) + 8.0 * double(numel(hs.shape)));
+  }
+  budget.require();
   const NpyArray A = read_npy(pa), B = read_npy(pb);
   std::cout << std::setprecision(3);
   if (A.shape != B.shape) {
@@ -112,7 +114,7 @@ bool compare_files(const std::string& pa, const std::string& pb, const std::stri
       return ok;
     }
     std::cout << "FAIL " << label << "  shape " << shape_str(A.shape) << "  " << mismatches << " of " << a.numel()
-              << " differ, first at " << index_of(A.shape, first) << " (" << a[first] << " vs " << b[first] << ")\n";
+              << " differ, first at " << index_str(A.shape, first) << " (" << a[first] << " vs " << b[first] << ")\n";
     return false;
   }
   const auto a = npy_to_tensor<double>(A, pa), b = npy_to_tensor<double>(B, pb);
@@ -140,11 +142,11 @@ bool compare_files(const std::string& pa, const std::string& pb, const std::stri
   const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
   const bool ok = nonfinite == 0 && (tol.rel_l2_metric ? rel <= tol.rtol : violations == 0);
   std::cout << (ok ? "PASS " : "FAIL ") << label << "  shape " << shape_str(A.shape) << "  max_abs " << max_abs;
-  if (worst >= 0) std::cout << " at " << index_of(A.shape, worst);
+  if (worst >= 0) std::cout << " at " << index_str(A.shape, worst);
   std::cout << "  rel_l2 " << rel;
-  if (nonfinite) std::cout << "  " << nonfinite << " NaN/Inf mismatches, first at " << index_of(A.shape, worst_violation);
+  if (nonfinite) std::cout << "  " << nonfinite << " NaN/Inf mismatches, first at " << index_str(A.shape, worst_violation);
   if (!tol.rel_l2_metric && violations)
-    std::cout << "  " << violations << " elements outside atol + rtol*|b|, worst at " << index_of(A.shape, worst_violation);
+    std::cout << "  " << violations << " elements outside atol + rtol*|b|, worst at " << index_str(A.shape, worst_violation);
   std::cout << "\n";
   return ok;
 }
@@ -172,6 +174,8 @@ int cmd_compare(const Args& args) {
   const std::string metric = vm["metric"].as<std::string>();
   if (metric != "allclose" && metric != "rel_l2") throw ConfigError(cat("metric = '", metric, "' is not one of: allclose, rel_l2"));
   const Tolerance tol{vm["rtol"].as<double>(), vm["atol"].as<double>(), vm["tie-tol"].as<double>(), metric == "rel_l2"};
+  for (const auto& [name, x] : {std::pair{"rtol", tol.rtol}, {"atol", tol.atol}, {"tie-tol", tol.tie_tol}})
+    if (!(x >= 0) || !std::isfinite(x)) throw ConfigError(cat(name, " = ", x, " is invalid: expected a finite value >= 0"));
   const fs::path A = paths[0], B = paths[1];
   for (const auto& p : {A, B})
     if (!fs::exists(p)) throw InputError(cat(p.string(), ": no such file or folder"));

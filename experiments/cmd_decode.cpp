@@ -130,7 +130,8 @@ int cmd_decode(const Args& args) {
   const double cache_bytes =
       double(w.seqlens.size()) * ref::cache_bytes(c, ref::kv_sharing(w.in), Tmax, elem).total();
   require_memory(2 * out_bytes * elem + cache_bytes, "decoding");
-  ref::set_threads(vm["threads"].as<int>());
+  apply_run_options(vm);
+  const bool allow_nonfinite = vm["allow-nonfinite"].as<bool>();
   OutputDir out(vm["out"].as<std::string>());
   const auto t0 = std::chrono::steady_clock::now();
   json report;
@@ -139,6 +140,7 @@ int cmd_decode(const Args& args) {
   std::string arith = dbl ? "double" : "float";
   json device_json;
   auto report_run = [&](const auto& run, int bytes) {
+    if (!allow_nonfinite) check_finite_outputs(run.out, w.batch, dbl);
     write_forward(w, run.out, out);
     report = decode_report(w, run, prefill, bytes, csv);
     steps = run.steps.size();

@@ -1,6 +1,9 @@
 // `nsa forward` and `nsa full`: the NSA forward pass and full causal attention on a workload.
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <iostream>
+#include <limits>
 
 #include "cli.hpp"
 #include "commands.hpp"
@@ -16,16 +19,46 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Bytes the forward pass holds beyond its inputs: the outputs, and a score tile per thread.
-double forward_bytes(const Workload& w, int elem) {
-  const Config& c = w.cfg;
-  const double N = double(w.in.N());
-  int64_t NB = 0, Nc = 0;
-  for (int64_t T : w.seqlens) NB = std::max(NB, c.num_slc_blocks(T)), Nc += c.num_cmp_blocks(T);
-  const double out = N * c.Hq * (4.0 * c.dv + 3 + 3) + N * c.Hkv * (double(NB) + c.slc_count) +
-                     double(Nc) * c.Hkv * (c.dk + c.dv);
-  return out * elem + 64e6 * 2;
+// The memory of a run of forward or full: the inputs in float too (for --precision float), the
+// result and working memory of the reference (ref::forward_memory), and the one copy of the
+// largest output made while the files are written (unpack).
+MemoryPlan run_plan(bool dbl, int threads, ref::Path path, bool nsa) {
+  return [=](const WorkloadSizes& z, MemoryBudget& b) {
+    const int elem = dbl ? 8 : 4;
+    if (!dbl) b.add("inputs in float", z.input_bytes / 2);
+    const ref::MemoryUse m = nsa ? ref::forward_memory(z.cfg, z.seqlens, z.gate_hidden, elem, threads, path)
+                                 : ref::full_attention_memory(z.cfg, z.seqlens, elem, threads, path);
+    b.add("outputs", m.result);
+    b.add(cat("working memory (", threads, " threads)"), m.working);
+    int64_t NB = 0;
+    for (int64_t T : z.seqlens) NB = std::max(NB, z.cfg.num_slc_blocks(T));
+    const double heads_dv = double(z.cfg.Hq) * double(z.cfg.dv);
+    const double widest = nsa ? std::max(heads_dv, double(z.cfg.Hkv) * double(NB)) : heads_dv;
+    b.add("writing", double(elem) * double(z.N) * widest);
+  };
 }
+
+// A NaN or Inf in an output although every input was finite: the arithmetic overflowed (logits
+// or sums beyond the range of the precision). Refused rather than written, naming the first.
+// lse = -inf is an empty branch (NSA-SPEC.md 3), not an overflow.
+template <class S>
+void check_finite_outputs(const std::vector<std::pair<std::string, const Tensor<S>*>>& outputs, int64_t batch,
+                          bool dbl) {
+  for (const auto& [name, t] : outputs) {
+    const bool lse = name.rfind("lse", 0) == 0;
+    for (int64_t i = 0; i < t->numel(); ++i) {
+      const S x = (*t)[i];
+      if (std::isfinite(x) || (lse && x == -std::numeric_limits<S>::infinity())) continue;
+      Shape shape = t->shape();  // as written: [B, T, ...] for a batch
+      if (batch > 0) shape.insert(shape.begin(), batch), shape[1] /= batch;
+      throw Error(cat(name, " at index ", index_str(shape, i), " is ", value_str(double(x)),
+                      " although every input is finite: the ", dbl ? "double" : "float",
+                      " arithmetic overflowed (inputs too large", dbl ? "" : "; try --precision double",
+                      "); nothing was written (--allow-nonfinite writes it)"));
+    }
+  }
+}
+
 
 }  // namespace
 
@@ -47,25 +80,19 @@ void write_forward(const Workload& w, const ref::ForwardResult<S>& r, OutputDir&
     out.add("cu_seqlens_cmp", Tensor<int64_t>({int64_t(r.cu_cmp.size())}, r.cu_cmp));
 }
 
-ref::Path parse_path(const po::variables_map& vm) {
-  const std::string p = vm["path"].as<std::string>();
-  if (p == "fast") return ref::Path::Fast;
-  if (p == "oracle") return ref::Path::Oracle;
-  throw ConfigError(cat("path = '", p, "' is not one of: fast, oracle"));
-}
-
-bool use_double(const po::variables_map& vm) {
-  const std::string p = vm["precision"].as<std::string>();
-  if (p != "double" && p != "float") throw ConfigError(cat("precision = '", p, "' is not one of: double, float"));
-  return p == "double";
-}
-
-json workload_json(const Workload& w) {
-  return {{"N", w.in.N()}, {"batch", w.batch}, {"seqlens", w.seqlens}, {"shared_kv", w.in.all_shared()}};
-}
-
 template void write_forward<double>(const Workload&, const ref::ForwardResult<double>&, OutputDir&);
 template void write_forward<float>(const Workload&, const ref::ForwardResult<float>&, OutputDir&);
+
+template <class S>
+void check_finite_outputs(const ref::ForwardResult<S>& r, int64_t batch, bool dbl) {
+  check_finite_outputs<S>({{"o", &r.o}, {"o_cmp", &r.o_branch[0]}, {"o_slc", &r.o_branch[1]}, {"o_win", &r.o_branch[2]},
+                           {"lse_cmp", &r.lse[0]}, {"lse_slc", &r.lse[1]}, {"lse_win", &r.lse[2]},
+                           {"block_scores", &r.block_scores}, {"k_cmp_compressed", &r.k_cmp_compressed},
+                           {"v_cmp_compressed", &r.v_cmp_compressed}},
+                          batch, dbl);
+}
+template void check_finite_outputs(const ref::ForwardResult<double>&, int64_t, bool);
+template void check_finite_outputs(const ref::ForwardResult<float>&, int64_t, bool);
 
 void require_cpu_device(const po::variables_map& vm, const char* cmd) {
   const std::string d = vm["device"].as<std::string>();
@@ -100,13 +127,17 @@ int cmd_forward(const std::vector<std::string>& args) {
   const bool on_cuda = use_cuda_device(vm, "forward");
   const bool dbl = !on_cuda && use_double(vm);
   const ref::Path path = parse_path(vm);
-  Workload w = load_workload(vm);
-  require_memory(forward_bytes(w, dbl ? 8 : 4), "the forward pass");
-  ref::set_threads(vm["threads"].as<int>());
+  const int threads = apply_run_options(vm);
+  const bool allow_nonfinite = vm["allow-nonfinite"].as<bool>();
+  Workload w = load_workload(vm, /*nsa=*/true, run_plan(dbl, threads, path, /*nsa=*/true));
   OutputDir out(vm["out"].as<std::string>());
   const auto t0 = std::chrono::steady_clock::now();
   std::string arith = dbl ? "double" : "float";
   json device_json;
+  auto finish = [&](const auto& r) {
+    if (!allow_nonfinite) check_finite_outputs(r, w.batch, dbl);
+    write_forward(w, r, out);
+  };
   if (on_cuda) {
 #ifdef NSA_WITH_CUDA
     // The device rounds the inputs to --dtype and returns every output as float32.
@@ -118,22 +149,22 @@ int cmd_forward(const std::vector<std::string>& args) {
     cuda::Plan plan(w.cfg, w.in.N(), w.in.cu_seqlens, opt);
     plan.upload(w.in.cast<float>());
     plan.run();
-    write_forward(w, plan.download(), out);
+    finish(plan.download());
     arith = cat("cuda ", cuda::to_string(opt.dtype), " kernel v", plan.kernel());
     device_json = {{"name", cuda::device_name()}, {"dtype", cuda::to_string(opt.dtype)}, {"kernel", plan.kernel()},
                    {"kernel_choice", plan.kernel() == version ? why : "v0: the shared memory of v1 does not fit"}};
 #endif
   } else if (dbl) {
-    write_forward(w, ref::forward(w.cfg, w.in, path), out);
+    finish(ref::forward(w.cfg, w.in, path));
   } else {
-    const auto in = w.in.cast<float>();
-    write_forward(w, ref::forward(w.cfg, in, path), out);
+    finish(ref::forward(w.cfg, w.in.cast<float>(), path));
   }
   const double secs = seconds_since(t0);
   json j = resolved_config(cmd, vm);
   j["config"] = config_json(w.cfg);
   j["workload"] = workload_json(w);
   j["seconds"] = secs;
+  j["memory"] = memory_report(w);
   if (on_cuda) j["cuda"] = device_json;
   out.add_text("config.json", j.dump(2) + "\n");
   out.commit();
@@ -161,14 +192,15 @@ int cmd_full(const std::vector<std::string>& args) {
   require_cpu_device(vm, "full");
   const bool dbl = use_double(vm);
   const ref::Path path = parse_path(vm);
-  Workload w = load_workload(vm, /*nsa=*/false);
-  const double N = double(w.in.N());
-  require_memory(N * w.cfg.Hq * (w.cfg.dv + 1) * (dbl ? 8 : 4), "full attention");
-  ref::set_threads(vm["threads"].as<int>());
+  const int threads = apply_run_options(vm);
+  const bool allow_nonfinite = vm["allow-nonfinite"].as<bool>();
+  Workload w = load_workload(vm, /*nsa=*/false, run_plan(dbl, threads, path, /*nsa=*/false));
   OutputDir out(vm["out"].as<std::string>());
   const auto t0 = std::chrono::steady_clock::now();
   auto run = [&](const auto& in) {
     const auto r = ref::full_attention(w.cfg, in.q, in.k, in.v, in.cu_seqlens, path);
+    using S = typename std::decay_t<decltype(r.o)>::value_type;
+    if (!allow_nonfinite) check_finite_outputs<S>({{"o", &r.o}, {"lse", &r.lse}}, w.batch, dbl);
     out.add("o", unpack(r.o, w.batch));
     out.add("lse", unpack(r.lse, w.batch));
   };
@@ -181,6 +213,7 @@ int cmd_full(const std::vector<std::string>& args) {
   j["config"] = {{"Hq", w.cfg.Hq}, {"Hkv", w.cfg.Hkv}, {"dk", w.cfg.dk}, {"dv", w.cfg.dv}, {"scale", w.cfg.softmax_scale()}};
   j["workload"] = workload_json(w);
   j["seconds"] = secs;
+  j["memory"] = memory_report(w);
   out.add_text("config.json", j.dump(2) + "\n");
   out.commit();
   std::cout << "full: " << w.in.N() << " tokens, " << secs << " s -> " << out.dir() << "\n";

@@ -19,9 +19,20 @@ const Subcommand kSubcommands[] = {
     {"forward", "NSA forward pass: outputs, branch outputs, LSE, gates, selected blocks, scores", nsa::cli::cmd_forward},
     {"full", "full causal attention (the baseline)", nsa::cli::cmd_full},
     {"decode", "NSA decoding through a KV cache: forward's outputs, token by token; cache size, bytes per step", nsa::cli::cmd_decode},
+    {"backward", "NSA backward pass: gradients of q, k/v per branch, gates, phi, gate MLP given dL/do",
+     nsa::cli::cmd_backward},
+    {"gradcheck", "check `nsa backward`'s files against finite differences of the forward pass",
+     nsa::cli::cmd_gradcheck},
     {"compare", "compare two .npy files or output folders (max abs, relative L2, PASS/FAIL)", nsa::cli::cmd_compare},
     {"gen", "generate a synthetic workload (q, k, v, ...)", nsa::cli::cmd_gen},
-    {"bench", "time NSA forward against full attention", nsa::cli::cmd_bench},
+    {"bench", "time NSA forward and backward against full attention", nsa::cli::cmd_bench},
+    {"sweep", "a grid of NSA settings x workloads: recall, mass, error, retrieval, FLOPs, traffic (CSV, JSON)", nsa::cli::cmd_sweep},
+    {"train", "trainability: learn phi and the gates on needle retrieval through the backward pass", nsa::cli::cmd_train},
+    {"recall", "NSA's selected blocks against the exact-attention oracle, beside other selectors", nsa::cli::cmd_recall},
+    {"locality", "how blockwise exact attention is: top-k blocks vs tokens, autocorrelation, distance",
+     nsa::cli::cmd_locality},
+    {"traffic", "memory traffic and roofline model: tokens, bytes, FLOPs per branch, decode and prefill",
+     nsa::cli::cmd_traffic},
 };
 
 void print_help() {

@@ -59,9 +59,10 @@ def main():
     json.dump(out, open(args.out, "w"), indent=1)
     decode_table(records)
 
-    def find(impl, T, dk, dv):
+    def find(impl, T, dk, dv, op="forward"):
         for r in records:
-            if r.get("impl") == impl and r.get("T") == T and r.get("dk") == dk and r.get("dv") == dv and r.get("ms"):
+            if (r.get("impl") == impl and r.get("T") == T and r.get("dk") == dk and r.get("dv") == dv and r.get("ms")
+                    and r.get("op", "forward") == op):
                 return r
         return None
 
@@ -69,7 +70,7 @@ def main():
     print(f"{'dk/dv':>7} {'T':>6} | {'nsa_cuda ms':>11} {'TFLOP/s':>7} | {'cuDNN ms':>9} {'flash ms':>9} | "
           f"{'vs cuDNN':>8} {'vs flash':>8} | {'slc stage TFLOP/s (% of matmul)':>31} | stages ms")
     for r in records:
-        if r.get("impl") != "nsa_cuda" or r.get("op") != "forward":
+        if r.get("impl") != "nsa_cuda" or r.get("op", "forward") != "forward":
             continue
         T, dk, dv = r["T"], r["dk"], r["dv"]
         cu, fl = find("sdpa_cudnn", T, dk, dv), find("sdpa_flash", T, dk, dv)
@@ -80,8 +81,23 @@ def main():
               f"{(cu['ms'] / r['ms']) if cu else float('nan'):>7.2f}x {(fl['ms'] / r['ms']) if fl else float('nan'):>7.2f}x | "
               f"{(slc['tflops'] if slc else float('nan')):>20.0f} ({(slc['pct_of_ceiling'] if slc else float('nan')):>4.0f}%)"
               f"     | {st}")
-    peers = [r for r in records
-             if r.get("op") == "forward" and r.get("impl") not in ("nsa_cuda", "sdpa_cudnn", "sdpa_flash")]
+    fb = [r for r in records if r.get("op") == "forward_backward" and r.get("impl") == "nsa_cuda"]
+    if fb:
+        print(f"\n{'dk/dv':>7} {'T':>6} | {'fwd+bwd ms':>10} {'det. ms':>8} {'fwd ms':>7} {'bwd ms':>7} {'bwd/fwd':>7} | "
+              f"{'cuDNN f+b':>9} {'flash f+b':>9} | {'vs cuDNN':>8} {'vs flash':>8} | backward stages ms")
+    for r in fb:
+        T, dk, dv = r["T"], r["dk"], r["dv"]
+        det = find("nsa_cuda_deterministic", T, dk, dv, "forward_backward")
+        cu = find("sdpa_cudnn", T, dk, dv, "forward_backward")
+        fl = find("sdpa_flash", T, dk, dv, "forward_backward")
+        st = " ".join(f"{s['stage']}={s['ms']:.2f}" for s in r.get("backward_stages", []))
+        nan = float("nan")
+        print(f"{dk:>3}/{dv:<3} {T:>6} | {r['ms']:>10.2f} {det['ms'] if det else nan:>8.2f} {r['forward_ms']:>7.2f} "
+              f"{r['backward_ms']:>7.2f} {r['backward_over_forward']:>7.2f} | {cu['ms'] if cu else nan:>9.2f} "
+              f"{fl['ms'] if fl else nan:>9.2f} | {(cu['ms'] / r['ms']) if cu else nan:>7.2f}x "
+              f"{(fl['ms'] / r['ms']) if fl else nan:>7.2f}x | {st}")
+    peers = [r for r in records if r.get("op", "forward") == "forward" and
+             r.get("impl") not in ("nsa_cuda", "nsa_cuda_deterministic", "sdpa_cudnn", "sdpa_flash")]
     for r in peers:
         print(f"peer {r.get('impl')}: T={r.get('T')} {r.get('ms')} ms")
 

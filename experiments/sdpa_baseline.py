@@ -8,6 +8,11 @@ flushed (a 256 MiB buffer zeroed) before every repeat, random N(0, 1) bf16 input
 enable_gqa=True where the backend takes it, else with K/V expanded to Hq heads before timing
 (the record says which).
 
+With --backward, also forward + backward (op "forward_backward"): the output's gradient dL/do
+~ N(0, 1) given, dq, dk, dv by torch.autograd.grad (no accumulation into .grad), timed together
+with the forward in one call; FLOPs counted as the forward's 3.5x (FlashAttention's convention:
+the backward is 2.5x the forward).
+
 With --decode: one decode step, i.e. one query token per sequence attending over a cache of
 --T + 1 keys (the new token's included), for each --batch; q [B, Hq, 1, dk], k/v [B, Hkv, s + 1, d]
 (GQA native, enable_gqa=True). Timed through PyTorch's default dispatch ("impl": "sdpa", with the
@@ -15,7 +20,7 @@ backend it picked: the kernels a profiled call launched) and each backend forced
 (sdpa_flash, sdpa_efficient, sdpa_cudnn; a backend that refuses the shape is recorded with its
 error). Records "op": "decode", with the K/V bytes the step reads and the achieved rate.
 
-usage: sdpa_baseline.py --T 8192,16384 --dims 128:128,192:128 --out sdpa.json
+usage: sdpa_baseline.py --T 8192,16384 --dims 128:128,192:128 [--backward] --out sdpa.json
        sdpa_baseline.py --decode --T 8192,65536 --batch 1,16,64 --out sdpa_decode.json
 """
 import argparse
@@ -122,6 +127,7 @@ def main():
     ap.add_argument("--Hkv", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--backward", action="store_true", help="also time forward + backward")
     ap.add_argument("--out", required=True)
     ap.add_argument("--decode", action="store_true", help="one decode step per --batch and cache length --T")
     ap.add_argument("--batch", default="1,16,64", help="decode: sequences per step")
@@ -143,36 +149,49 @@ def main():
             G = args.Hq // args.Hkv
             flop = 2.0 * (dk + dv) * args.Hq * T * (T + 1) / 2  # useful: causal, q.k and p.v
             reps = args.reps if T <= 16384 else max(3, args.reps // 2)
-            for impl, be in backends:
-                rec = {"op": "forward", "impl": impl, "T": T, "B": 1, "Hq": args.Hq, "Hkv": args.Hkv, "dk": dk,
-                       "dv": dv, "dtype": "bf16", "reps": reps, "warmup": args.warmup, "l2_flushed": True}
-                err = None
-                for gqa in ("native", "expanded"):
-                    try:
-                        with sdpa_kernel([be]):
-                            if gqa == "native":
-                                fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-                            else:
-                                ke = k.repeat_interleave(G, 1).contiguous()
-                                ve = v.repeat_interleave(G, 1).contiguous()
-                                fn = lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
-                            fn()
+            do = torch.randn(1, args.Hq, T, dv, device="cuda", dtype=torch.bfloat16)
+            for op in ("forward", "forward_backward") if args.backward else ("forward",):
+                bwd = op == "forward_backward"
+                for impl, be in backends:
+                    rec = {"op": op, "impl": impl, "T": T, "B": 1, "Hq": args.Hq, "Hkv": args.Hkv, "dk": dk,
+                           "dv": dv, "dtype": "bf16", "reps": reps, "warmup": args.warmup, "l2_flushed": True}
+                    err = None
+                    for gqa in ("native", "expanded"):
+                        try:
+                            with sdpa_kernel([be]):
+                                if gqa == "native":
+                                    qq, kk, vv = q, k, v
+                                else:
+                                    kk = k.repeat_interleave(G, 1).contiguous()
+                                    vv = v.repeat_interleave(G, 1).contiguous()
+                                    qq = q
+                                if bwd:
+                                    qq, kk, vv = (x.detach().requires_grad_() for x in (qq, kk, vv))
+
+                                def fn(qq=qq, kk=kk, vv=vv, gqa=gqa, bwd=bwd):
+                                    o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True,
+                                                                       enable_gqa=gqa == "native")
+                                    if bwd:
+                                        torch.autograd.grad(o, (qq, kk, vv), do)
+
+                                fn()
+                                torch.cuda.synchronize()
+                                ms = median_ms(fn, args.warmup, reps, flush)
+                            fl = flop * (3.5 if bwd else 1.0)
+                            rec.update({"ms": ms, "gflop": fl / 1e9, "tflops": fl / ms / 1e9, "gqa": gqa})
+                            err = None
+                            break
+                        except Exception as e:  # the backend refuses this shape: try the other GQA form
+                            err = repr(e).splitlines()[0][:300]
                             torch.cuda.synchronize()
-                            ms = median_ms(fn, args.warmup, reps, flush)
-                        rec.update({"ms": ms, "gflop": flop / 1e9, "tflops": flop / ms / 1e9, "gqa": gqa})
-                        err = None
-                        break
-                    except Exception as e:  # the backend refuses this shape: try the other GQA form
-                        err = repr(e).splitlines()[0][:300]
-                        torch.cuda.synchronize()
-                if err:
-                    rec.update({"ms": None, "error": err})
-                records.append(rec)
-                ms = rec["ms"]
-                print(f"forward {impl:11s} T={T:6d} bf16 dk={dk} dv={dv}  "
-                      + (f"median {ms:9.3f} ms ({reps} reps, L2 flushed) {rec['tflops']:5.0f} TFLOP/s  gqa={rec['gqa']}"
-                         if ms is not None else f"not run: {err}"), flush=True)
-            del q, k, v
+                    if err:
+                        rec.update({"ms": None, "error": err})
+                    records.append(rec)
+                    ms = rec["ms"]
+                    print(f"{op} {impl:11s} T={T:6d} bf16 dk={dk} dv={dv}  "
+                          + (f"median {ms:9.3f} ms ({reps} reps, L2 flushed) {rec['tflops']:5.0f} TFLOP/s  "
+                             f"gqa={rec['gqa']}" if ms is not None else f"not run: {err}"), flush=True)
+            del q, k, v, do
             torch.cuda.empty_cache()
     json.dump({"device": dev, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
                "torch": torch.__version__, "records": records}, open(args.out, "w"), indent=1)

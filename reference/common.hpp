@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "config.hpp"
+#include "tensor.hpp"
 
 namespace nsa::ref {
 
@@ -67,6 +68,26 @@ S activate_grad(Activation a, S x) {
     }
   }
   return S(1);
+}
+
+// A tile of the fast paths: the G query heads of one KV group for consecutive positions, as rows
+// of one matrix, so every product against the group's keys is shared by its heads (the paper's
+// group-centric layout, here for Eigen's GEMM).
+struct TileRows {
+  int64_t t0, t1, G;  // sequence-local positions [t0, t1); row r is position t0 + r / G
+  int64_t pos(int64_t r) const { return t0 + r / G; }
+  int64_t rows() const { return (t1 - t0) * G; }
+};
+
+// The tile's rows of a [N, Hq, D] tensor (queries, outputs, their gradients): row (t - t0)*G + hi
+// is x[row0 + t, g*G + hi, :].
+template <class S>
+Mat<S> gather_queries(const Tensor<S>& x, int64_t row0, const TileRows& tr, int64_t g, int64_t D) {
+  Mat<S> X(tr.rows(), D);
+  for (int64_t t = tr.t0; t < tr.t1; ++t)
+    X.middleRows((t - tr.t0) * tr.G, tr.G) =
+        Eigen::Map<const Mat<S>>(x.row(row0 + t, g * tr.G), tr.G, D);  // a group's heads are adjacent
+  return X;
 }
 
 }  // namespace nsa::ref

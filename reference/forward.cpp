@@ -26,19 +26,21 @@ constexpr int64_t kTileQueries = 64;   // Bq: query positions per tile
 constexpr int64_t kKeyChunk = 256;     // keys per online-softmax step
 constexpr double kCmpTileBytes = 64e6;  // cap on a tile's compression score matrix
 
-template <class S>
-struct TileRows {
-  int64_t t0, t1, G;  // sequence-local positions [t0, t1); row r is position t0 + r / G
-  int64_t pos(int64_t r) const { return t0 + r / G; }
-  int64_t rows() const { return (t1 - t0) * G; }
-};
+// Bq for a sequence of at most Ncmax compressed blocks: the compression scores [Bq*G, Nc] of a
+// tile stay under kCmpTileBytes, with at least one position per tile.
+int64_t tile_queries(const Config& cfg, int64_t Ncmax, size_t elem) {
+  const double per_query = double(cfg.G()) * double(std::max<int64_t>(Ncmax, 1)) * double(elem);
+  return std::clamp<int64_t>(int64_t(kCmpTileBytes / per_query), 1, kTileQueries);
+}
 
 // Softmax attention of the tile's rows over the keys [lo(t), t] of one head, streamed through
-// chunks of kKeyChunk keys with an online softmax. K, V point at the head's first row of the
-// sequence, with row strides ks, vs. Writes O [R, dv] and lse [R] (-inf and zeros for no key).
+// chunks of kKeyChunk keys with an online softmax. Qs holds the queries already multiplied by the
+// softmax scale (scaling [R, dk] once costs less than scaling every [R, chunk] score block). K, V
+// point at the head's first row of the sequence, with row strides ks, vs. Writes O [R, dv] and
+// lse [R] (-inf and zeros for no key).
 template <class S, class Lo>
-void attend_causal_range(const Mat<S>& Q, const TileRows<S>& tr, Lo lo, const S* K, int64_t ks, const S* V,
-                         int64_t vs, int64_t dk, int64_t dv, S scale, Mat<S>& O, Vec<S>& lse) {
+void attend_causal_range(const Mat<S>& Qs, const TileRows& tr, Lo lo, const S* K, int64_t ks, const S* V,
+                         int64_t vs, int64_t dk, int64_t dv, Mat<S>& O, Vec<S>& lse) {
   const int64_t R = tr.rows();
   Vec<S> m = Vec<S>::Constant(R, neg_inf<S>()), sum = Vec<S>::Zero(R);
   O.setZero(R, dv);
@@ -48,7 +50,7 @@ void attend_causal_range(const Mat<S>& Q, const TileRows<S>& tr, Lo lo, const S*
     const int64_t bk = std::min(kKeyChunk, last - c0);
     Eigen::Map<const Mat<S>, 0, Eigen::OuterStride<>> Kc(K + c0 * ks, bk, dk, Eigen::OuterStride<>(ks));
     Eigen::Map<const Mat<S>, 0, Eigen::OuterStride<>> Vc(V + c0 * vs, bk, dv, Eigen::OuterStride<>(vs));
-    Sc.noalias() = (Q * Kc.transpose()) * scale;
+    Sc.noalias() = Qs * Kc.transpose();
     for (int64_t r = 0; r < R; ++r) {
       const int64_t t = tr.pos(r);
       const int64_t a = std::max(lo(t), c0) - c0, b = std::min(t + 1, c0 + bk) - c0;  // [a, b)
@@ -80,19 +82,9 @@ void attend_causal_range(const Mat<S>& Q, const TileRows<S>& tr, Lo lo, const S*
   }
 }
 
-// The tile's query matrix: row (t - t0)*G + hi is q[row0 + t, g*G + hi, :].
-template <class S>
-Mat<S> gather_queries(const Tensor<S>& q, int64_t row0, const TileRows<S>& tr, int64_t g, int64_t dk) {
-  Mat<S> Q(tr.rows(), dk);
-  for (int64_t t = tr.t0; t < tr.t1; ++t)
-    Q.middleRows((t - tr.t0) * tr.G, tr.G) =
-        Eigen::Map<const Mat<S>>(q.row(row0 + t, g * tr.G), tr.G, dk);  // a group's heads are adjacent
-  return Q;
-}
-
 // Writes tile rows into a [N, Hq, D] tensor (and their lse into [N, Hq]).
 template <class S>
-void scatter_rows(const Mat<S>& O, const Vec<S>& lse, int64_t row0, const TileRows<S>& tr, int64_t g,
+void scatter_rows(const Mat<S>& O, const Vec<S>& lse, int64_t row0, const TileRows& tr, int64_t g,
                   Tensor<S>& out, Tensor<S>& out_lse) {
   const int64_t G = tr.G, D = O.cols();
   for (int64_t t = tr.t0; t < tr.t1; ++t) {
@@ -123,9 +115,10 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
               const std::vector<std::vector<OverlapTerm>>& ovmap, ForwardResult<S>& r) {
   const int64_t Hkv = cfg.Hkv, G = cfg.G(), dk = cfg.dk, dv = cfg.dv, g = tile.g, ls = cfg.slc_len;
   const S scale = static_cast<S>(cfg.softmax_scale());
-  const TileRows<S> tr{tile.t0, tile.t1, G};
+  const TileRows tr{tile.t0, tile.t1, G};
   const int64_t R = tr.rows();
   const Mat<S> Q = gather_queries(in.q, row0, tr, g, dk);
+  const Mat<S> Qs = Q * scale;  // s q, for the selection and window branches
   Mat<S> O;
   Vec<S> lse(R);
 
@@ -137,6 +130,9 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
   if (nvmax > 0) {
     auto Kc = head_rows(r.k_cmp_compressed.data() + cmp0 * Hkv * dk, Hkv, dk, g, 0, nvmax);
     auto Vc = head_rows(r.v_cmp_compressed.data() + cmp0 * Hkv * dv, Hkv, dv, g, 0, nvmax);
+    // (Q K^T) s, not (s Q) K^T: with equal keys (constant inputs) this product gives exactly
+    // equal scores in every column, as the oracle does, so exact ties stay ties (measured: the
+    // other order broke a tie at one position of tests' constant-key case).
     P.noalias() = (Q * Kc.transpose()) * scale;
     for (int64_t rr = 0; rr < R; ++rr) {
       const int64_t nv = cfg.cmp_visible(tr.pos(rr));
@@ -194,7 +190,7 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
       Vg.middleRows(m, len) = head_rows(Vs.data(), Hkv, dv, g, row0 + u0, len);
       m += len;
     }
-    Sg.noalias() = (Q.middleRows((t - tr.t0) * G, G) * Kg.transpose()) * scale;
+    Sg.noalias() = Qs.middleRows((t - tr.t0) * G, G) * Kg.transpose();
     for (int64_t hi = 0; hi < G; ++hi) {
       auto row = Sg.row(hi);
       const S mx = row.maxCoeff();
@@ -211,8 +207,8 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
   const Tensor<S>& Kw = in.key(Branch::Win);
   const Tensor<S>& Vw = in.value(Branch::Win);
   attend_causal_range(
-      Q, tr, [&](int64_t t) { return cfg.win_start(t); }, Kw.row(row0, g), Hkv * dk, Vw.row(row0, g), Hkv * dv, dk,
-      dv, scale, O, lse);
+      Qs, tr, [&](int64_t t) { return cfg.win_start(t); }, Kw.row(row0, g), Hkv * dk, Vw.row(row0, g), Hkv * dv, dk,
+      dv, O, lse);
   scatter_rows(O, lse, row0, tr, g, r.o_branch[2], r.lse[2]);
 }
 
@@ -233,8 +229,7 @@ void forward_fast(const Config& cfg, const Inputs<S>& in, const std::vector<int6
   int64_t Tmax = 0;
   for (int64_t b = 0; b < B; ++b) Tmax = std::max(Tmax, cu[b + 1] - cu[b]);
   const int64_t Ncmax = cfg.num_cmp_blocks(Tmax);
-  const double per_query = double(cfg.G()) * double(std::max<int64_t>(Ncmax, 1)) * sizeof(S);
-  const int64_t Bq = std::clamp<int64_t>(int64_t(kCmpTileBytes / per_query), 1, kTileQueries);
+  const int64_t Bq = tile_queries(cfg, Ncmax, sizeof(S));
   const auto ovmap = overlap_map(cfg, Ncmax);
   const std::vector<Tile> tiles = make_tiles(cu, cfg.Hkv, Bq);
 #pragma omp parallel for schedule(dynamic, 1)
@@ -304,16 +299,97 @@ FullResult<S> full_attention(const Config& cfg, const Tensor<S>& q, const Tensor
   for (size_t i = 0; i < tiles.size(); ++i) {
     const Tile& tl = tiles[i];
     const int64_t row0 = cu[tl.b];
-    const TileRows<S> tr{tl.t0, tl.t1, cfg.G()};
-    const Mat<S> Q = gather_queries(q, row0, tr, tl.g, cfg.dk);
+    const TileRows tr{tl.t0, tl.t1, cfg.G()};
+    const Mat<S> Qs = gather_queries(q, row0, tr, tl.g, cfg.dk) * scale;
     Mat<S> O;
     Vec<S> lse;
     attend_causal_range(
-        Q, tr, [](int64_t) { return int64_t(0); }, k.row(row0, tl.g), cfg.Hkv * cfg.dk, v.row(row0, tl.g),
-        cfg.Hkv * cfg.dv, cfg.dk, cfg.dv, scale, O, lse);
+        Qs, tr, [](int64_t) { return int64_t(0); }, k.row(row0, tl.g), cfg.Hkv * cfg.dk, v.row(row0, tl.g),
+        cfg.Hkv * cfg.dv, cfg.dk, cfg.dv, O, lse);
     scatter_rows(O, lse, row0, tr, tl.g, r.o, r.lse);
   }
   return r;
+}
+
+// ---- Memory (nsa_ref.hpp): the allocations above, counted --------------------------------------
+
+namespace {
+// Eigen's matrix products pack blocks of their operands into buffers sized to the caches
+// (a few MB); allowed per thread.
+constexpr double kGemmBuffers = 16e6;
+
+// The sum of the `k` largest values.
+double top_sum(std::vector<double> v, size_t k) {
+  std::sort(v.begin(), v.end(), std::greater<double>());
+  double s = 0;
+  for (size_t i = 0; i < std::min(k, v.size()); ++i) s += v[i];
+  return s;
+}
+}  // namespace
+
+MemoryUse forward_memory(const Config& cfg, const std::vector<int64_t>& seqlens, int64_t gate_hidden, int elem,
+                         int threads, Path path) {
+  const double Hq = double(cfg.Hq), Hkv = double(cfg.Hkv), G = double(cfg.G()), dk = double(cfg.dk),
+               dv = double(cfg.dv), n = double(cfg.slc_count), ls = double(cfg.slc_len), e = elem;
+  double N = 0, Nc = 0;
+  int64_t Tmax = 0, NB = 0;
+  for (int64_t T : seqlens) {
+    N += double(T), Nc += double(cfg.num_cmp_blocks(T));
+    Tmax = std::max(Tmax, T), NB = std::max(NB, cfg.num_slc_blocks(T));
+  }
+  const double Ncmax = double(cfg.num_cmp_blocks(Tmax)), nb = double(NB);
+  MemoryUse m;
+  // ForwardResult: o and the three o_branch [N, Hq, dv], three lse and the gates [N, Hq, (3)],
+  // block_scores [N, Hkv, NB], the compressed keys and values, and block_idx (int32).
+  m.result = e * (N * Hq * (4 * dv + 6) + N * Hkv * nb + Nc * Hkv * (dk + dv)) + 4.0 * N * Hkv * n;
+  // compute_gates with the MLP: the hidden activations [N, d_hidden] and the product's temporary.
+  const double gates = e * 2 * N * double(gate_hidden);
+  // compress() of one sequence's keys and then its values.
+  std::vector<double> cmp_seq;
+  for (int64_t T : seqlens)
+    cmp_seq.push_back(compress_memory(cfg, T, cfg.dk, cfg.hidden_k(), elem, path) +
+                      compress_memory(cfg, T, cfg.dv, cfg.hidden_v(), elem, path));
+  if (path == Path::Oracle) {
+    // One sequence at a time: its compressed keys and values, p_cmp, p_slc, and key/value row
+    // pointers (and scores) for at most every token.
+    const double seq = top_sum(cmp_seq, 1) + e * (Ncmax + G * nb + double(Tmax)) + 16.0 * double(Tmax);
+    m.working = std::max(gates, seq);
+    return m;
+  }
+  // Compression: the `threads` largest sequences at once, one per thread.
+  const double cmp = top_sum(cmp_seq, size_t(std::max(threads, 1))) + kGemmBuffers * threads;
+  // Tiles, one per thread: queries, outputs and lse [R, dk + dv + 1], compression probabilities
+  // [R, Nc], the window's chunk scores [R, kKeyChunk] and running max and sum, the group's mapped
+  // scores [G, NB], the gathered selected keys, values and scores [tokens, dk + dv + G] (at most
+  // n*l' tokens, and at most the sequence), select_blocks' lists (9 bytes per block), and the tile
+  // list and the Eq. 9 map shared by all.
+  const double R = double(tile_queries(cfg, int64_t(Ncmax), size_t(elem))) * G;
+  const double selected = std::min(n * ls, double(Tmax));
+  const double tile = e * (R * (dk + dv + 3 + Ncmax + double(kKeyChunk)) + G * nb + selected * (dk + dv + G)) +
+                      9.0 * nb + kGemmBuffers;
+  const double shared = 32.0 * (N / double(kTileQueries) + double(seqlens.size())) * Hkv + Ncmax * 88.0;
+  m.working = std::max({gates, cmp, tile * threads + shared});
+  return m;
+}
+
+MemoryUse full_attention_memory(const Config& cfg, const std::vector<int64_t>& seqlens, int elem, int threads,
+                                Path path) {
+  double N = 0;
+  int64_t Tmax = 0;
+  for (int64_t T : seqlens) N += double(T), Tmax = std::max(Tmax, T);
+  const double e = elem, dk = double(cfg.dk), dv = double(cfg.dv);
+  MemoryUse m;
+  m.result = e * N * double(cfg.Hq) * (dv + 1);  // o [N, Hq, dv], lse [N, Hq]
+  if (path == Path::Oracle) {
+    m.working = (16.0 + e) * double(Tmax);  // key/value row pointers and scores of one query
+    return m;
+  }
+  // A tile per thread: queries, outputs, lse, running max and sum [R, dk + dv + 3] and the chunk
+  // scores [R, kKeyChunk]; and the tile list.
+  const double R = double(kTileQueries) * double(cfg.G());
+  m.working = threads * (e * R * (dk + dv + 3 + double(kKeyChunk)) + kGemmBuffers) +
+              32.0 * (N / double(kTileQueries) + double(seqlens.size())) * double(cfg.Hkv);
+  return m;
 }
 
 template ForwardResult<double> forward<double>(const Config&, const Inputs<double>&, Path);

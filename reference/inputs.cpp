@@ -32,15 +32,6 @@ template Inputs<float> Inputs<float>::cast<float>() const;
 
 namespace {
 
-std::string index_str(const Shape& shape, int64_t flat) {
-  Shape idx(shape.size());
-  for (size_t a = shape.size(); a-- > 0;) {
-    idx[a] = shape[a] ? flat % shape[a] : 0;
-    flat = shape[a] ? flat / shape[a] : 0;
-  }
-  return shape_str(idx);
-}
-
 template <class S>
 struct Checker {
   const RoleNamer& namer;
@@ -56,7 +47,7 @@ struct Checker {
     if (allow_nonfinite) return;
     for (int64_t i = 0; i < t.numel(); ++i)
       if (!std::isfinite(t[i]))
-        throw InputError(cat(name(role), ": non-finite value ", t[i], " at index ", index_str(t.shape(), i),
+        throw InputError(cat(name(role), ": non-finite value ", value_str(double(t[i])), " at index ", index_str(t.shape(), i),
                              " (pass --allow-nonfinite to let NaN/Inf through)"));
   }
   void both(const std::string& role, const Tensor<S>& t, const Shape& want, const std::string& meaning) const {
@@ -83,9 +74,10 @@ void check_inputs(const Config& cfg, const Inputs<S>& in, bool allow_nonfinite, 
   }
   if (!in.gates.empty()) {
     ck.shape("gates", in.gates, {N, cfg.Hq, 3}, "[N, Hq, 3] in the order cmp, slc, win");
+    ck.finite("gates", in.gates);
     for (int64_t i = 0; i < in.gates.numel(); ++i) {
       const S g = in.gates[i];
-      if (std::isnan(g) && allow_nonfinite) continue;
+      if (!std::isfinite(g)) continue;  // allowed: checked just above
       if (!(g >= 0 && g <= 1))
         throw InputError(cat(ck.name("gates"), ": value ", g, " at index ", index_str(in.gates.shape(), i),
                              " is outside [0, 1] (gates are sigmoids)"));
@@ -169,7 +161,10 @@ Tensor<S> compute_gates(const Config& cfg, const Inputs<S>& in) {
   return g;
 }
 
-void set_threads(int n) { omp_set_num_threads(n > 0 ? n : omp_get_num_procs()); }
+int set_threads(int n) {
+  omp_set_num_threads(n > 0 ? n : omp_get_num_procs());
+  return omp_get_max_threads();
+}
 
 template void check_inputs<double>(const Config&, const Inputs<double>&, bool, const RoleNamer&);
 template void check_inputs<float>(const Config&, const Inputs<float>&, bool, const RoleNamer&);

@@ -9,6 +9,7 @@
 //   Path::Fast    Eigen block products, OpenMP over (sequence, group, query tile); nothing of
 //                 size T x T is held per head (reference/forward.cpp).
 // They agree to ~1e-13 relative in double. Every intermediate the spec names is returned.
+// The backward pass (gradients for training, section 7) is declared in backward.hpp.
 #pragma once
 
 #include <array>
@@ -168,7 +169,29 @@ std::vector<int32_t> select_blocks(const Config& cfg, int64_t t, const S* P);
 template <class S>
 Tensor<S> compute_gates(const Config& cfg, const Inputs<S>& in);
 
-// Sets the OpenMP thread count for the fast path (0: all cores). Results do not depend on it.
-void set_threads(int n);
+// Sets the OpenMP thread count for the fast path (0: all cores) and returns the count in effect.
+// Results do not depend on it.
+int set_threads(int n);
+
+// ---- Memory, for refusing a run that cannot fit before it allocates anything -----------------
+// What a call allocates beyond its inputs, in bytes: the result it returns, and the most working
+// memory it holds at once with `threads` threads. Upper bounds from the sizes the code allocates
+// (each function sits beside the code it describes); `elem` is sizeof(S).
+struct MemoryUse {
+  double result = 0;
+  double working = 0;
+};
+// gate_hidden: width of the gate MLP's hidden layer (d_hidden, or d_model without one), 0 when
+// the gates are given or all ones.
+MemoryUse forward_memory(const Config& cfg, const std::vector<int64_t>& seqlens, int64_t gate_hidden, int elem,
+                         int threads, Path path);
+MemoryUse full_attention_memory(const Config& cfg, const std::vector<int64_t>& seqlens, int elem, int threads,
+                                Path path);
+// compress() on one sequence of T tokens: the returned [Nc, Hkv, D] and its working matrices.
+double compress_memory(const Config& cfg, int64_t T, int64_t D, int64_t hidden, int elem, Path path);
+// Elements of phi's parameters for keys and values (0 for mean).
+double compress_param_count(const Config& cfg);
 
 }  // namespace nsa::ref
+
+#include "backward.hpp"  // the backward pass (NSA-SPEC.md 7)

@@ -8,19 +8,22 @@
 #   4. `nsa bench --device cuda` at T = 8k..64k, B = 1, Hq = 64, Hkv = 4, dk = dv = 128 and
 #      dk = 192 / dv = 128, the paper's l = 32, d = 16, l' = 64, n = 16, w = 512, bf16;
 #      PyTorch SDPA (cuDNN, flash) on the same shapes; public NSA kernels if carried in .peers/;
-#   5. the merged results file and a summary table, printed last;
-#   decode (step `decode`, not in the default): `nsa bench --device cuda --op decode` at cache
-#      lengths TS_DEC x batches BATCH (Hq = 64, Hkv = 4, dk = dv = 128, paper blocks, bf16) for each
-#      split-kernel version in DEC_KERNELS, variants DEC_VARIANTS, Nsight Compute on the decode
-#      kernels with step `decprofile`, and SDPA decode (experiments/sdpa_baseline.py --decode), merged into
-#      today's results file (experiments/results/h100-<date>.json, its records kept) as
-#      $OUT/results_decode.json.
+#   5. the merged results file and a summary table, printed last.
+# The backward pass (docs/cuda_backward.md) has steps of its own: test_bwd (its tests and
+# `nsa backward --device cuda` through the command line), sanitize_bwd (memcheck and racecheck on
+# its small cases), bench_bwd (forward + backward in both modes; SDPA forward + backward too).
+# Decoding (docs/cuda_decode.md): step decode runs `nsa bench --device cuda --ops decode` at cache
+# lengths TS_DEC x batches BATCH (Hq = 64, Hkv = 4, dk = dv = 128, paper blocks, bf16) for each
+# split-kernel version in DEC_KERNELS, the variants DEC_VARIANTS, and SDPA decode
+# (experiments/sdpa_baseline.py --decode), merged into today's results file
+# (experiments/results/h100-<date>.json, its records kept) as $OUT/results_decode.json; step
+# decprofile adds Nsight Compute on the decode kernels.
 # Logs and JSON go to $OUT (the device tool brings back at most 8 files).
-# usage: OUT=dir bash scripts/device.sh   (STEPS=test,sanitize,bench,profile,sdpa,peers,decode,decprofile chooses
-#        steps; default test,sanitize,bench,sdpa,peers; DEADLINE=seconds bounds the whole run, default
-#        560; DIMS=paper builds only the paper's head dims (faster); TESTS=doctest filter of test_cuda;
-#        MEMCHECK_TESTS, RACECHECK_TESTS: the sanitizers' test filters; SAN_LIMIT: seconds per sanitizer,
-#        default 200)
+# usage: OUT=dir bash scripts/device.sh   (STEPS=test,sanitize,bench,profile,sdpa,peers,test_bwd,
+#        sanitize_bwd,bench_bwd,decode,decprofile chooses steps; default test,sanitize,bench,sdpa,peers;
+#        DEADLINE=seconds bounds the whole run, default 560; CUDA_DIMS=paper builds the paper's head
+#        dims only; TESTS=doctest filter of the test step; MEMCHECK_TESTS, RACECHECK_TESTS: the
+#        sanitizers' test filters; SAN_LIMIT: seconds per sanitizer, default 200)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -62,7 +65,7 @@ say "machine"
 
 # ---- 1. build ----
 step build-configure 300 cmake --preset gpu -DNSA_EXTRA_PREFIX="$ROOT/.carry" -DNSA_CUDA_ARCHS=90a -DNSA_NATIVE=OFF \
-  -DNSA_CUDA_DIMS="${DIMS:-all}"
+  -DNSA_CUDA_DIMS="${CUDA_DIMS:-all}"
 step build 500 cmake --build build-gpu -j "$(nproc)" --target nsa test_cuda
 mkdir -p .bin && cp build-gpu/experiments/nsa build-gpu/tests/test_cuda .bin/
 BIN=$ROOT/.bin
@@ -74,9 +77,14 @@ command -v cuobjdump >/dev/null && {
 if has test; then
   TARGS=()
   [ -n "${TESTS:-}" ] && TARGS=(-tc="$TESTS")
-  step test_cuda 240 "$BIN/test_cuda" --duration=true ${TARGS[@]+"${TARGS[@]}"}
+  step test_cuda 300 "$BIN/test_cuda" --duration=true ${TARGS[@]+"${TARGS[@]}"}
   step cli_cuda_forward 90 bash tests/cli/cuda_forward.sh "$BIN/nsa"
+  step cli_cuda_backward 90 bash tests/cli/cuda_backward.sh "$BIN/nsa"
   step cli_cuda_decode 90 bash tests/cli/cuda_decode.sh "$BIN/nsa"
+fi
+if has test_bwd; then
+  step test_cuda_backward 240 "$BIN/test_cuda" -tc='cuda backward*,cuda bench backward*' --duration=true
+  step cli_cuda_backward 90 bash tests/cli/cuda_backward.sh "$BIN/nsa"
 fi
 
 # ---- decode: step latency and SDPA decode (before the sanitizers, which may take long) ----
@@ -88,7 +96,7 @@ if has decode; then
   # length (a failure loses one length, not all), then one file of records.
   for K in ${DEC_KERNELS:--1}; do
     for T in ${TS_DEC//,/ }; do
-      step "bench nsa_cuda decode k=$K s=$T" 90 "$BIN/nsa" bench --device cuda --op decode --kernel "$K" --T "$T" \
+      step "bench nsa_cuda decode k=$K s=$T" 90 "$BIN/nsa" bench --device cuda --ops decode --kernel "$K" --T "$T" \
         --batch "$BATCH" --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/dec${K}_$T"
     done
   done
@@ -100,9 +108,9 @@ json.dump(out, open(sys.argv[1], "w"), indent=1)' "$OUT/bench_decode.json" $(ls 
   # Variants at 64k, batches 1 and 16 (log only): "--kernel=N" or "NSA_DEC_WAVES=k" (split count).
   for v in ${DEC_VARIANTS:-"NSA_DEC_WAVES=2"}; do
     case $v in
-      --*) step "variant $v" 45 "$BIN/nsa" bench --device cuda --op decode "$v" --T 65536 --batch 1,16 --Hq 64 \
+      --*) step "variant $v" 45 "$BIN/nsa" bench --device cuda --ops decode "$v" --T 65536 --batch 1,16 --Hq 64 \
         --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/variant" ;;
-      *) step "variant $v" 45 env "$v" "$BIN/nsa" bench --device cuda --op decode --T 65536 --batch 1,16 --Hq 64 \
+      *) step "variant $v" 45 env "$v" "$BIN/nsa" bench --device cuda --ops decode --T 65536 --batch 1,16 --Hq 64 \
         --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/variant" ;;
     esac
   done
@@ -110,7 +118,7 @@ json.dump(out, open(sys.argv[1], "w"), indent=1)' "$OUT/bench_decode.json" $(ls 
   if has decprofile && command -v ncu >/dev/null; then
     step "ncu decode kernels" 120 ncu --kernel-name regex:"dec_(split|select|combine)" --launch-skip 4 --launch-count 4 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-      --section MemoryWorkloadAnalysis "$BIN/nsa" bench --device cuda --op decode --T 65536 --batch 16 --warmup 1 \
+      --section MemoryWorkloadAnalysis "$BIN/nsa" bench --device cuda --ops decode --T 65536 --batch 16 --warmup 1 \
       --reps 1 --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/prof"
     sed -n '/==PROF==/,$p' "$LOG" | grep -vE "^\s*$" | tail -300 >"$OUT/ncu_decode.txt"
   fi
@@ -145,14 +153,31 @@ if has sanitize; then
     tail -3 "$SAN" >>"$LOG"
   done
 fi
+# The backward's small cases: memcheck (cuBLAS included), racecheck on its set without cuBLAS.
+if has sanitize_bwd; then
+  [ -f "$SAN" ] || : >"$SAN"
+  say "sanitize_bwd: memcheck and racecheck -> sanitizer.log"
+  for tool in memcheck racecheck; do
+    t=$(date +%s)
+    echo "== compute-sanitizer --tool $tool (backward)" >>"$SAN"
+    lim=$(left); [ "$lim" -gt 200 ] && lim=200
+    [ "$lim" -lt 15 ] && { SUMMARY+=("sanitizer bwd $tool SKIP (deadline)"); continue; }
+    cases='cuda backward vs reference: small*,cuda backward errors*'
+    [ $tool = racecheck ] && cases='cuda backward racecheck set*'
+    timeout "$lim" compute-sanitizer --tool $tool --error-exitcode 9 "$BIN/test_cuda" -tc="$cases" >>"$SAN" 2>&1
+    rc=$?
+    SUMMARY+=("$(printf '%-28s %-5s %4ss  rc=%s' "sanitizer bwd $tool" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" $(($(date +%s) - t)) $rc)")
+    tail -3 "$SAN" >>"$LOG"
+  done
+fi
 
 # ---- 4. benchmarks ----
 SCRATCH=$(mktemp -d)
 if has bench; then
   for dims in 128:128 192:128; do
     dk=${dims%:*} dv=${dims#*:}
-    step "bench nsa_cuda dk=$dk" 150 "$BIN/nsa" bench --device cuda --T "$TS" --Hq 64 --Hkv 4 --dk "$dk" --dv "$dv" \
-      --out "$SCRATCH/b$dk" && cp "$SCRATCH/b$dk/bench.json" "$OUT/bench$dk.json"
+    step "bench nsa_cuda dk=$dk" 150 "$BIN/nsa" bench --device cuda --ops forward --T "$TS" --Hq 64 --Hkv 4 \
+      --dk "$dk" --dv "$dv" --out "$SCRATCH/b$dk" && cp "$SCRATCH/b$dk/bench.json" "$OUT/bench$dk.json"
   done
   # Kernel-tuning variants at 64k (log only): versions, warps per CTA of each kernel.
   for v in ${VARIANTS:-"--kernel=1" "--kernel=2" "NSA_SLC_WARPS=1" "NSA_SLC_WARPS=4"}; do
@@ -164,6 +189,15 @@ if has bench; then
     esac
   done
 fi
+# Forward + backward in both backward modes (op forward_backward), each with its forward alone.
+if has bench_bwd; then
+  for dims in ${BWD_DIMS:-128:128 192:128}; do
+    dk=${dims%:*} dv=${dims#*:}
+    step "bench fwd+bwd dk=$dk" 200 "$BIN/nsa" bench --device cuda --ops forward,backward --T "$TS" --Hq 64 \
+      --Hkv 4 --dk "$dk" --dv "$dv" --reps "${BWD_REPS:-10}" --out "$SCRATCH/fb$dk" &&
+      cp "$SCRATCH/fb$dk/bench.json" "$OUT/bench_bwd$dk.json"
+  done
+fi
 # Nsight Compute on the three attention kernels at T = 16k (stall reasons, occupancy, memory).
 if has profile && command -v ncu >/dev/null; then
   step "ncu attention kernels" 150 ncu --kernel-name regex:"attn_v[12]" --launch-count 3 --section SpeedOfLight \
@@ -172,8 +206,9 @@ if has profile && command -v ncu >/dev/null; then
     --warmup 0 --reps 1 --out "$SCRATCH/prof"
   sed -n '/==PROF==/,$p' "$LOG" | grep -vE "^\s*$" | tail -400 >"$OUT/ncu.txt"
 fi
-if has sdpa; then
-  step "sdpa baseline" 200 env PYTHONUNBUFFERED=1 python3 experiments/sdpa_baseline.py --T "$TS" --out "$OUT/sdpa.json"
+if has sdpa || has bench_bwd; then
+  step "sdpa baseline" 200 env PYTHONUNBUFFERED=1 python3 experiments/sdpa_baseline.py --T "$TS" \
+    $(has bench_bwd && echo --backward) --out "$OUT/sdpa.json"
 fi
 if has peers && [ -f .peers/peers_bench.py ]; then
   step "public NSA kernels" 200 env PYTHONUNBUFFERED=1 PEERS_DIR="$ROOT/.peers" OUT="$SCRATCH" \
@@ -181,7 +216,7 @@ if has peers && [ -f .peers/peers_bench.py ]; then
 fi
 
 # ---- 5. results ----
-if has bench || has sdpa; then
+if has bench || has sdpa || has bench_bwd; then
   python3 experiments/merge_results.py --command "scripts/device.sh (STEPS=$STEPS TS=$TS)" --out "$OUT/results.json" \
     "$OUT"/bench*.json "$OUT/sdpa.json" $([ -f "$OUT/peers.json" ] && echo "$OUT/peers.json") >>"$LOG" 2>&1
 fi
@@ -189,8 +224,8 @@ rm -rf "$SCRATCH"
 {
   echo
   echo "== test and benchmark lines"
-  grep -E "^(\[doctest\] (test cases|assertions)|forward |cuda forward through|cuda decode through|FAILED|SKIPPED|device:|ERROR SUMMARY|RACECHECK SUMMARY)" "$LOG" $([ -f "$SAN" ] && echo "$SAN") | cut -c1-300
-  if has bench || has sdpa; then sed -n '/^== .*measured ceilings/,$p' "$LOG"; fi
+  grep -E "^(\[doctest\] (test cases|assertions)|forward |forward_backward |cuda (forward|backward|decode) through|FAILED|SKIPPED|device:|ERROR SUMMARY|RACECHECK SUMMARY)" "$LOG" $([ -f "$SAN" ] && echo "$SAN") | cut -c1-300
+  if has bench || has sdpa || has bench_bwd; then sed -n '/^== .*measured ceilings/,$p' "$LOG"; fi
   if has decode; then sed -n '/^== decode step/,/^$/p' "$LOG"; fi
   echo
   echo "== steps ($(($(date +%s) - T0))s in all)"

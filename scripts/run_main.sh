@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The main job, from a fresh clone: installs what is missing, builds, and runs the default
-# experiment on a built-in workload. Outputs go to out/main/ (override with OUT=...).
+# The main job, from a fresh clone: installs what is missing, builds, runs the default experiment
+# end to end (training, the needle grid, the ablation sweeps, selection heatmaps, locality, the
+# traffic model: scripts/experiments.sh) and renders the notebooks and their figures from it, then
+# checks the reference on a built-in workload. Outputs go to out/main/ (override with OUT=...);
+# the experiment's in out/main/experiments/ (rerunning skips the sweep points already done).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install_deps.sh
@@ -9,6 +12,13 @@ cmake --build --preset default -j "$(nproc)"
 OUT=${OUT:-out/main}
 NSA=build/experiments/nsa
 mkdir -p "$OUT"
+echo "== the default experiment -> $OUT/experiments"
+start=$(date +%s)
+NSA=$NSA ./scripts/experiments.sh "$OUT/experiments"
+echo "== notebooks and figures -> $OUT/experiments/notebooks, $OUT/experiments/figures"
+./scripts/notebooks.sh "$OUT/experiments"
+echo "the default experiment took $(( $(date +%s) - start )) s; outputs in $OUT/experiments/ (docs/experiments.md):"
+echo "  train/ needle/ ablation/ corr/ selection/ locality/ traffic/: CSV, JSON, .npy; notebooks/*.ipynb; figures/*.png"
 echo "== 1. a random workload: T = 4096, Hq = 16, Hkv = 1 (G = 16), dk = dv = 64"
 $NSA gen --T 4096 --Hq 16 --Hkv 1 --dk 64 --dv 64 --gates random --seed 0 --out "$OUT/workload"
 echo "== 2. NSA forward at the paper's settings (l=32, d=16, l'=64, n=16, w=512), double"
@@ -29,4 +39,7 @@ $NSA decode --q "$OUT/workload/q.npy" --k "$OUT/workload/k.npy" --v "$OUT/worklo
 $NSA compare "$OUT/decode" "$OUT/forward" --rtol 1e-12 --atol 1e-14
 echo "== 6. CPU benchmark at T = 4096"
 $NSA bench --T 4096 --precisions float --reps 3 --out "$OUT/bench"
-echo "main job done: outputs in $OUT/"
+echo "== 7. analysis: selected-block recall against the exact-attention oracle, and the paper's decode table"
+$NSA recall --q "$OUT/workload/q.npy" --k "$OUT/workload/k.npy" --v "$OUT/workload/v.npy" --out "$OUT/recall"
+$NSA traffic --decode --context 8192,16384,32768,65536 --convention paper --out "$OUT/traffic"
+echo "main job done: outputs in $OUT/; the experiment and its figures in $OUT/experiments/ (figures/*.png)"

@@ -17,12 +17,16 @@
 #include <string>
 
 #include "cuda_checks.hpp"
+#include "cuda_twins.hpp"
 #include "helpers.hpp"
 #include "tolerances.hpp"
 
 using namespace nsa;
-using namespace nsa::test;
 using cuda::Precision;
+using test::check_selection;
+using test::SelectCheck;
+using test::seq_of;
+using test::slc_twin;
 
 namespace {
 

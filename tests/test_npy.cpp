@@ -122,3 +122,64 @@ TEST_CASE("npy files on disk: save is atomic and load names a missing file") {
   CHECK_THROWS_WITH_AS(load_npy<double>("no/such/file.npy"), doctest::Contains("no/such/file.npy: cannot open file"),
                        InputError);
 }
+
+TEST_CASE("npy headers are read alone, checked against the file size, and nothing beyond the file is read") {
+  const std::string path = "test_npy_header.npy";
+  save_npy(path, Tensor<float>({4, 3}, 0.5f));
+  const NpyHeader h = read_npy_header(path);
+  CHECK(h.dtype == DType::F32);
+  CHECK(h.shape == Shape{4, 3});
+  CHECK(h.data_offset == 128);  // 10 bytes of preamble + a 60-character dict, padded to 64-byte blocks
+  CHECK(h.data_bytes == 48);
+  // A header announcing 10^12 floats over 48 bytes of data: refused from the header alone.
+  {
+    std::string bytes = header("{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 1000000), }") +
+                        std::string(48, '\0');
+    write_file_atomic(path, bytes);
+  }
+  CHECK_THROWS_WITH_AS(read_npy_header(path),
+                       "test_npy_header.npy: truncated data: shape [1000000, 1000000] of float32 needs 4000000000000 "
+                       "bytes, the file holds 48",
+                       InputError);
+  CHECK_THROWS_WITH_AS(read_npy(path), doctest::Contains("needs 4000000000000 bytes"), InputError);
+  std::remove(path.c_str());
+  CHECK_THROWS_WITH_AS(read_npy_header("."), ".: is a folder, expected a .npy file", InputError);
+}
+
+TEST_CASE("npy conversions are defined for every value: float64 beyond float is inf, int64 beyond int32 refused") {
+  const auto f = parse(header("{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }") +
+                       raw<double>({1e300, -1e300, 2.5}));
+  const auto t = npy_to_tensor<float>(f, "x");
+  CHECK(t[0] == std::numeric_limits<float>::infinity());
+  CHECK(t[1] == -std::numeric_limits<float>::infinity());
+  CHECK(t[2] == 2.5f);
+  const auto i = parse(header("{'descr': '<i8', 'fortran_order': False, 'shape': (2, 2), }") +
+                       raw<int64_t>({1, 2, 3, int64_t(1) << 40}));
+  CHECK(npy_to_tensor<int64_t>(i, "x")[3] == int64_t(1) << 40);
+  CHECK_THROWS_WITH_AS(npy_to_tensor<int32_t>(i, "idx.npy"),
+                       "idx.npy: value 1099511627776 at index [1, 1] does not fit in int32", InputError);
+  // An array whose bytes do not match its shape (built by hand, not parsed) is refused.
+  NpyArray bad{DType::F64, {4}, std::vector<char>(8)};
+  CHECK_THROWS_WITH_AS(npy_to_tensor<double>(bad, "x"), "x: 8 data bytes for shape [4] of float64", InputError);
+}
+
+TEST_CASE("npy shapes with a 0 dim: the same verdict in every dtype and order") {
+  // The fuzzer's finding: [1e11, 6151, 6151, 0, 1000] was accepted as int32 but refused as int64
+  // (its byte count overflowed before the 0), so a file the reader accepted could not be written
+  // back by its own writer. Now the dims other than 0 must multiply to at most 2^60 elements:
+  // this shape (3.8e18) is refused in every dtype ...
+  for (const char* d : {"<i4", "<i8", "<f2", "<f8"})
+    CHECK(error_of(header(cat("{'descr': '", d, "', 'fortran_order': False, 'shape': (100000001018, 6151, 6151, 0, 1000), }")))
+              .find("is too large (more than 2^60 elements)") != std::string::npos);
+  // ... and an empty shape whose other dims are countable is accepted in every dtype and order,
+  // and written back.
+  for (const char* dims : {"(100000001018, 6151, 0, 1000)", "(0, 100000001018, 6151, 1000)"})
+    for (const char* d : {"<i4", "<i8", "<f2", "<f8"}) {
+      const auto a = parse(header(cat("{'descr': '", d, "', 'fortran_order': False, 'shape': ", dims, ", }")));
+      CHECK(a.bytes.empty());
+      CHECK(numel(a.shape) == 0);
+      CHECK(parse(npy_bytes(npy_to_tensor<int64_t>(
+                        parse(header(cat("{'descr': '<i8', 'fortran_order': False, 'shape': ", dims, ", }"))), "x")))
+                .shape == a.shape);
+    }
+}

@@ -331,6 +331,8 @@ TEST_CASE("top-n ties go to the lower block index") {
   k.seqlens = {128};
   auto in = test::make_inputs(k);
   in.k.fill(0.5);
+  // Every position, not just the last: both paths must see the same exact ties.
+  CHECK(run(k.cfg, in, ref::Path::Fast).block_idx.vec() == run(k.cfg, in, ref::Path::Oracle).block_idx.vec());
   for (auto path : {ref::Path::Fast, ref::Path::Oracle}) {
     const auto r = run(k.cfg, in, path);
     CHECK(r.block_idx(127, 0, 0) == 0);
@@ -407,20 +409,50 @@ TEST_CASE("float agrees with double to float round-off") {
   CHECK(rel_l2(ff.o, fd.o) < 1e-5);
 }
 
-TEST_CASE("results are bitwise identical for 1 and 2 threads") {
+namespace {
+// Every output of two runs, bit for bit.
+template <class S>
+void check_bitwise(const ref::ForwardResult<S>& a, const ref::ForwardResult<S>& b) {
+  CHECK(a.o.vec() == b.o.vec());
+  for (int c = 0; c < kBranches; ++c) {
+    CHECK(a.o_branch[c].vec() == b.o_branch[c].vec());
+    CHECK(a.lse[c].vec() == b.lse[c].vec());
+  }
+  CHECK(a.gates.vec() == b.gates.vec());
+  CHECK(a.block_idx.vec() == b.block_idx.vec());
+  CHECK(a.block_scores.vec() == b.block_scores.vec());
+  CHECK(a.k_cmp_compressed.vec() == b.k_cmp_compressed.vec());
+  CHECK(a.v_cmp_compressed.vec() == b.v_cmp_compressed.vec());
+}
+
+template <class S>
+void check_thread_counts(const Case& k) {
+  const auto in = test::make_inputs<S>(k);
+  ref::check_inputs(k.cfg, in);
+  ref::set_threads(1);
+  const auto a = ref::forward(k.cfg, in);
+  const auto fa = ref::full_attention(k.cfg, in.q, in.k, in.v, in.cu_seqlens);
+  for (int threads : {2, 3}) {
+    INFO(threads << " threads");
+    ref::set_threads(threads);
+    check_bitwise(a, ref::forward(k.cfg, in));
+    const auto fb = ref::full_attention(k.cfg, in.q, in.k, in.v, in.cu_seqlens);
+    CHECK(fa.o.vec() == fb.o.vec());
+    CHECK(fa.lse.vec() == fb.lse.vec());
+  }
+  ref::set_threads(0);
+}
+}  // namespace
+
+TEST_CASE("results are bitwise identical for 1, 2 and 3 threads, in double and float") {
   Case k;
   k.cfg = test::small_config();
-  k.seqlens = {333, 90};
-  const auto in = test::make_inputs(k);
-  ref::set_threads(1);
-  const auto a = run(k.cfg, in);
-  const auto fa = ref::full_attention(k.cfg, in.q, in.k, in.v, in.cu_seqlens);
-  ref::set_threads(2);
-  const auto b = run(k.cfg, in);
-  const auto fb = ref::full_attention(k.cfg, in.q, in.k, in.v, in.cu_seqlens);
-  ref::set_threads(0);
-  CHECK(a.o.vec() == b.o.vec());
-  CHECK(a.block_scores.vec() == b.block_scores.vec());
-  CHECK(a.block_idx.vec() == b.block_idx.vec());
-  CHECK(fa.o.vec() == fb.o.vec());
+  k.seqlens = {333, 90, 0, 17};
+  k.gates = GateMode::Mlp;
+  k.separate_kv = true;
+  check_thread_counts<double>(k);
+  check_thread_counts<float>(k);
+  k.cfg.compress = CompressKind::Linear;
+  k.seqlens = {700};
+  check_thread_counts<double>(k);
 }

@@ -50,6 +50,18 @@ inline Tolerances for_precision(cuda::Precision p) {
   return {4 * u + 1e-5, 4 * u + 1e-5, 2 * u + 1e-6, 8 * u + 1e-5, 8 * u + 1e-5};
 }
 
+// Backward (NSA-SPEC.md 7): relative L2 of every gradient tensor against ref::backward in double
+// on the same rounded inputs, dL/do and selected blocks. A gradient carries the forward's
+// roundings (`attn`, c = 4: P and dS depend on the rounded compressed K/V and on lse), plus its
+// own: dS = P (dP - D) rounded for the dq and dK products (1), P rounded for the dV product (1),
+// D formed from the rounded branch output O_c (1), and for phi's parameters the TF32 products of
+// a bf16 run (u_tf32 = 2^-11 <= u) or fp32 ones: c = 8. The floor is 5e-5: the same computation in
+// fp32 accumulates sums over up to a few thousand keys or blocks (sqrt(n) u_fp32 ~ 1e-6 to 1e-5).
+// Gradients that are zero in exact arithmetic (the keys' phi biases, and the linear phi's dpe_k:
+// every query's dS sums to zero over its keys, so the compressed keys' gradients sum to zero) are
+// measured against the norm of the compressed keys' gradient instead of their own.
+inline double grad_tol(cuda::Precision p) { return 8 * unit_roundoff(p) + 5e-5; }
+
 // Gates computed by the gate MLP on the device in fp32 (cuBLAS, pedantic fp32), whatever the
 // operand precision: relative L2 against the double reference.
 constexpr double kGates = 1e-5;

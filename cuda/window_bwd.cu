@@ -1,0 +1,60 @@
+// The sliding-window branch's backward (NSA-SPEC.md 5, 7): dq over the keys [t - w + 1, t] of
+// each query, and dK/dV of each key over the queries [u, u + w - 1] that see it. The CUDA twin of
+// the window part of reference/backward.cpp's nsa_tile_backward. A key tile's queries are a band
+// of w + 63 positions: one CTA holds them all, so no partial sums meet and no atomics are needed.
+#include "bwd_tile.cuh"
+#include "check.hpp"
+#include "kernels.hpp"
+
+namespace nsa::cuda {
+
+namespace {
+
+using namespace dev;
+
+template <class T>
+void launch_v0(const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
+  const int nw = p.G < 4 ? p.G : 4;
+  dq_v0_kernel<T, kWin><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, 0, s>>>(p, bp);
+  NSA_CUDA_CHECK_LAUNCH("dq_v0_kernel<win>");
+  dkdv_v0_kernel<T, kWin><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, size_t(nw) * (p.dk + p.dv) * 4, s>>>(p,
+                                                                                                                 bp);
+  NSA_CUDA_CHECK_LAUNCH("dkdv_v0_kernel<win>");
+}
+
+template <class T>
+void launch_v1(const FwdParams& p, const BwdParams& bp, const TileMap& tm_dq, const TileMap& tm_keys, cudaStream_t s) {
+  const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK_, auto DV_) {
+    constexpr int DK = decltype(DK_)::value, DV = decltype(DV_)::value;
+    auto dq = dq_v1_kernel<T, DK, DV, kWin>;
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dq_v1_bytes(DK, DV))));
+    dq<<<dim3(unsigned(tm_dq.total), unsigned(p.Hkv)), 128, dq_v1_bytes(DK, DV), s>>>(p, bp, tm_dq);
+    NSA_CUDA_CHECK_LAUNCH("dq_v1_kernel<win>");
+    auto kv = dkdv_v1_kernel<T, DK, DV, kWin>;
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dkdv_v1_bytes(DK, DV))));
+    kv<<<dim3(unsigned(tm_keys.total), unsigned(p.Hkv)), 128, dkdv_v1_bytes(DK, DV), s>>>(p, bp, tm_keys);
+    NSA_CUDA_CHECK_LAUNCH("dkdv_v1_kernel<win>");
+  });
+  if (!ok) throw ConfigError(cat("win_bwd v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
+}
+
+}  // namespace
+
+void win_bwd_v0(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
+  if (p.N == 0) return;
+  switch (prec) {
+    case Precision::BF16: launch_v0<__nv_bfloat16>(p, bp, s); break;
+    case Precision::FP16: launch_v0<__half>(p, bp, s); break;
+    case Precision::FP32: launch_v0<float>(p, bp, s); break;
+  }
+}
+
+void win_bwd_v1(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_dq, const TileMap& tm_keys,
+                cudaStream_t s) {
+  if (p.N == 0) return;
+  if (prec == Precision::BF16) launch_v1<__nv_bfloat16>(p, bp, tm_dq, tm_keys, s);
+  else if (prec == Precision::FP16) launch_v1<__half>(p, bp, tm_dq, tm_keys, s);
+  else throw ConfigError("win_bwd v1 needs bf16 or fp16 operands (fp32 runs v0)");
+}
+
+}  // namespace nsa::cuda
