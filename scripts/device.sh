@@ -4,14 +4,14 @@
 #      and nlohmann/json that scripts/device_prepare.sh gathered into .carry/;
 #   2. the CUDA tests against the double reference, and `nsa forward --device cuda` against
 #      `--device cpu` through the command line;
-#   3. compute-sanitizer memcheck and racecheck on the small cases;
+#   3. compute-sanitizer memcheck, racecheck, initcheck and synccheck on the sanitizer sets of the
+#      forward, backward and decode tests;
 #   4. `nsa bench --device cuda` at T = 8k..64k, B = 1, Hq = 64, Hkv = 4, dk = dv = 128 and
 #      dk = 192 / dv = 128, the paper's l = 32, d = 16, l' = 64, n = 16, w = 512, bf16;
 #      PyTorch SDPA (cuDNN, flash) on the same shapes; public NSA kernels if carried in .peers/;
 #   5. the merged results file and a summary table, printed last.
 # The backward pass (docs/cuda_backward.md) has steps of its own: test_bwd (its tests and
-# `nsa backward --device cuda` through the command line), sanitize_bwd (memcheck and racecheck on
-# its small cases), bench_bwd (forward + backward in both modes; SDPA forward + backward too).
+# `nsa backward --device cuda` through the command line), bench_bwd (forward + backward in both modes; SDPA forward + backward too).
 # Decoding (docs/cuda_decode.md): step decode runs `nsa bench --device cuda --ops decode` at cache
 # lengths TS_DEC x batches BATCH (Hq = 64, Hkv = 4, dk = dv = 128, paper blocks, bf16) for each
 # split-kernel version in DEC_KERNELS, the variants DEC_VARIANTS, and SDPA decode
@@ -20,10 +20,11 @@
 # decprofile adds Nsight Compute on the decode kernels.
 # Logs and JSON go to $OUT (the device tool brings back at most 8 files).
 # usage: OUT=dir bash scripts/device.sh   (STEPS=test,sanitize,bench,profile,sdpa,peers,test_bwd,
-#        sanitize_bwd,bench_bwd,decode,decprofile chooses steps; default test,sanitize,bench,sdpa,peers;
+#        bench_bwd,decode,decprofile chooses steps; default test,sanitize,bench,sdpa,peers;
 #        DEADLINE=seconds bounds the whole run, default 560; CUDA_DIMS=paper builds the paper's head
 #        dims only; TESTS=doctest filter of the test step; MEMCHECK_TESTS, RACECHECK_TESTS: the
-#        sanitizers' test filters; SAN_LIMIT: seconds per sanitizer, default 200)
+#        sanitizers' test filters; SAN_LIMIT: seconds per sanitizer, default 200;
+#        SAN_TOOLS: default memcheck initcheck synccheck racecheck)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -131,42 +132,29 @@ json.dump(out, open(sys.argv[1], "w"), indent=1)' "$OUT/bench_decode.json" $(ls 
 fi
 rm -rf "$DSCRATCH"
 
-# ---- 3. compute-sanitizer on the small cases ----
-# memcheck on every kernel (cuBLAS's too) of the small cases; racecheck (shared-memory hazards) on
-# the racecheck set, where only our kernels run: cuBLAS's own GEMM kernels synchronise through
-# mbarriers that racecheck reports as hazards (seen on the H100), and a kernel-name filter made
-# the sanitizer fail with an internal error.
-MEMCHECK_TESTS=${MEMCHECK_TESTS:-'cuda forward vs reference: small*,cuda racecheck set*,cuda select*,cuda errors*,cuda decode: small*,cuda decode racecheck*,cuda decode: refusals*'}
-RACECHECK_TESTS=${RACECHECK_TESTS:-'cuda racecheck set*,cuda decode racecheck*'}
+# ---- 3. compute-sanitizer on the CUDA tests ----
+# Four tools. memcheck (out-of-bounds and misaligned accesses, leaks), initcheck (reads of device
+# memory never written) and synccheck (illegal barriers) run on every kernel, cuBLAS's included,
+# of the sanitizer sets (MEMCHECK_TESTS: the forward's, backward's and decode's small cases, the
+# tie and refusal tests); racecheck (shared-memory hazards) on the racecheck sets (RACECHECK_TESTS),
+# where only our kernels run: cuBLAS's own GEMM kernels synchronise through mbarriers that
+# racecheck reports as hazards (seen on the H100), and a kernel-name filter made the sanitizer fail
+# with an internal error. The paper-sized and bench cases are left out: under the sanitizers they
+# take longer than a device call (their kernels are the same, on larger grids).
+MEMCHECK_TESTS=${MEMCHECK_TESTS:-'cuda forward vs reference: small*,cuda racecheck set*,cuda select*,cuda errors*,cuda backward vs reference: small*,cuda backward racecheck set*,cuda backward errors*,cuda decode: small*,cuda decode racecheck*,cuda decode: refusals*'}
+RACECHECK_TESTS=${RACECHECK_TESTS:-'cuda racecheck set*,cuda backward racecheck set*,cuda decode racecheck*'}
 if has sanitize; then
   : >"$SAN"
-  say "sanitize: memcheck and racecheck -> sanitizer.log"
-  for tool in memcheck racecheck; do
+  say "sanitize: ${SAN_TOOLS:-memcheck initcheck synccheck racecheck} -> sanitizer.log"
+  for tool in ${SAN_TOOLS:-memcheck initcheck synccheck racecheck}; do
     t=$(date +%s)
-    echo "== compute-sanitizer --tool $tool" >>"$SAN"
+    cases=$MEMCHECK_TESTS; [ $tool = racecheck ] && cases=$RACECHECK_TESTS
+    echo "== compute-sanitizer --tool $tool test_cuda -tc='$cases'" >>"$SAN"
     lim=$(left); [ "$lim" -gt "${SAN_LIMIT:-200}" ] && lim=${SAN_LIMIT:-200}
     [ "$lim" -lt 15 ] && { SUMMARY+=("sanitizer $tool SKIP (deadline)"); continue; }
-    cases=$MEMCHECK_TESTS; [ $tool = racecheck ] && cases=$RACECHECK_TESTS
     timeout "$lim" compute-sanitizer --tool $tool --error-exitcode 9 "$BIN/test_cuda" -tc="$cases" >>"$SAN" 2>&1
     rc=$?
     SUMMARY+=("$(printf '%-28s %-5s %4ss  rc=%s' "sanitizer $tool" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" $(($(date +%s) - t)) $rc)")
-    tail -3 "$SAN" >>"$LOG"
-  done
-fi
-# The backward's small cases: memcheck (cuBLAS included), racecheck on its set without cuBLAS.
-if has sanitize_bwd; then
-  [ -f "$SAN" ] || : >"$SAN"
-  say "sanitize_bwd: memcheck and racecheck -> sanitizer.log"
-  for tool in memcheck racecheck; do
-    t=$(date +%s)
-    echo "== compute-sanitizer --tool $tool (backward)" >>"$SAN"
-    lim=$(left); [ "$lim" -gt 200 ] && lim=200
-    [ "$lim" -lt 15 ] && { SUMMARY+=("sanitizer bwd $tool SKIP (deadline)"); continue; }
-    cases='cuda backward vs reference: small*,cuda backward errors*'
-    [ $tool = racecheck ] && cases='cuda backward racecheck set*'
-    timeout "$lim" compute-sanitizer --tool $tool --error-exitcode 9 "$BIN/test_cuda" -tc="$cases" >>"$SAN" 2>&1
-    rc=$?
-    SUMMARY+=("$(printf '%-28s %-5s %4ss  rc=%s' "sanitizer bwd $tool" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" $(($(date +%s) - t)) $rc)")
     tail -3 "$SAN" >>"$LOG"
   done
 fi
