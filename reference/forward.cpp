@@ -7,12 +7,14 @@
 // order, so results are bitwise independent of the thread count (Eigen's own threading is off).
 //   compression: scores against the visible compressed keys, one masked row softmax (the
 //                probabilities are needed for Eq. 8-10 anyway), at most ~64 MB per tile;
-//   selection:   per query position, the group's selected tokens gathered and attended at once;
+//   selection:   per selected block, all the tile's rows that chose it, the block read in place;
 //   window, full: chunks of kKeyChunk keys with an online softmax, so memory is O(rows * chunk).
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 #include "common.hpp"
 #include "nsa_ref.hpp"
@@ -33,6 +35,42 @@ int64_t tile_queries(const Config& cfg, int64_t Ncmax, size_t elem) {
   return std::clamp<int64_t>(int64_t(kCmpTileBytes / per_query), 1, kTileQueries);
 }
 
+// The online softmax of R rows over keys that arrive in chunks: running max m and sum of
+// exponentials per row; O holds the unnormalised outputs, rescaled when a row's max grows.
+template <class S>
+struct OnlineSoftmax {
+  Vec<S> m, sum;  // [R]
+  explicit OnlineSoftmax(int64_t R) : m(Vec<S>::Constant(R, neg_inf<S>())), sum(Vec<S>::Zero(R)) {}
+
+  // Row r's scores of one chunk, of which the columns [a, b) are visible (a < b): replaced by
+  // exp(score - new max) there and 0 elsewhere, ready for O.row(r) += row * V_chunk.
+  template <class Row, class ORow>
+  void step(int64_t r, Row row, int64_t a, int64_t b, ORow o) {
+    auto seg = row.segment(a, b - a);
+    const S mnew = std::max(m[r], seg.maxCoeff());
+    const S alpha = std::exp(m[r] - mnew);  // 0 on the row's first visible chunk (m = -inf)
+    seg = (seg.array() - mnew).exp();       // Eigen's vectorised exp: scalar exp would cost more than the products
+    row.head(a).setZero();
+    row.tail(row.size() - b).setZero();
+    sum[r] = sum[r] * alpha + seg.sum();
+    o *= alpha;
+    m[r] = mnew;
+  }
+
+  // Normalises O's rows and gives their lse (-inf, and zeros in O, for a row that saw no key).
+  void finish(Mat<S>& O, Vec<S>& lse) const {
+    lse.resize(m.size());
+    for (int64_t r = 0; r < m.size(); ++r) {
+      if (sum[r] > 0) {
+        O.row(r) /= sum[r];
+        lse[r] = m[r] + std::log(sum[r]);
+      } else {
+        lse[r] = neg_inf<S>();
+      }
+    }
+  }
+};
+
 // Softmax attention of the tile's rows over the keys [lo(t), t] of one head, streamed through
 // chunks of kKeyChunk keys with an online softmax. Qs holds the queries already multiplied by the
 // softmax scale (scaling [R, dk] once costs less than scaling every [R, chunk] score block). K, V
@@ -42,7 +80,7 @@ template <class S, class Lo>
 void attend_causal_range(const Mat<S>& Qs, const TileRows& tr, Lo lo, const S* K, int64_t ks, const S* V,
                          int64_t vs, int64_t dk, int64_t dv, Mat<S>& O, Vec<S>& lse) {
   const int64_t R = tr.rows();
-  Vec<S> m = Vec<S>::Constant(R, neg_inf<S>()), sum = Vec<S>::Zero(R);
+  OnlineSoftmax<S> sm(R);
   O.setZero(R, dv);
   const int64_t first = lo(tr.t0), last = tr.t1;  // union of the rows' key ranges: [first, last)
   Mat<S> Sc;
@@ -54,32 +92,12 @@ void attend_causal_range(const Mat<S>& Qs, const TileRows& tr, Lo lo, const S* K
     for (int64_t r = 0; r < R; ++r) {
       const int64_t t = tr.pos(r);
       const int64_t a = std::max(lo(t), c0) - c0, b = std::min(t + 1, c0 + bk) - c0;  // [a, b)
-      auto row = Sc.row(r);
-      if (b <= a) {
-        row.setZero();
-        continue;
-      }
-      auto seg = row.segment(a, b - a);
-      const S mnew = std::max(m[r], seg.maxCoeff());
-      const S alpha = std::exp(m[r] - mnew);  // 0 on the first visible chunk (m = -inf)
-      seg = (seg.array() - mnew).exp();       // Eigen's vectorised exp: scalar exp would cost more than the products
-      row.head(a).setZero();
-      row.tail(bk - b).setZero();
-      sum[r] = sum[r] * alpha + seg.sum();
-      O.row(r) *= alpha;
-      m[r] = mnew;
+      if (b <= a) Sc.row(r).setZero();
+      else sm.step(r, Sc.row(r), a, b, O.row(r));
     }
     O.noalias() += Sc * Vc;
   }
-  lse.resize(R);
-  for (int64_t r = 0; r < R; ++r) {
-    if (sum[r] > 0) {
-      O.row(r) /= sum[r];
-      lse[r] = m[r] + std::log(sum[r]);
-    } else {
-      lse[r] = neg_inf<S>();
-    }
-  }
+  sm.finish(O, lse);
 }
 
 // Writes tile rows into a [N, Hq, D] tensor (and their lse into [N, Hq]).
@@ -91,6 +109,41 @@ void scatter_rows(const Mat<S>& O, const Vec<S>& lse, int64_t row0, const TileRo
     Eigen::Map<Mat<S>>(out.row(row0 + t, g * G), G, D) = O.middleRows((t - tr.t0) * G, G);
     for (int64_t hi = 0; hi < G; ++hi) out_lse(row0 + t, g * G + hi) = lse[(t - tr.t0) * G + hi];
   }
+}
+
+// One 64-byte vector (GCC/Clang extension; the compiler splits it where registers are narrower).
+typedef float Vec64f __attribute__((vector_size(64)));
+typedef double Vec64d __attribute__((vector_size(64)));
+
+// C [M, N] = A [M, K] B [K, N], row-major with leading dimensions, for the selection branch:
+// M a multiple of 4 (rows of queries or probabilities), N a multiple of 2 vectors.
+// Every element is one chain of multiply-adds over k ascending, computed by the same
+// instructions whatever M is or where its row sits: a row's result never depends on which other
+// rows share the product, so selection outputs stay bitwise causal and independent of how the
+// tile's positions are grouped by block (Eigen's GEMM rounds a row differently by its panel).
+// The register tile is 4 rows x 2 vectors, 8 independent chains (measured: as written with
+// arrays of 4 x 4 or 4 x 2 vectors, gcc keeps the accumulators on the stack, 1.5x slower).
+template <class S>
+void rows_times(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* B, int64_t ldb, S* C,
+                int64_t ldc) {
+  using V = std::conditional_t<std::is_same_v<S, float>, Vec64f, Vec64d>;
+  constexpr int64_t L = 64 / sizeof(S);
+  for (int64_t i = 0; i < M; i += 4)
+    for (int64_t c = 0; c < N; c += 2 * L) {
+      V c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+      const S *a0 = A + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+      for (int64_t k = 0; k < K; ++k) {
+        V b0, b1;
+        std::memcpy(&b0, B + k * ldb + c, sizeof(V));
+        std::memcpy(&b1, B + k * ldb + c + L, sizeof(V));
+        c00 += a0[k] * b0, c01 += a0[k] * b1;
+        c10 += a1[k] * b0, c11 += a1[k] * b1;
+        c20 += a2[k] * b0, c21 += a2[k] * b1;
+        c30 += a3[k] * b0, c31 += a3[k] * b1;
+      }
+      const V out[8] = {c00, c01, c10, c11, c20, c21, c30, c31};
+      for (int r = 0; r < 4; ++r) std::memcpy(C + (i + r) * ldc + c, &out[2 * r], 2 * sizeof(V));
+    }
 }
 
 struct Tile {
@@ -152,55 +205,74 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
   }
   scatter_rows(O, lse, row0, tr, g, r.o_branch[0], r.lse[0]);
 
-  // Eq. 9 per head (sum over i ascending), then Eq. 10 (sum over the group's heads ascending):
-  // the oracle's order exactly, so exactly tied scores tie in both paths.
-  const int64_t NBt = cfg.num_slc_blocks(tr.t1);
-  Mat<S> pslc(G, NBt);
+  // Eq. 10 before Eq. 9: both are fixed-weight sums, so the group's heads are summed first
+  // (vectorised over i) and the scalar overlap mapping runs once per position, not once per head.
+  // Heads are summed in ascending order, then i ascending: exactly equal columns of p_cmp (equal
+  // compressed keys) still give exactly equal block scores, so exact ties stay ties as in the
+  // oracle (which maps each head first); otherwise the two orders differ by round-off.
+  Vec<S> pgrp(std::max<int64_t>(nvmax, 1));  // [nv] sum over the group's heads of p_cmp
   for (int64_t t = tr.t0; t < tr.t1; ++t) {
     const int64_t nv = cfg.cmp_visible(t), valid = cfg.slc_valid(t);
-    pslc.setZero();
-    for (int64_t hi = 0; hi < G && nv > 0; ++hi) {
-      const auto prow = P.row((t - tr.t0) * G + hi);
-      for (int64_t i = 0; i < nv; ++i)
-        for (const OverlapTerm& ot : ovmap[static_cast<size_t>(i)]) pslc(hi, ot.j) += prow[i] * static_cast<S>(ot.w);
-    }
     S* Pg = &r.block_scores(row0 + t, g, 0);
-    for (int64_t j = 0; j < valid; ++j) {
-      S s = 0;
-      for (int64_t hi = 0; hi < G; ++hi) s += pslc(hi, j);
-      Pg[j] = s;
-    }
+    std::fill(Pg, Pg + valid, S(0));
+    if (nv == 0) continue;
+    pgrp.head(nv) = P.row((t - tr.t0) * G).head(nv);
+    for (int64_t hi = 1; hi < G; ++hi) pgrp.head(nv) += P.row((t - tr.t0) * G + hi).head(nv);
+    for (int64_t i = 0; i < nv; ++i)
+      for (const OverlapTerm& ot : ovmap[static_cast<size_t>(i)]) Pg[ot.j] += pgrp[i] * static_cast<S>(ot.w);
   }
 
   // ---- Selection branch (Eq. 11-12): per position, the group's selected tokens u <= t ----
+  // Each position chooses its blocks (Eq. 11); then each chosen block is attended once by all the
+  // tile's rows (positions x G heads) that chose it, its keys and values read in place, with an
+  // online softmax over the blocks in ascending order (the oracle's order of keys). Positions of a
+  // tile share the initial and local blocks, and under random scores each other block is still
+  // chosen by several positions, so a block's keys and values are copied once per tile instead of
+  // once per position (the per-position gather of n*l' keys was copy-bound: measured 3.65 s ->
+  // 2.9 s CPU for the float forward at T = 16k, Hq = 16, Hkv = 1, d = 64).
   const Tensor<S>& Ks = in.key(Branch::Slc);
   const Tensor<S>& Vs = in.value(Branch::Slc);
-  Mat<S> Kg, Vg, Sg;
+  const int64_t NBt = cfg.num_slc_blocks(tr.t1);
+  std::vector<std::vector<int32_t>> users(static_cast<size_t>(NBt));  // [NBt] tile positions t - t0 choosing j
   for (int64_t t = tr.t0; t < tr.t1; ++t) {
     const std::vector<int32_t> sel = select_blocks(cfg, t, &r.block_scores(row0 + t, g, 0));
-    for (size_t m = 0; m < sel.size(); ++m) r.block_idx(row0 + t, g, int64_t(m)) = sel[m];
-    int64_t cnt = 0;
-    for (int32_t j : sel) cnt += std::min((j + 1) * ls, t + 1) - j * ls;
-    Kg.resize(cnt, dk);
-    Vg.resize(cnt, dv);
-    int64_t m = 0;
-    for (int32_t j : sel) {
-      const int64_t u0 = j * ls, len = std::min((j + 1) * ls, t + 1) - u0;
-      Kg.middleRows(m, len) = head_rows(Ks.data(), Hkv, dk, g, row0 + u0, len);
-      Vg.middleRows(m, len) = head_rows(Vs.data(), Hkv, dv, g, row0 + u0, len);
-      m += len;
+    for (size_t m = 0; m < sel.size(); ++m) {
+      r.block_idx(row0 + t, g, int64_t(m)) = sel[m];
+      users[static_cast<size_t>(sel[m])].push_back(static_cast<int32_t>(t - tr.t0));
     }
-    Sg.noalias() = Qs.middleRows((t - tr.t0) * G, G) * Kg.transpose();
-    for (int64_t hi = 0; hi < G; ++hi) {
-      auto row = Sg.row(hi);
-      const S mx = row.maxCoeff();
-      row = (row.array() - mx).exp();
-      const S s = row.sum();
-      row /= s;
-      lse[(t - tr.t0) * G + hi] = mx + std::log(s);
-    }
-    O.middleRows((t - tr.t0) * G, G).noalias() = Sg * Vg;
   }
+  // Block j's keys transposed and its values, zero-padded to whole vector pairs (Wp columns of
+  // keys, dvp of values), and the rows of the tile's users (padded to a multiple of 4 with zero
+  // rows): scores Sj = Qj Kt, then, after the softmax step, Oj = Pj Vj (rows_times).
+  constexpr int64_t L2 = 2 * 64 / int64_t(sizeof(S));
+  const int64_t Wp = (ls + L2 - 1) / L2 * L2, dvp = (dv + L2 - 1) / L2 * L2;
+  OnlineSoftmax<S> sm(R);
+  O.setZero(R, dv);
+  Mat<S> Kt(dk, Wp), Vj(ls, dvp), Qj, Sj, Oj;  // [dk, Wp], [l', dvp], [M, dk], [M, Wp], [M, dvp]
+  for (int64_t j = 0; j < NBt; ++j) {
+    const std::vector<int32_t>& us = users[static_cast<size_t>(j)];
+    if (us.empty()) continue;
+    const int64_t u0 = j * ls, len = std::min((j + 1) * ls, tr.t0 + us.back() + 1) - u0;
+    const int64_t M = (int64_t(us.size()) * G + 3) / 4 * 4;
+    Kt.setZero();
+    Kt.leftCols(len) = head_rows(Ks.data(), Hkv, dk, g, row0 + u0, len).transpose();
+    Vj.setZero();
+    Vj.topLeftCorner(len, dv) = head_rows(Vs.data(), Hkv, dv, g, row0 + u0, len);
+    Qj.setZero(M, dk);
+    for (size_t p = 0; p < us.size(); ++p) Qj.middleRows(int64_t(p) * G, G) = Qs.middleRows(us[p] * G, G);
+    Sj.resize(M, Wp);
+    rows_times<S>(M, Wp, dk, Qj.data(), dk, Kt.data(), Wp, Sj.data(), Wp);
+    for (size_t p = 0; p < us.size(); ++p) {
+      const int64_t b = std::min(len, tr.t0 + us[p] + 1 - u0);  // keys [u0, u0 + b) are <= t
+      for (int64_t hi = 0; hi < G; ++hi)
+        sm.step(us[p] * G + hi, Sj.row(int64_t(p) * G + hi), 0, b, O.row(us[p] * G + hi));
+    }
+    Oj.resize(M, dvp);
+    rows_times<S>(M, dvp, len, Sj.data(), Wp, Vj.data(), dvp, Oj.data(), dvp);
+    for (size_t p = 0; p < us.size(); ++p)
+      O.middleRows(us[p] * G, G) += Oj.block(int64_t(p) * G, 0, G, dv);
+  }
+  sm.finish(O, lse);
   scatter_rows(O, lse, row0, tr, g, r.o_branch[1], r.lse[1]);
 
   // ---- Sliding window: keys [max(0, t-w+1), t] ----
@@ -359,14 +431,15 @@ MemoryUse forward_memory(const Config& cfg, const std::vector<int64_t>& seqlens,
   // Compression: the `threads` largest sequences at once, one per thread.
   const double cmp = top_sum(cmp_seq, size_t(std::max(threads, 1))) + kGemmBuffers * threads;
   // Tiles, one per thread: queries, outputs and lse [R, dk + dv + 1], compression probabilities
-  // [R, Nc], the window's chunk scores [R, kKeyChunk] and running max and sum, the group's mapped
-  // scores [G, NB], the gathered selected keys, values and scores [tokens, dk + dv + G] (at most
-  // n*l' tokens, and at most the sequence), select_blocks' lists (9 bytes per block), and the tile
-  // list and the Eq. 9 map shared by all.
+  // [R, Nc] and their head sum [Nc], the window's chunk scores [R, kKeyChunk] and running max and
+  // sum, the selection's running max and sum [R, 2], one block's padded transposed keys and values
+  // [dk + dv + 32, l' + 32] and its users' queries, scores and outputs [R + 3, dk + l' + dv + 64],
+  // the blocks' user lists (4 bytes per position and selected block, 24 per block),
+  // select_blocks' lists (9 bytes per block), and the tile list and the Eq. 9 map shared by all.
   const double R = double(tile_queries(cfg, int64_t(Ncmax), size_t(elem))) * G;
-  const double selected = std::min(n * ls, double(Tmax));
-  const double tile = e * (R * (dk + dv + 3 + Ncmax + double(kKeyChunk)) + G * nb + selected * (dk + dv + G)) +
-                      9.0 * nb + kGemmBuffers;
+  const double slc = (dk + dv + 32) * (ls + 32) + (R + 3) * (dk + ls + dv + 64) + 2 * R;
+  const double tile = e * (R * (dk + dv + 3 + Ncmax + double(kKeyChunk)) + Ncmax + slc) +
+                      4.0 * (R / G) * n + 33.0 * nb + kGemmBuffers;
   const double shared = 32.0 * (N / double(kTileQueries) + double(seqlens.size())) * Hkv + Ncmax * 88.0;
   m.working = std::max({gates, cmp, tile * threads + shared});
   return m;
