@@ -146,6 +146,38 @@ void rows_times(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const 
     }
 }
 
+// Widths of the selection's operands in rows_times: l' keys and dv value columns, rounded up to
+// whole pairs of 64-byte vectors.
+template <class S>
+int64_t slc_pad(int64_t n) {
+  constexpr int64_t L2 = 2 * 64 / int64_t(sizeof(S));
+  return (n + L2 - 1) / L2 * L2;
+}
+
+// The selection branch's keys and values of one sequence and KV group, laid out for rows_times,
+// which reads any block of them in place: block j's keys transposed and zero-padded to Wp columns
+// (block-major: a power-of-two row stride of T keys made the rows of a block collide in the
+// cache), and values with rows padded to dvp. Built once per forward: per tile, the transposing
+// copy of every chosen block cost more than the products at T = 16k (every tile chooses most
+// blocks).
+template <class S>
+struct SlcOperands {
+  Mat<S> Kt;  // [NB * dk, Wp]  rows j*dk + a, column c: key j*l' + c, dimension a
+  Mat<S> V;   // [T, dvp]
+};
+
+template <class S>
+SlcOperands<S> slc_operands(const Config& cfg, const Inputs<S>& in, int64_t row0, int64_t T, int64_t g) {
+  const int64_t NB = cfg.num_slc_blocks(T), ls = cfg.slc_len, dk = cfg.dk;
+  SlcOperands<S> so{Mat<S>::Zero(NB * dk, slc_pad<S>(ls)), Mat<S>::Zero(T, slc_pad<S>(cfg.dv))};
+  for (int64_t j = 0; j < NB; ++j) {
+    const int64_t len = std::min(ls, T - j * ls);
+    so.Kt.block(j * dk, 0, dk, len) = head_rows(in.key(Branch::Slc).data(), cfg.Hkv, dk, g, row0 + j * ls, len).transpose();
+  }
+  so.V.leftCols(cfg.dv) = head_rows(in.value(Branch::Slc).data(), cfg.Hkv, cfg.dv, g, row0, T);
+  return so;
+}
+
 struct Tile {
   int64_t b, g, t0, t1;
 };
@@ -165,7 +197,7 @@ std::vector<Tile> make_tiles(const std::vector<int64_t>& cu, int64_t Hkv, int64_
 // One tile of the NSA forward pass: all three branches for G heads x Bq positions.
 template <class S>
 void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t row0, int64_t cmp0,
-              const std::vector<std::vector<OverlapTerm>>& ovmap, ForwardResult<S>& r) {
+              const std::vector<std::vector<OverlapTerm>>& ovmap, const SlcOperands<S>& so, ForwardResult<S>& r) {
   const int64_t Hkv = cfg.Hkv, G = cfg.G(), dk = cfg.dk, dv = cfg.dv, g = tile.g, ls = cfg.slc_len;
   const S scale = static_cast<S>(cfg.softmax_scale());
   const TileRows tr{tile.t0, tile.t1, G};
@@ -240,8 +272,6 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
   // chosen by several positions, so a block's keys and values are copied once per tile instead of
   // once per position (the per-position gather of n*l' keys was copy-bound: measured 3.65 s ->
   // 2.9 s CPU for the float forward at T = 16k, Hq = 16, Hkv = 1, d = 64).
-  const Tensor<S>& Ks = in.key(Branch::Slc);
-  const Tensor<S>& Vs = in.value(Branch::Slc);
   const int64_t NBt = cfg.num_slc_blocks(tr.t1);
   std::vector<std::vector<int32_t>> users(static_cast<size_t>(NBt));  // [NBt] tile positions t - t0 choosing j
   for (int64_t t = tr.t0; t < tr.t1; ++t) {
@@ -251,34 +281,29 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
       users[static_cast<size_t>(sel[m])].push_back(static_cast<int32_t>(t - tr.t0));
     }
   }
-  // Block j's keys transposed and its values, zero-padded to whole vector pairs (Wp columns of
-  // keys, dvp of values), and the rows of the tile's users (padded to a multiple of 4 with zero
-  // rows): scores Sj = Qj Kt, then, after the softmax step, Oj = Pj Vj (rows_times).
-  constexpr int64_t L2 = 2 * 64 / int64_t(sizeof(S));
-  const int64_t Wp = (ls + L2 - 1) / L2 * L2, dvp = (dv + L2 - 1) / L2 * L2;
+  // Scores Sj = Qj Kt_j for the rows Qj of the block's users (padded to a multiple
+  // of 4 with zero rows), then, after the softmax step, Oj = Pj V[u0 : u0 + len) (rows_times).
+  // Columns past the block's visible keys are zeroed by the softmax step.
+  const int64_t Wp = slc_pad<S>(ls), dvp = so.V.cols();
   OnlineSoftmax<S> sm(R);
   O.setZero(R, dv);
-  Mat<S> Kt(dk, Wp), Vj(ls, dvp), Qj, Sj, Oj;  // [dk, Wp], [l', dvp], [M, dk], [M, Wp], [M, dvp]
+  Mat<S> Qj, Sj, Oj;  // [M, dk], [M, Wp], [M, dvp]
   for (int64_t j = 0; j < NBt; ++j) {
     const std::vector<int32_t>& us = users[static_cast<size_t>(j)];
     if (us.empty()) continue;
     const int64_t u0 = j * ls, len = std::min((j + 1) * ls, tr.t0 + us.back() + 1) - u0;
     const int64_t M = (int64_t(us.size()) * G + 3) / 4 * 4;
-    Kt.setZero();
-    Kt.leftCols(len) = head_rows(Ks.data(), Hkv, dk, g, row0 + u0, len).transpose();
-    Vj.setZero();
-    Vj.topLeftCorner(len, dv) = head_rows(Vs.data(), Hkv, dv, g, row0 + u0, len);
     Qj.setZero(M, dk);
     for (size_t p = 0; p < us.size(); ++p) Qj.middleRows(int64_t(p) * G, G) = Qs.middleRows(us[p] * G, G);
     Sj.resize(M, Wp);
-    rows_times<S>(M, Wp, dk, Qj.data(), dk, Kt.data(), Wp, Sj.data(), Wp);
+    rows_times<S>(M, Wp, dk, Qj.data(), dk, so.Kt.data() + j * dk * Wp, Wp, Sj.data(), Wp);
     for (size_t p = 0; p < us.size(); ++p) {
       const int64_t b = std::min(len, tr.t0 + us[p] + 1 - u0);  // keys [u0, u0 + b) are <= t
       for (int64_t hi = 0; hi < G; ++hi)
         sm.step(us[p] * G + hi, Sj.row(int64_t(p) * G + hi), 0, b, O.row(us[p] * G + hi));
     }
     Oj.resize(M, dvp);
-    rows_times<S>(M, dvp, len, Sj.data(), Wp, Vj.data(), dvp, Oj.data(), dvp);
+    rows_times<S>(M, dvp, len, Sj.data(), Wp, so.V.data() + u0 * dvp, dvp, Oj.data(), dvp);
     for (size_t p = 0; p < us.size(); ++p)
       O.middleRows(us[p] * G, G) += Oj.block(int64_t(p) * G, 0, G, dv);
   }
@@ -314,10 +339,14 @@ void forward_fast(const Config& cfg, const Inputs<S>& in, const std::vector<int6
   const int64_t Bq = tile_queries(cfg, Ncmax, sizeof(S));
   const auto ovmap = overlap_map(cfg, Ncmax);
   const std::vector<Tile> tiles = make_tiles(cu, cfg.Hkv, Bq);
+  std::vector<SlcOperands<S>> so(static_cast<size_t>(B * cfg.Hkv));  // [B * Hkv]
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t bg = 0; bg < B * cfg.Hkv; ++bg)
+    so[size_t(bg)] = slc_operands(cfg, in, cu[bg / cfg.Hkv], cu[bg / cfg.Hkv + 1] - cu[bg / cfg.Hkv], bg % cfg.Hkv);
 #pragma omp parallel for schedule(dynamic, 1)
   for (size_t i = 0; i < tiles.size(); ++i) {
     const Tile& tl = tiles[i];
-    nsa_tile(cfg, in, tl, cu[tl.b], r.cu_cmp[tl.b], ovmap, r);
+    nsa_tile(cfg, in, tl, cu[tl.b], r.cu_cmp[tl.b], ovmap, so[size_t(tl.b * cfg.Hkv + tl.g)], r);
   }
   // Eq. 5: the gated sum.
   const int64_t N = in.N(), Hq = cfg.Hq, dv = cfg.dv;
@@ -442,15 +471,21 @@ MemoryUse forward_memory(const Config& cfg, const std::vector<int64_t>& seqlens,
   const double cmp = top_sum(cmp_seq, size_t(std::max(threads, 1))) + kGemmBuffers * threads;
   // Tiles, one per thread: queries, outputs and lse [R, dk + dv + 1], compression probabilities
   // [R, Nc] and their head sum [Nc], the window's chunk scores [R, kKeyChunk] and running max and
-  // sum, the selection's running max and sum [R, 2], one block's padded transposed keys and values
-  // [dk + dv + 32, l' + 32] and its users' queries, scores and outputs [R + 3, dk + l' + dv + 64],
+  // sum, the selection's running max and sum [R, 2], one block's users' queries, scores and
+  // outputs [R + 3, dk + l' + dv + 64],
   // the blocks' user lists (4 bytes per position and selected block, 24 per block),
   // select_blocks' lists (9 bytes per block), and the tile list and the Eq. 9 map shared by all.
   const double R = double(tile_queries(cfg, int64_t(Ncmax), size_t(elem))) * G;
-  const double slc = (dk + dv + 32) * (ls + 32) + (R + 3) * (dk + ls + dv + 64) + 2 * R;
+  const double slc = (R + 3) * (dk + ls + dv + 64) + 2 * R;
   const double tile = e * (R * (dk + dv + 3 + Ncmax + double(kKeyChunk)) + Ncmax + slc) +
                       4.0 * (R / G) * n + 33.0 * nb + kGemmBuffers;
-  const double shared = 32.0 * (N / double(kTileQueries) + double(seqlens.size())) * Hkv + Ncmax * 88.0;
+  // Shared: the tile list, the Eq. 9 map, and slc_operands' padded keys and values of every
+  // sequence and group [NB * dk, l' + 32] + [T, dv + 32].
+  double operands = 0;
+  for (int64_t T : seqlens)
+    operands += Hkv * e * (double(cfg.num_slc_blocks(T)) * dk * (ls + 32) + double(T) * (dv + 32));
+  const double shared =
+      32.0 * (N / double(kTileQueries) + double(seqlens.size())) * Hkv + Ncmax * 88.0 + operands;
   m.working = std::max({gates, cmp, tile * threads + shared});
   return m;
 }
