@@ -6,8 +6,13 @@
 // Tiles run in parallel under OpenMP; each output row is written by exactly one tile in a fixed
 // order, so results are bitwise independent of the thread count (Eigen's own threading is off).
 //   compression: scores against the visible compressed keys, one masked row softmax (the
-//                probabilities are needed for Eq. 8-10 anyway), at most ~64 MB per tile;
-//   selection:   per selected block, all the tile's rows that chose it, the block read in place;
+//                probabilities are needed for Eq. 8-10 anyway), at most ~64 MB per tile; the
+//                group's heads are summed before the Eq. 9 mapping (Eq. 10 first);
+//   selection:   each block chosen by any position of the tile is attended once by all the rows
+//                that chose it, with an online softmax over blocks in ascending order; its keys
+//                and values are read in place from a per-sequence layout (slc_operands) by a
+//                small kernel (rows_times) whose rows round independently of each other, so the
+//                grouping by block keeps results bitwise causal;
 //   window, full: chunks of kKeyChunk keys with an online softmax, so memory is O(rows * chunk).
 #include <omp.h>
 
@@ -212,7 +217,7 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
   O.setZero(R, dv);
   lse.setConstant(neg_inf<S>());
   Mat<S> P;  // [R, nvmax] probabilities p_cmp
-  Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic> Pc;  // [R, nvmax] column-major Q K^T
+  Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic> Pc;  // [R + 16, nvmax] column-major Q K^T
   if (nvmax > 0) {
     auto Kc = head_rows(r.k_cmp_compressed.data() + cmp0 * Hkv * dk, Hkv, dk, g, 0, nvmax);
     auto Vc = head_rows(r.v_cmp_compressed.data() + cmp0 * Hkv * dv, Hkv, dv, g, 0, nvmax);
@@ -221,8 +226,10 @@ void nsa_tile(const Config& cfg, const Inputs<S>& in, const Tile& tile, int64_t 
     // ties (measured: (s Q) K^T, or Q K^T evaluated row-major, which Eigen computes as K Q^T,
     // broke a tie at one position of tests' constant-key case). Scaled into the row-major P in
     // 64 x 64 blocks: the plain strided copy, one cache line per element, took ~10% of the
-    // forward at T = 16k.
-    Pc.noalias() = Q * Kc.transpose();
+    // forward at T = 16k. Pc has 16 spare rows: with R = 1024 floats its column stride was 4 KB,
+    // which put all the columns of a block in one cache set (measured: -9% time at T = 16k).
+    Pc.resize(R + 16, nvmax);
+    Pc.topRows(R).noalias() = Q * Kc.transpose();
     P.resize(R, nvmax);
     for (int64_t c0 = 0; c0 < nvmax; c0 += 64)
       for (int64_t r0 = 0; r0 < R; r0 += 64) {
@@ -469,15 +476,15 @@ MemoryUse forward_memory(const Config& cfg, const std::vector<int64_t>& seqlens,
   }
   // Compression: the `threads` largest sequences at once, one per thread.
   const double cmp = top_sum(cmp_seq, size_t(std::max(threads, 1))) + kGemmBuffers * threads;
-  // Tiles, one per thread: queries, outputs and lse [R, dk + dv + 1], compression probabilities
-  // [R, Nc] and their head sum [Nc], the window's chunk scores [R, kKeyChunk] and running max and
+  // Tiles, one per thread: queries, outputs and lse [R, dk + dv + 1], compression scores and
+  // probabilities [R + 16, Nc] and [R, Nc] and their head sum [Nc], the window's chunk scores [R, kKeyChunk] and running max and
   // sum, the selection's running max and sum [R, 2], one block's users' queries, scores and
   // outputs [R + 3, dk + l' + dv + 64],
   // the blocks' user lists (4 bytes per position and selected block, 24 per block),
   // select_blocks' lists (9 bytes per block), and the tile list and the Eq. 9 map shared by all.
   const double R = double(tile_queries(cfg, int64_t(Ncmax), size_t(elem))) * G;
   const double slc = (R + 3) * (dk + ls + dv + 64) + 2 * R;
-  const double tile = e * (R * (dk + dv + 3 + Ncmax + double(kKeyChunk)) + Ncmax + slc) +
+  const double tile = e * (R * (dk + dv + 3 + 2 * Ncmax + double(kKeyChunk)) + 17 * Ncmax + slc) +
                       4.0 * (R / G) * n + 33.0 * nb + kGemmBuffers;
   // Shared: the tile list, the Eq. 9 map, and slc_operands' padded keys and values of every
   // sequence and group [NB * dk, l' + 32] + [T, dv + 32].
