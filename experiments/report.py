@@ -51,7 +51,8 @@ def table_forward(recs):
     ix = index(recs, "forward")
     keys = sorted({(dk, dv, T) for (impl, dk, dv, T, B) in ix if impl == "nsa_cuda"})
     peers = sorted({impl for (impl, *_rest) in ix if impl.startswith(("fla", "xunhaolai"))})
-    head = ["dk/dv", "T", "nsa_cuda ms", "TFLOP/s", "cuDNN SDPA ms", "flash SDPA ms", "vs cuDNN", "vs flash"]
+    head = ["dk/dv", "T", "nsa_cuda ms", "TFLOP/s", "model ms", "cuDNN SDPA ms", "flash SDPA ms", "vs cuDNN",
+            "vs flash"]
     head += [f"{peer_name(p)} ms (no window)" for p in peers]
     rows = []
     for dk, dv, T in keys:
@@ -59,7 +60,7 @@ def table_forward(recs):
         c = ix.get(("sdpa_cudnn", dk, dv, T, 1))
         f = ix.get(("sdpa_flash", dk, dv, T, 1))
         cm, fm = (c or {}).get("ms"), (f or {}).get("ms")
-        row = [f"{dk}/{dv}", ktok(T), fmt(n["ms"]), fmt(n.get("tflops"), 0), fmt(cm), fmt(fm),
+        row = [f"{dk}/{dv}", ktok(T), fmt(n["ms"]), fmt(n.get("tflops"), 0), fmt(n.get("model_ms")), fmt(cm), fmt(fm),
                times(cm, n["ms"]), times(fm, n["ms"])]
         row += [fmt(ix.get((p, dk, dv, T, 1), {}).get("ms")) for p in peers]
         rows.append(row)
