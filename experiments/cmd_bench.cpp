@@ -20,6 +20,7 @@
 #include "cost.hpp"
 #include "decode.hpp"
 #include "rng.hpp"
+#include "traffic.hpp"
 #ifdef NSA_WITH_CUDA
 #include "nsa_cuda.hpp"
 #endif
@@ -236,11 +237,18 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
       }
       stages.push_back(sj);
     }
+    // The traffic model's roofline prediction (analysis/traffic.hpp) at this call's measured
+    // ceilings: each branch's kernels at max(FLOPs / matrix rate, bytes / copy rate), summed.
+    const analysis::Device measured{"measured", ceil.matmul_tflops * 1e12, ceil.copy_tbps * 1e12};
+    const analysis::Traffic tm = analysis::prefill_traffic(base, T, 1, int(cuda::element_size(prec)));
+    const double model_ms = tm.nsa_ms(measured), full_model_ms = tm.full_ms(measured);
+    line << "  | model " << std::setprecision(2) << model_ms << " ms (full " << full_model_ms << ")";
     json r{{"op", "forward"}, {"impl", "nsa_cuda"}, {"T", T}, {"B", 1}, {"Hq", base.Hq}, {"Hkv", base.Hkv},
            {"dk", base.dk}, {"dv", base.dv}, {"dtype", dtype}, {"ms", res.ms}, {"gflop", f.total() / 1e9},
            {"gflops", tflops * 1e3}, {"tflops", tflops}, {"ceiling_tflops", ceil.matmul_tflops},
            {"pct_of_ceiling", 100 * tflops / ceil.matmul_tflops}, {"kernel", res.kernel}, {"reps", reps},
            {"warmup", warmup}, {"l2_flushed", true}, {"stages", stages},
+           {"model_ms", model_ms}, {"full_model_ms", full_model_ms}, {"model_gbytes", tm.nsa().bytes / 1e9},
            {"flop_by_branch", {{"phi", f.phi}, {"cmp", f.cmp}, {"slc", f.slc}, {"win", f.win}}},
            {"config", config_json(base)}};
     run.add(r);

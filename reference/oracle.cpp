@@ -11,13 +11,6 @@ namespace nsa::ref {
 
 namespace {
 
-template <class S>
-S dot(const S* a, const S* b, int64_t n) {
-  S s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // Softmax attention of q over the keys/values whose row pointers are given:
 // writes o = sum_u softmax(s q.k_u) v_u and returns lse = ln sum_u exp(s q.k_u) (-inf if none).
 // If p is given, the probabilities are written there too.

@@ -5,6 +5,14 @@
 
 namespace nsa::ref {
 
+// sum_i a[i] b[i] in ascending i: the one inner product of both oracles.
+template <class S>
+S dot(const S* a, const S* b, int64_t n) {
+  S s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 // Fills rows [t0, t0 + T) of every output of r (and compressed rows from cmp0) for one sequence.
 // r.gates must already hold the gates.
 template <class S>

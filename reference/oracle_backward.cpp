@@ -13,13 +13,6 @@ namespace nsa::ref {
 
 namespace {
 
-template <class S>
-S dot(const S* a, const S* b, int64_t n) {
-  S s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // Backward of one softmax attention (the forward oracle's attend) for the output gated by
 // `gate`. Recomputes P_u = softmax(s q.k_u) and O_c = sum_u P_u v_u; returns dL/dgate =
 // <dout, O_c>; with dO_c = gate * dout, D = dO_c . O_c and dS_u = P_u (dO_c . v_u - D), adds

@@ -259,6 +259,27 @@ TEST_CASE("cuda errors: a kernel override that cannot run says why") {
   CHECK(why.find("G = 3") != std::string::npos);
 }
 
+TEST_CASE("cuda errors: a plan beyond the device's memory is refused by name, and the device stays usable") {
+  // 2^26 tokens x 64 heads x 128 bf16 values: the queries alone are 1 TiB.
+  const Config c = paper(64, 4, 128, 128);
+  cuda::Options opt;
+  try {
+    cuda::Plan big(c, int64_t(1) << 26, {}, opt);
+    FAIL("a 1 TiB plan was allocated");
+  } catch (const ResourceError& e) {
+    const std::string msg = e.what();
+    INFO(msg);
+    CHECK(msg.find("out of device memory") != std::string::npos);
+    CHECK(msg.find("MiB free of") != std::string::npos);
+  }
+  // Nothing of the failed plan stays allocated and no error is left pending: a small plan runs.
+  cuda::Plan small(paper(16, 1, 128, 128), 256, {}, opt);
+  small.randomize(1);
+  small.run();
+  const auto out = small.download();
+  for (float x : out.o.vec()) REQUIRE(std::isfinite(x));
+}
+
 TEST_CASE("cuda bench: a timed run on random device inputs is finite and every stage is timed") {
   Config c = paper(16, 1, 128, 128);
   cuda::Options opt;
