@@ -541,6 +541,9 @@ __global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMa
 // (the prefetch of tile kt + 1 overwrites tile kt - 1, which every warp finished before the
 // barrier of iteration kt). Shared memory: sQ [R, DK] | sK [2][64, DK] | sV [2][64, DV] elem.
 constexpr int kFaStages = 2;
+// FlashAttention-2's 32 rows per warp: measured 32.6 ms for the branch at T = 64k against 37.2 ms
+// with 16 rows per warp (MT = 1, 188 registers and no spill instead of 255 and a 36-byte spill).
+constexpr int kFaMT = 2;
 
 template <class T, int DK, int DV, int MT>
 __global__ void __launch_bounds__(256, 1) cmp_fa_v4_kernel(FwdParams p, TileMap tm) {
@@ -676,13 +679,12 @@ struct ScoreSmem {
   }
 };
 
-// The per-tile work of cmp_score_v4 in two MMA layouts. Both leave, for each of the warp's
-// positions, the sum over its G heads of p = exp2(s q.k log2e - lse) for every key of the tile in
-// sCs[pos * kCs + 1 + key] (Eq. 10). The warp's 16 (position, head) pairs are i = 0..15: position
-// wp0 + i / G, head i % G.
-//
-// ScoreRowsOnM: v3's layout, the pairs on the MMA's M dimension (rows) and the keys on N; the head
-// sum is column_sums' shuffles across the rows (7 instructions per pair of values at G = 16).
+// The per-tile work of cmp_score_v4: for each of the warp's positions, the sum over its G heads
+// of p = exp2(s q.k log2e - lse) for every key of the tile, into sCs[pos * kCs + 1 + key]
+// (Eq. 10). v3's layout: the 16 (position, head) rows on the MMA's M dimension, the keys on N, the
+// head sum by column_sums' shuffles across the rows. (Measured against the transposed layout,
+// S^T = K Q^T with the heads on N and the head sum in-thread plus two quad shuffles: that was
+// 1.1 ms slower at T = 64k, 32.6 vs 31.5 ms for the branch.)
 template <class T, int DK>
 struct ScoreRowsOnM {
   uint32_t qa[DK / 16][4];
@@ -730,101 +732,7 @@ struct ScoreRowsOnM {
   }
 };
 
-// ScoreHeadsOnN: S^T = K Q^T, the keys on M (4 m16 tiles of the 64) and the pairs on N (2 n8
-// tiles), so a thread holds keys lane / 4 (+ 8) of each m tile and pairs 8 nt + 2 (lane % 4) + e:
-// the head sum is 1 add in the thread, then at most 2 quad shuffles and the n-tile add. K comes
-// in as the A operand (ldmatrix, as Q in qk_tile), Q^T as B fragments held in registers.
-template <class T, int DK>
-struct ScoreHeadsOnN {
-  uint32_t qb[DK / 16][2][2];  // [k16 step][n tile][register]: Q rows of pairs 8 nt + lane / 4
-  float lse[2][2];             // pair 8 nt + 2 (lane % 4) + e; log2 domain, -inf: masked row
-  int nv[2][2];
-  int wp0;
-  __device__ __forceinline__ ScoreHeadsOnN(const FwdParams& p, int64_t row0, int t0, int T_b, int g, int warp,
-                                           int lane) {
-    const int G = p.G, q4 = lane & 3;
-    wp0 = 16 * warp / G;
-    const T* q = static_cast<const T*>(p.q);
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const int i = 8 * nt + (lane >> 2), t = t0 + wp0 + i / G;
-      const bool ok = t < T_b;
-      const T* qr = ok ? q + ((row0 + t) * p.Hq + g * G + i % G) * DK : q;
-#pragma unroll
-      for (int ks = 0; ks < DK / 16; ++ks) {
-        qb[ks][nt][0] = ok ? *reinterpret_cast<const uint32_t*>(qr + ks * 16 + 2 * q4) : 0u;
-        qb[ks][nt][1] = ok ? *reinterpret_cast<const uint32_t*>(qr + ks * 16 + 8 + 2 * q4) : 0u;
-      }
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int ie = 8 * nt + 2 * q4 + e, te = t0 + wp0 + ie / G;
-        const bool oke = te < T_b;
-        nv[nt][e] = oke ? cmp_visible(te, p.l, p.d) : 0;
-        lse[nt][e] = oke ? p.lse_cmp[(row0 + te) * p.Hq + g * G + ie % G] * kLog2e : -INFINITY;
-      }
-    }
-  }
-  __device__ __forceinline__ int nv_lo() const { return min(min(nv[0][0], nv[0][1]), min(nv[1][0], nv[1][1])); }
-  __device__ __forceinline__ int nv_hi() const { return max(max(nv[0][0], nv[0][1]), max(nv[1][0], nv[1][1])); }
-  __device__ __forceinline__ void tile(const T* sKt, int i0, bool full, float sl2, float* sCs, int G, int lane) {
-    using Tile = SwizzledTile<DK>;
-    float s[4][2][4];  // [m tile][n tile]: keys 16 mt + lane / 4 (+ 8 for [2], [3]), pairs 8 nt + 2 (lane % 4) + e
-#pragma unroll
-    for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0;
-#pragma unroll
-    for (int ks = 0; ks < DK / 16; ++ks)
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt) {
-        uint32_t a[4];
-        ldmatrix_x4(a, sKt + Tile::offset(mt * 16 + (lane & 15), ks * 2 + (lane >> 4)));
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) mma16816<T>(s[mt][nt], a, qb[ks][nt][0], qb[ks][nt][1]);
-      }
-    const int q4 = lane & 3, r = lane >> 2;
-#pragma unroll
-    for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          const int e = x & 1, key = i0 + 16 * mt + r + 8 * (x >> 1);
-          s[mt][nt][x] = full               ? fast_exp2(fmaf(s[mt][nt][x], sl2, -lse[nt][e]))
-                         : key < nv[nt][e] ? exp2f(s[mt][nt][x] * sl2 - lse[nt][e])
-                                           : 0.0f;
-        }
-#pragma unroll
-    for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float* dst = sCs + 1 + 16 * mt + r + 8 * half;  // key slot of position 0
-        if (G == 1) {
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) dst[(wp0 + 8 * nt + 2 * q4 + e) * kCs] = s[mt][nt][2 * half + e];
-          continue;
-        }
-        float xs[2];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          xs[nt] = s[mt][nt][2 * half] + s[mt][nt][2 * half + 1];
-          if (G >= 4) xs[nt] += __shfl_xor_sync(0xffffffffu, xs[nt], 1);
-          if (G >= 8) xs[nt] += __shfl_xor_sync(0xffffffffu, xs[nt], 2);
-        }
-        if (G == 16) {
-          if (q4 == 0) dst[wp0 * kCs] = xs[0] + xs[1];
-        } else {
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt)
-            if ((2 * q4) % G == 0) dst[(wp0 + (8 * nt + 2 * q4) / G) * kCs] = xs[nt];
-        }
-      }
-  }
-};
-
-template <class T, int DK, bool kPaperMap, bool kHeadsOnN>
+template <class T, int DK, bool kPaperMap>
 __global__ void __launch_bounds__(256, 2) cmp_score_v4_kernel(FwdParams p, TileMap tm) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int nw = blockDim.x / 32, R = 16 * nw, G = p.G, BT = R / G;
@@ -863,8 +771,7 @@ __global__ void __launch_bounds__(256, 2) cmp_score_v4_kernel(FwdParams p, TileM
   for (int e = lane; e < wpn; e += 32) sCs[(wp0 + e) * kCs] = 0;  // no key before the first tile
 
   // Q in registers, kernel 1's lse (back in the log2 domain) and the visible keys of the thread's pairs.
-  using Layout = std::conditional_t<kHeadsOnN, ScoreHeadsOnN<T, DK>, ScoreRowsOnM<T, DK>>;
-  Layout lay(p, row0, t0, T_b, g, warp, lane);
+  ScoreRowsOnM<T, DK> lay(p, row0, t0, T_b, g, warp, lane);
   int nv_w = lay.nv_hi(), nv_min = lay.nv_lo();  // keys some / every pair of the warp sees
   for (int o = 16; o > 0; o /= 2) {
     nv_w = max(nv_w, __shfl_xor_sync(0xffffffffu, nv_w, o));
@@ -974,21 +881,17 @@ void launch_v2(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
 }
 
 template <class T>
-void launch_v4(const FwdParams& p, const TileMap& tm_fa, int fa_warps, int fa_mt, const TileMap& tm_score,
-               int score_warps, bool heads_on_n, cudaStream_t s) {
-  const size_t smem_fa = cmp_fa_v4_smem(p, fa_warps, fa_mt), smem_sc = cmp_score_v4_smem(p, score_warps);
+void launch_v4(const FwdParams& p, const TileMap& tm_fa, int fa_warps, const TileMap& tm_score, int score_warps,
+               cudaStream_t s) {
+  const size_t smem_fa = cmp_fa_v4_smem(p, fa_warps), smem_sc = cmp_score_v4_smem(p, score_warps);
   const bool paper_map = p.l == 32 && p.d == 16 && p.ls == 64;
   const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
     constexpr int A = decltype(DK)::value, B = decltype(DV)::value;
-    auto fa = fa_mt == 2 ? cmp_fa_v4_kernel<T, A, B, 2> : cmp_fa_v4_kernel<T, A, B, 1>;
+    auto fa = cmp_fa_v4_kernel<T, A, B, kFaMT>;
     NSA_CUDA_CHECK(cudaFuncSetAttribute(fa, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_fa)));
     fa<<<dim3(unsigned(tm_fa.total), unsigned(p.Hkv)), 32 * fa_warps, smem_fa, s>>>(p, tm_fa);
     NSA_CUDA_CHECK_LAUNCH("cmp_fa_v4_kernel");
-    using Kernel = void (*)(FwdParams, TileMap);
-    const Kernel sc = paper_map ? (heads_on_n ? cmp_score_v4_kernel<T, A, true, true>
-                                              : cmp_score_v4_kernel<T, A, true, false>)
-                                : (heads_on_n ? cmp_score_v4_kernel<T, A, false, true>
-                                              : cmp_score_v4_kernel<T, A, false, false>);
+    auto sc = paper_map ? cmp_score_v4_kernel<T, A, true> : cmp_score_v4_kernel<T, A, false>;
     NSA_CUDA_CHECK(cudaFuncSetAttribute(sc, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_sc)));
     sc<<<dim3(unsigned(tm_score.total), unsigned(p.Hkv)), 32 * score_warps, smem_sc, s>>>(p, tm_score);
     NSA_CUDA_CHECK_LAUNCH("cmp_score_v4_kernel");
@@ -1010,21 +913,19 @@ size_t cmp_attn_v2_smem(const FwdParams& p, int nwarps) {
   return CmpSmem(R, R / p.G, p.dk, p.dv, p.NB, p.n, 2, kStages2).total;
 }
 
-size_t cmp_fa_v4_smem(const FwdParams& p, int nwarps, int mt) {
-  return (size_t(16 * mt * nwarps) * p.dk + size_t(kFaStages) * kKeys * (p.dk + p.dv)) * 2;
+size_t cmp_fa_v4_smem(const FwdParams& p, int nwarps) {
+  return (size_t(16 * kFaMT * nwarps) * p.dk + size_t(kFaStages) * kKeys * (p.dk + p.dv)) * 2;
 }
 
 size_t cmp_score_v4_smem(const FwdParams& p, int nwarps) {
   return ScoreSmem(16 * nwarps / p.G, nwarps, p.dk, p.NB, p.n, 2).total;
 }
 
-void cmp_attn_v4(Precision prec, const FwdParams& p, const TileMap& tm_fa, int fa_warps, int fa_mt,
-                 const TileMap& tm_score, int score_warps, bool heads_on_n, cudaStream_t s) {
+void cmp_attn_v4(Precision prec, const FwdParams& p, const TileMap& tm_fa, int fa_warps, const TileMap& tm_score,
+                 int score_warps, cudaStream_t s) {
   if (tm_fa.total == 0) return;
-  if (prec == Precision::BF16)
-    launch_v4<__nv_bfloat16>(p, tm_fa, fa_warps, fa_mt, tm_score, score_warps, heads_on_n, s);
-  else if (prec == Precision::FP16)
-    launch_v4<__half>(p, tm_fa, fa_warps, fa_mt, tm_score, score_warps, heads_on_n, s);
+  if (prec == Precision::BF16) launch_v4<__nv_bfloat16>(p, tm_fa, fa_warps, tm_score, score_warps, s);
+  else if (prec == Precision::FP16) launch_v4<__half>(p, tm_fa, fa_warps, tm_score, score_warps, s);
   else throw ConfigError("cmp_attn v4 needs bf16 or fp16 operands (fp32 runs kernel v0)");
 }
 

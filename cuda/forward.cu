@@ -264,18 +264,16 @@ Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const 
       if (I.version >= 2) {  // v3 = v2's compression and window kernels made lean, v1's selection made lean
         const bool v3 = I.version >= 3;  // v4 = v3 with the compression branch in two kernels
         if (I.version == 4) {
-          // FlashAttention-2's shape by default: warps of 32 rows (NSA_CMP_MT=1: 16 rows), 4 per
-          // CTA where two CTAs fit in an SM's shared memory (dk = dv = 128), else 8 (dk = 192), so
-          // that an SM holds 8 warps either way; NSA_CMP_WARPS overrides (1 to 8).
-          I.cmp_mt = env_int("NSA_CMP_MT", 2) == 1 ? 1 : 2;
+          // FlashAttention-2's shape: warps of 32 rows, 4 per CTA where two CTAs fit in an SM's
+          // shared memory (dk = dv = 128), else 8 (dk = 192), so that an SM holds 8 warps either
+          // way (4 or 8 measure the same at 64k, 32.6 / 32.5 ms); NSA_CMP_WARPS overrides (1 to 8).
           const size_t sm_smem = dinfo.prop.sharedMemPerMultiprocessor;
           const size_t reserved = dinfo.prop.reservedSharedMemPerBlock;
-          const int fw0 = 2 * (cmp_fa_v4_smem(p, 4, I.cmp_mt) + reserved) <= sm_smem ? 4 : 8;
+          const int fw0 = 2 * (cmp_fa_v4_smem(p, 4) + reserved) <= sm_smem ? 4 : 8;
           int fw = std::min(8, std::max(1, env_int("NSA_CMP_WARPS", fw0)));
-          while (fw > 1 && cmp_fa_v4_smem(p, fw, I.cmp_mt) > optin) fw /= 2;
-          I.cmp_warps = cmp_fa_v4_smem(p, fw, I.cmp_mt) <= optin ? fw : 0;
+          while (fw > 1 && cmp_fa_v4_smem(p, fw) > optin) fw /= 2;
+          I.cmp_warps = cmp_fa_v4_smem(p, fw) <= optin ? fw : 0;
           I.score_warps = pick_warps([&](int nw) { return cmp_score_v4_smem(p, nw); }, 8, "NSA_SCORE_WARPS");
-          I.score_heads_on_n = env_int("NSA_SCORE_T", 1) != 0;
         } else {
           I.cmp_warps = pick_warps([&](int nw) { return cmp_attn_v2_smem(p, nw); }, 8, "NSA_CMP_WARPS");
         }
@@ -347,7 +345,7 @@ Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const 
       I.ws.Y = I.alloc_t<float>(p.Nc * p.Hkv * D, "phi workspace Y");
     }
     if (I.version >= 1) {
-      I.tm_cmp = I.tile_map(16 * (I.version == 4 ? I.cmp_mt : 1) * I.cmp_warps / p.G, "cmp tiles");
+      I.tm_cmp = I.tile_map(16 * (I.version == 4 ? 2 : 1) * I.cmp_warps / p.G, "cmp tiles");
       if (I.version == 4) I.tm_score = I.tile_map(16 * I.score_warps / p.G, "cmp score tiles");
       I.tm_slc = I.tile_map(16 / p.G, "slc tiles");
       I.tm_win = I.tile_map(16 * I.win_warps / p.G, "win tiles");
@@ -473,8 +471,7 @@ static std::vector<std::pair<const char*, std::function<void(cudaStream_t)>>> st
     const bool v3 = I.version >= 3;
     if (I.version == 4)
       st.push_back({"cmp_attn+select", [&I](cudaStream_t s) {
-                      cmp_attn_v4(I.opt.dtype, I.p, I.tm_cmp, I.cmp_warps, I.cmp_mt, I.tm_score, I.score_warps,
-                                  I.score_heads_on_n, s);
+                      cmp_attn_v4(I.opt.dtype, I.p, I.tm_cmp, I.cmp_warps, I.tm_score, I.score_warps, s);
                     }});
     else
       st.push_back({"cmp_attn+select", [&I, v3](cudaStream_t s) {

@@ -67,8 +67,7 @@ struct Plan::Impl {
   std::vector<int64_t> cu, cu_cmp;  // host copies
   FwdParams p;
   int cmp_warps = 4, slc_warps = 2, win_warps = 4;  // warps per CTA of the v1/v2 kernels
-  int score_warps = 8, cmp_mt = 2;                  // v4: warps of the score kernel, m16 tiles per warp of FA
-  bool score_heads_on_n = true;                     // v4: the score kernel's MMA layout
+  int score_warps = 8;                              // v4: warps per CTA of the score kernel (cmp_warps: FA's)
   TileMap tm_cmp, tm_slc, tm_win, tm_score;         // tm_score: v4's score kernel
   std::vector<DeviceBuffer> buffers;
   cublasHandle_t blas = nullptr;
