@@ -69,6 +69,64 @@ __device__ __forceinline__ void pv_tile(float (&oacc)[DV / 8][4], const float (&
   }
 }
 
+// The same products for MT m16 tiles per warp (FlashAttention-2's 32 rows per warp with MT = 2):
+// each K or V fragment read from shared memory feeds MT products, and the MT tiles' chains are
+// independent work for the scheduler. Q is read from its swizzled tile (the warp's rows start at
+// row0, tile m at row0 + 16 m) one k16 slice at a time instead of being held in registers.
+template <class T, int DK, int KEYS, int MT>
+__device__ __forceinline__ void qk_tile_mt(float (&s)[MT][KEYS / 8][4], const T* sQ, int row0, const T* sK,
+                                           int lane) {
+  using Tile = SwizzledTile<DK>;
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int nt = 0; nt < KEYS / 8; ++nt) s[m][nt][0] = s[m][nt][1] = s[m][nt][2] = s[m][nt][3] = 0;
+#pragma unroll
+  for (int ks = 0; ks < DK / 16; ++ks) {
+    uint32_t qa[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+      ldmatrix_x4(qa[m], sQ + Tile::offset(row0 + 16 * m + (lane & 15), ks * 2 + (lane >> 4)));
+#pragma unroll
+    for (int np = 0; np < KEYS / 16; ++np) {
+      uint32_t bk[4];
+      ldmatrix_x4(bk, sK + Tile::offset(np * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        mma16816<T>(s[m][2 * np], qa[m], bk[0], bk[1]);
+        mma16816<T>(s[m][2 * np + 1], qa[m], bk[2], bk[3]);
+      }
+    }
+  }
+}
+
+template <class T, int DV, int KEYS, int MT>
+__device__ __forceinline__ void pv_tile_mt(float (&oacc)[MT][DV / 8][4], const float (&p)[MT][KEYS / 8][4],
+                                           const T* sV, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < KEYS / 16; ++kk) {
+    uint32_t pa[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      pa[m][0] = pack2<T>(p[m][2 * kk][0], p[m][2 * kk][1]);
+      pa[m][1] = pack2<T>(p[m][2 * kk][2], p[m][2 * kk][3]);
+      pa[m][2] = pack2<T>(p[m][2 * kk + 1][0], p[m][2 * kk + 1][1]);
+      pa[m][3] = pack2<T>(p[m][2 * kk + 1][2], p[m][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int nd = 0; nd < DV / 16; ++nd) {
+      uint32_t bv[4];
+      ldmatrix_x4_trans(bv, sV + SwizzledTile<DV>::offset(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                         nd * 2 + (lane >> 4)));
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        mma16816<T>(oacc[m][2 * nd], pa[m], bv[0], bv[1]);
+        mma16816<T>(oacc[m][2 * nd + 1], pa[m], bv[2], bv[3]);
+      }
+    }
+  }
+}
+
 // The row maxima of A and B over the quad that shares a row.
 __device__ __forceinline__ void quad_max(float& xa, float& xb) {
   for (int o = 1; o < 4; o *= 2) {

@@ -75,6 +75,13 @@ size_t cmp_attn_v1_smem(const FwdParams& p, int nwarps);
 // v2: nwarps in 1..8, 3-stage pipeline, warp-local Eq. 9 (see cmp_attn.cu); lean: v3.
 void cmp_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
 size_t cmp_attn_v2_smem(const FwdParams& p, int nwarps);
+// v4: two kernels, FlashAttention-2 for O_cmp and lse with 32 rows per warp (tm_fa: tiles of
+// 32 * fa_warps / G positions), then the scores and top-n with lse known (tm_score: tiles of
+// 16 * score_warps / G positions).
+void cmp_attn_v4(Precision prec, const FwdParams& p, const TileMap& tm_fa, int fa_warps, const TileMap& tm_score,
+                 int score_warps, cudaStream_t s);
+size_t cmp_fa_v4_smem(const FwdParams& p, int nwarps);
+size_t cmp_score_v4_smem(const FwdParams& p, int nwarps);
 
 // ---- select.cu: selection attention (Eq. 12) ----
 void slc_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s);

@@ -33,7 +33,9 @@
 // obviously-right version and the fp32 debug mode; v1 = tensor cores (mma.sync m16n8k16, bf16 or
 // fp16 operands, fp32 accumulation) for dk in {64, 128, 192}, dv in {64, 128}, G in {1, 2, 4, 8, 16};
 // v2 = v1's computation with deeper pipelines, larger CTAs and fewer barriers; v3 = v2's compression
-// and window kernels and v1's selection kernel with the per-element work trimmed (the default).
+// and window kernels and v1's selection kernel with the per-element work trimmed; v4 = v3 with the
+// compression branch in two kernels: FlashAttention-2 for O_cmp and lse, then the scores and top-n
+// with lse known (the default).
 // docs/cuda.md has each version's measured times.
 #pragma once
 
@@ -67,7 +69,7 @@ std::string device_name();
 
 struct Options {
   Precision dtype = Precision::BF16;
-  int kernel = -1;           // -1: chosen from the config and the device; 0 to 3: that version
+  int kernel = -1;           // -1: chosen from the config and the device; 0 to 4: that version
   bool intermediates = true;  // also produce o_win and block_scores (o_cmp, o_slc, lse, block_idx
                               // and the compressed K/V are always produced: later stages use them)
   int device = 0;

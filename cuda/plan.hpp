@@ -67,7 +67,8 @@ struct Plan::Impl {
   std::vector<int64_t> cu, cu_cmp;  // host copies
   FwdParams p;
   int cmp_warps = 4, slc_warps = 2, win_warps = 4;  // warps per CTA of the v1/v2 kernels
-  TileMap tm_cmp, tm_slc, tm_win;
+  int score_warps = 8;                              // v4: warps per CTA of the score kernel (cmp_warps: FA's)
+  TileMap tm_cmp, tm_slc, tm_win, tm_score;         // tm_score: v4's score kernel
   std::vector<DeviceBuffer> buffers;
   cublasHandle_t blas = nullptr;
   PhiDevice phi_k, phi_v;

@@ -108,6 +108,82 @@ __device__ inline void select_warp(const float* P, int t, const FwdParams& p, in
   __syncwarp();
 }
 
+// One warp (kernel v4): select_warp's result with far fewer passes over the scores. select_warp
+// rescans all valid blocks in each of its n - nf rounds (13 rounds over up to 1024 blocks at T =
+// 64k). Here K = n - nf <= 32 (else: select_warp): each lane finds the best block of its strided
+// share; tau = the K-th best of those 32 lane maxima, so at least K blocks have key >= tau and
+// every one of the K best has key >= tau. Those candidates are compacted in ascending order into
+// cand[cap] (shared scratch), and select_warp's rounds run over them alone. With more than cap
+// candidates (e.g. many exactly tied scores) it falls back to select_warp. list[n] shared scratch.
+__device__ inline void select_warp_filtered(const float* P, int t, const FwdParams& p, int* list, int* cand, int cap,
+                                            int32_t* out, int lane) {
+  const int valid = slc_valid(t, p.ls), n = p.n;
+  const Forced f = forced_blocks(p, t);
+  const int nf = valid <= n ? 0 : f.count(), K = n - nf;
+  if (valid <= n || K <= 0 || K > 32) return select_warp(P, t, p, list, out, lane);
+  float lk = -INFINITY;  // the lane's best (key, index); INT_MAX: the lane has no block
+  int li = INT_MAX;
+  for (int j = lane; j < valid; j += 32) {
+    if (f.has(j)) continue;
+    const float k = rank_key(P[j]);
+    if (li == INT_MAX || ranks_before(k, j, lk, li)) lk = k, li = j;
+  }
+  int rank = 0;  // lanes whose best ranks before this lane's
+  for (int o = 1; o < 32; ++o) {
+    const float ok = __shfl_xor_sync(0xffffffffu, lk, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, li, o);
+    rank += oi != INT_MAX && (li == INT_MAX || ranks_before(ok, oi, lk, li));
+  }
+  const unsigned at = __ballot_sync(0xffffffffu, li != INT_MAX && rank == K - 1);
+  const float tau = at ? __shfl_sync(0xffffffffu, lk, __ffs(at) - 1) : -INFINITY;
+  int c = 0;
+  for (int j0 = 0; j0 < valid; j0 += 32) {
+    const int j = j0 + lane;
+    const bool take = j < valid && !f.has(j) && rank_key(P[j]) >= tau;
+    const unsigned m = __ballot_sync(0xffffffffu, take);
+    const int at_c = c + __popc(m & ((1u << lane) - 1));
+    if (take && at_c < cap) cand[at_c] = j;
+    c += __popc(m);
+  }
+  if (c > cap) return select_warp(P, t, p, list, out, lane);
+  __syncwarp();
+  if (lane == 0) {
+    int m = 0;
+    for (int j = 0; j < f.init; ++j) list[m++] = j;
+    for (int j = f.lo > f.init ? f.lo : f.init; j <= f.own; ++j) list[m++] = j;
+  }
+  float prev_key = INFINITY;
+  int prev = -1;
+  for (int r = nf; r < n; ++r) {  // select_warp's rounds over the candidates
+    float bk = -INFINITY;
+    int bi = INT_MAX;
+    for (int e = lane; e < c; e += 32) {
+      const int j = cand[e];
+      const float k = rank_key(P[j]);
+      if (!ranks_before(prev_key, prev, k, j)) continue;  // already picked
+      if (bi == INT_MAX || ranks_before(k, j, bk, bi)) bk = k, bi = j;
+    }
+    for (int o = 16; o > 0; o /= 2) {
+      const float ok = __shfl_xor_sync(0xffffffffu, bk, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (oi != INT_MAX && (bi == INT_MAX || ranks_before(ok, oi, bk, bi))) bk = ok, bi = oi;
+    }
+    prev_key = bk, prev = bi;
+    if (lane == 0) list[r] = bi;
+  }
+  __syncwarp();
+  if (lane == 0)
+    for (int a = 1; a < n; ++a) {
+      const int x = list[a];
+      int b = a - 1;
+      for (; b >= 0 && list[b] > x; --b) list[b + 1] = list[b];
+      list[b + 1] = x;
+    }
+  __syncwarp();
+  for (int m = lane; m < n; m += 32) out[m] = list[m];
+  __syncwarp();
+}
+
 // ---- the group-centric walk of the selection kernels (select.cu, select_bwd.cu) ----
 constexpr int kSlcChunk = 32;  // tokens per pipeline stage
 

@@ -194,6 +194,24 @@ TEST_CASE("cuda racecheck set: every tensor-core version on tile edges, no cuBLA
       g.kernel = kernel;
       cases.push_back(g);
     }
+  // v4's two kernels at the paper's head dims (compiled in every build): one and several key
+  // tiles (T = 1100 sees 67 compressed keys, so a selection block straddles two tiles).
+  for (int64_t G : {1, 4, 16}) {
+    Config c = paper(G, 1, 128, 128);
+    c.compress = CompressKind::Mean;
+    GpuCase g = make(cat("packed T={1,63,64,65,300,1100} G=", G, " dk=dv=128 mean kernel v4"), c,
+                     {1, 63, 64, 65, 300, 1100});
+    g.kernel = 4;
+    cases.push_back(g);
+  }
+  {  // v4's general Eq. 9 mapping (not the paper's stencil) with two positions per warp
+    Config c = paper(16, 2, 128, 128);
+    c.compress = CompressKind::Mean;
+    c.cmp_len = 32, c.cmp_stride = 8, c.slc_len = 32, c.slc_count = 6;
+    GpuCase g = make("T=700 l=32 d=8 l'=32 n=6 G=8 dk=dv=128 mean kernel v4", c, {700});
+    g.kernel = 4;
+    cases.push_back(g);
+  }
   for (const auto& gc : cases) run_case(gc);
 }
 
@@ -224,7 +242,7 @@ TEST_CASE("cuda forward vs reference: paper-sized cases") {
 TEST_CASE("cuda select: exactly tied scores go to the lower block index, as in the reference") {
   // Constant keys make every compressed key equal, so every interior block gets exactly the same
   // score in any summation order; the picks must be the lowest indices.
-  for (int kernel : {0, 1, 2, 3}) {
+  for (int kernel : {0, 1, 2, 3, 4}) {
     Config c = paper(16, 1, 128, 128);
     c.compress = CompressKind::Mean;
     GpuCase g = make(cat("T=1500 constant keys, kernel ", kernel), c, {1500});
