@@ -311,7 +311,7 @@ Decoder::Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int6
     I.NBcap = capacity > 0 ? int(cfg.slc_valid(capacity - 1)) : 0;
     p.sc = p.sw = p.ss = 1;
     p.jb = dec_select_blocks_per_cta(p);
-    if (dec_select_smem(p, I.NBcap) > size_t(I.optin))
+    if (dec_select_smem(p, I.NBcap) + 16 > size_t(I.optin))  // + its static flag
       throw ResourceError(cat("decode cache: capacity = ", capacity, " tokens needs ", dec_select_smem(p, I.NBcap),
                               " bytes of shared memory in the selection kernel (the top-n over ", I.NBcap,
                               " blocks), more than the device's ", I.optin));

@@ -663,13 +663,19 @@ void with_split_kernel(Precision prec, const DecParams& p, Fn&& fn) {
 int dec_init(Precision prec, const DecParams& p, int optin) {
   // The attribute is the kernel's, process-wide: the device's limit serves every Decoder, and the
   // launches need no call of their own (they would be host time in every step).
+  // The dynamic limit is what the kernel's static shared memory leaves of `optin`.
+  auto allow = [optin](const void* k) {
+    cudaFuncAttributes a{};
+    NSA_CUDA_CHECK(cudaFuncGetAttributes(&a, k));
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - int(a.sharedSizeBytes)));
+  };
   int ctas = 0;
   const size_t smem = dec_split_smem(p, prec);
   with_split_kernel(prec, p, [&](auto* k) {
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    allow(reinterpret_cast<const void*>(k));
     NSA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, k, dec_split_threads(p), smem));
   });
-  NSA_CUDA_CHECK(cudaFuncSetAttribute(dec_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  allow(reinterpret_cast<const void*>(dec_select_kernel));
   return ctas;
 }
 
