@@ -209,7 +209,7 @@ struct Decoder::Impl {
     std::tie(p.ss, p.rs) = cut(Smax, std::max(1, resident / items));
     const size_t slots = size_t(items) * size_t(p.sc + p.sw + p.ss);
     if (items > 65535) throw ResourceError(cat("decode step: ", Bs, " rows x ", p.Hkv, " groups exceed 65535 items"));
-    if (dec_combine_smem(p, dec_combine_groups(p)) > 48 * 1024)
+    if (dec_combine_smem(p) > 48 * 1024)
       throw ResourceError(cat("decode step: ", p.sc + p.sw + p.ss, " splits per item need more than 48 KB of shared "
                               "memory in the merge kernel"));
     if (slots > part_slots) {

@@ -492,30 +492,38 @@ __global__ void __launch_bounds__(kSelectThreads) dec_select_kernel(DecParams p)
   select_cta(sP, t, fp, reinterpret_cast<int*>(sP + p.NBs), p.block_idx + int64_t(item) * p.n, tid, nth);
 }
 
-// grid (Bs * Hkv, G), 128 * kg threads (kg groups, dec_combine_groups): one query head of an item.
-// Warps 0-2 merge the statistics of the compression, window and selection partials into lse and
-// per-slot weights exp2(m_s - lse), listing the slots that saw keys branch by branch; group k
-// sums its share of that list (eight loads in flight) for its columns, per branch in ascending
-// slot order, and group 0 adds the groups' sums in group order and forms O_cmp, O_win, O_slc and
-// Eq. 5. (One thread looping over every slot of the three branches was a chain of up to ~130
-// dependent L2 loads at batch 1.)
-// Shared memory: sF [S] | sSlot [S] | sLse [4] | sAcc [kg, 3, dv].
+// sum_s f[s] * x[s * stride] in ascending s, eight loads in flight at a time.
+__device__ __forceinline__ float weighted_sum(const float* f, const float* x, int64_t stride, int ns) {
+  float acc = 0;
+  int s = 0;
+  for (; s + 8 <= ns; s += 8) {
+    float v[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = x[(s + k) * stride];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc += f[s + k] * v[k];
+  }
+  for (; s < ns; ++s) acc += f[s] * x[s * stride];
+  return acc;
+}
+
+// grid (Bs * Hkv, G), 128 threads: one query head of an item. Warps 0-2 merge the statistics of
+// the compression, window and selection partials into lse and per-slot weights exp2(m_s - lse);
+// then each thread forms its output columns of O_cmp, O_win, O_slc and Eq. 5.
+// Shared memory: sF [S] | sLse [3].
 template <class T>
-__global__ void __launch_bounds__(512) dec_combine_kernel(DecParams p) {
+__global__ void __launch_bounds__(128) dec_combine_kernel(DecParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, nth = blockDim.x, warp = tid / 32, lane = tid % 32;
   const int item = blockIdx.x, h = blockIdx.y, r = item / p.Hkv, g = item % p.Hkv, t = p.pos[r];
-  const int S = p.sc + p.sw + p.ss, kg = nth / 128, grp = tid / 128;
+  const int S = p.sc + p.sw + p.ss;
   float* sF = reinterpret_cast<float*>(smem);
-  int* sSlot = reinterpret_cast<int*>(sF + S);
-  float* sLse = reinterpret_cast<float*>(sSlot + S);
-  float* sAcc = sLse + 4;
-  // The branches' slots: first slot and the number that saw keys; in the list at off[b].
+  float* sLse = sF + S;
+  // The branches' slots: first slot and the number that saw keys.
   const int nv = cmp_visible(t, p.l, p.d);
   const int s0[3] = {0, p.sc, p.sc + p.sw};
   const int ns[3] = {nv > 0 ? (nv + p.rc - 1) / p.rc : 0, (t - win_start(t, p.w) + 1 + p.rw - 1) / p.rw,
                      (min(p.n, slc_valid(t, p.ls)) * p.ls + p.rs - 1) / p.rs};
-  const int off[4] = {0, ns[0], ns[0] + ns[1], ns[0] + ns[1] + ns[2]};
   const float* ml = p.part_ml + int64_t(item) * S * 2 * kRows;
   pdl_wait();  // the selection splits' partials (and, through them, every earlier kernel's)
   if (warp < 3) {
@@ -523,8 +531,7 @@ __global__ void __launch_bounds__(512) dec_combine_kernel(DecParams p) {
     const float lse = warp_lse(mlb, ns[warp], h, lane);
     for (int s = lane; s < ns[warp]; s += 32) {
       const float m = mlb[s * 2 * kRows + h];
-      sF[off[warp] + s] = m == -INFINITY || lse == -INFINITY ? 0.0f : exp2f(m - lse);
-      sSlot[off[warp] + s] = s0[warp] + s;
+      sF[s0[warp] + s] = m == -INFINITY || lse == -INFINITY ? 0.0f : exp2f(m - lse);
     }
     if (lane == 0) sLse[warp] = lse;
   }
@@ -536,36 +543,15 @@ __global__ void __launch_bounds__(512) dec_combine_kernel(DecParams p) {
   }
   const float* po = p.part_o + (int64_t(item) * S * kRows + h) * p.dv;  // slot s at po + s * 16 * dv
   const int64_t stride = int64_t(kRows) * p.dv;
-  const int per = (off[3] + kg - 1) / kg, e0 = min(off[3], grp * per), e1 = min(off[3], e0 + per);
-  for (int c = tid % 128; c < p.dv; c += 128) {
-    float acc[3] = {0, 0, 0};
-    for (int e = e0; e < e1; e += 8) {
-      float v[8];
-#pragma unroll
-      for (int k = 0; k < 8; ++k) v[k] = e + k < e1 ? po[sSlot[e + k] * stride + c] : 0.0f;
-#pragma unroll
-      for (int k = 0; k < 8; ++k)
-        if (e + k < e1) {
-          const int b = e + k < off[1] ? 0 : e + k < off[2] ? 1 : 2;
-          acc[b] += sF[e + k] * v[k];
-        }
-    }
-#pragma unroll
-    for (int b = 0; b < 3; ++b) sAcc[(grp * 3 + b) * p.dv + c] = acc[b];
-  }
-  __syncthreads();
-  if (grp > 0) return;
   T* oc = static_cast<T*>(p.o_cmp) + th * p.dv;
   T* ow = static_cast<T*>(p.o_win) + th * p.dv;
   T* os = static_cast<T*>(p.o_slc) + th * p.dv;
   T* o = static_cast<T*>(p.o) + th * p.dv;
   const float* gt = p.gates + th * 3;
-  for (int c = tid; c < p.dv; c += 128) {
-    float sum[3] = {0, 0, 0};
-    for (int k = 0; k < kg; ++k)
-#pragma unroll
-      for (int b = 0; b < 3; ++b) sum[b] += sAcc[(k * 3 + b) * p.dv + c];
-    const T vc = from_f<T>(sum[0]), vw = from_f<T>(sum[1]), vs = from_f<T>(sum[2]);
+  for (int c = tid; c < p.dv; c += nth) {
+    const T vc = from_f<T>(weighted_sum(sF, po + c, stride, ns[0]));
+    const T vw = from_f<T>(weighted_sum(sF + s0[1], po + s0[1] * stride + c, stride, ns[1]));
+    const T vs = from_f<T>(weighted_sum(sF + s0[2], po + s0[2] * stride + c, stride, ns[2]));
     oc[c] = vc, ow[c] = vw, os[c] = vs;
     o[c] = from_f<T>(gt[0] * to_f(vc) + gt[1] * to_f(vs) + gt[2] * to_f(vw));  // Eq. 5 on the stored outputs
   }
@@ -702,19 +688,12 @@ void dec_select(const DecParams& p, int NBcap, bool pdl, cudaStream_t s) {
   dec_launch(dec_select_kernel, grid, kSelectThreads, dec_select_smem(p, NBcap), s, pdl, p);
 }
 
-// At least 16 slots per group: two rounds of eight loads.
-int dec_combine_groups(const DecParams& p) { return std::min(4, std::max(1, (p.sc + p.sw + p.ss) / 16)); }
-
-size_t dec_combine_smem(const DecParams& p, int groups) {
-  return (2 * size_t(p.sc + p.sw + p.ss) + 4 + size_t(groups) * 3 * p.dv) * 4;
-}
+size_t dec_combine_smem(const DecParams& p) { return (size_t(p.sc + p.sw + p.ss) + 4) * 4; }
 
 void dec_combine(Precision prec, const DecParams& p, bool pdl, cudaStream_t s) {
-  const int kg = dec_combine_groups(p);
   dispatch_elem(prec, [&](auto e) {
     using T = decltype(e);
-    dec_launch(dec_combine_kernel<T>, dim3(unsigned(p.Bs * p.Hkv), unsigned(p.G)), 128 * kg, dec_combine_smem(p, kg), s,
-               pdl, p);
+    dec_launch(dec_combine_kernel<T>, dim3(unsigned(p.Bs * p.Hkv), unsigned(p.G)), 128, dec_combine_smem(p), s, pdl, p);
   });
 }
 

@@ -188,9 +188,8 @@ void dec_split(Precision prec, const DecParams& p, bool selection, bool pdl, cud
 int dec_select_blocks_per_cta(const DecParams& p);
 size_t dec_select_smem(const DecParams& p, int NBcap);
 void dec_select(const DecParams& p, int NBcap, bool pdl, cudaStream_t s);
-// The merge kernel: 128-thread groups per CTA (more where the splits are many), shared memory.
-int dec_combine_groups(const DecParams& p);
-size_t dec_combine_smem(const DecParams& p, int groups);
+// The merge kernel and its shared memory.
+size_t dec_combine_smem(const DecParams& p);
 void dec_combine(Precision prec, const DecParams& p, bool pdl, cudaStream_t s);
 void dec_append(Precision prec, const DecParams& p, cudaStream_t s);
 void dec_emit_mean(Precision prec, const DecParams& p, const DecEmit& em, bool values, cudaStream_t s);
