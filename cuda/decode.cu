@@ -5,14 +5,16 @@
 //   dec_split (compression + window splits; appends the new tokens when nothing is emitted)
 //   dec_select (Eq. 8-11) -> dec_split (selection splits) -> dec_combine (the merges, Eq. 5),
 // the kernels of decode_attn.cu (O_cmp, O_win, O_slc are all merged in dec_combine; dec_select
-// merges only the compression branch's statistics, for the scores). docs/cuda_decode.md has the
-// design and the measurements.
+// merges only the compression branch's statistics, for the scores), the ones after the first
+// launched with programmatic dependent launch. docs/cuda_decode.md has the design and the
+// measurements.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <iostream>
 #include <numeric>
 #include <tuple>
 
@@ -70,8 +72,13 @@ struct Decoder::Impl {
   DecParams p;               // the cache and the step's buffers; rows, splits per step
   int NBcap = 0;             // selection blocks at capacity
   int sms = 0, optin = 0, ctas_per_sm = 0, waves = 1;
+  bool pdl = false;          // programmatic dependent launch between the step's kernels (sm_90+)
   std::vector<Buffer> buffers;
   cublasHandle_t blas = nullptr;
+  // The steps' stream: a blocking one, ordered after the inputs' copies on the legacy stream (a
+  // synchronous copy from pageable memory may return before its DMA lands); not the legacy stream
+  // itself, which graph capture does not take.
+  cudaStream_t stream = nullptr;
   // The step's inputs (room for B rows): per branch keys/values, aliases of the selection's where
   // the branch keeps no ring.
   void* q = nullptr;
@@ -153,6 +160,7 @@ struct Decoder::Impl {
       if (b.ptr) cudaFree(b.ptr);
     if (flush) cudaFree(flush);
     if (blas) cublasDestroy(blas);
+    if (stream) cudaStreamDestroy(stream);
   }
 
   // ---- one step: positions, emissions, splits (host), then the kernels ----
@@ -201,6 +209,9 @@ struct Decoder::Impl {
     std::tie(p.ss, p.rs) = cut(Smax, std::max(1, resident / items));
     const size_t slots = size_t(items) * size_t(p.sc + p.sw + p.ss);
     if (items > 65535) throw ResourceError(cat("decode step: ", Bs, " rows x ", p.Hkv, " groups exceed 65535 items"));
+    if (dec_combine_smem(p) > 48 * 1024)
+      throw ResourceError(cat("decode step: ", p.sc + p.sw + p.ss, " splits per item need more than 48 KB of shared "
+                              "memory in the merge kernel"));
     if (slots > part_slots) {
       release(p.part_ml);
       release(p.part_o);
@@ -208,10 +219,6 @@ struct Decoder::Impl {
       p.part_o = alloc_t<float>(int64_t(slots) * 16 * p.dv, "decode partial outputs");
       part_slots = slots;
     }
-    if (dec_select_smem(p, NBcap) > size_t(optin))
-      throw ResourceError(cat("decode step: the selection kernel needs ", dec_select_smem(p, NBcap),
-                              " bytes of shared memory (", p.Ncap, " compressed rows, ", NBcap,
-                              " selection blocks at capacity ", capacity, "), more than the device's ", optin));
   }
 
   // The step's kernels in order, with names for the timed runs.
@@ -233,10 +240,12 @@ struct Decoder::Impl {
                       dec_emit_gather(prec, p, emit, true, phi_v.pe, ws.X, s);
                       phi_gathered(cfg, prec, emit.M, p.Hkv, p.dv, int(cfg.hidden_v()), phi_v, ws, dst, p.v_cmp, blas, s);
                     }});
-    st.push_back({"cmp+win split", [this, prec](cudaStream_t s) { dec_split(prec, p, false, s); }});
-    st.push_back({"select", [this, prec](cudaStream_t s) { dec_select(prec, p, NBcap, s); }});
-    st.push_back({"slc split", [this, prec](cudaStream_t s) { dec_split(prec, p, true, s); }});
-    st.push_back({"combine", [this, prec](cudaStream_t s) { dec_combine(prec, p, s); }});
+    // The first split kernel waits for everything before it (the previous step's merge reads the
+    // partials it rewrites); the later kernels start in their predecessor's tail (pdl).
+    st.push_back({"cmp+win split", [this, prec](cudaStream_t s) { dec_split(prec, p, false, false, s); }});
+    st.push_back({"select", [this](cudaStream_t s) { dec_select(p, NBcap, pdl, s); }});
+    st.push_back({"slc split", [this, prec](cudaStream_t s) { dec_split(prec, p, true, pdl, s); }});
+    st.push_back({"combine", [this, prec](cudaStream_t s) { dec_combine(prec, p, pdl, s); }});
     return st;
   }
   void run(cudaStream_t s) {
@@ -278,6 +287,14 @@ Decoder::Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int6
     I.len.assign(size_t(B), 0);
     I.sms = device_attr(cudaDevAttrMultiProcessorCount, opt.device);
     if (const char* e = std::getenv("NSA_DEC_WAVES"); e && *e) I.waves = std::max(1, std::atoi(e));
+    // Experiment knobs (docs/cuda_decode.md): NSA_DEC_PDL=0 launches the kernels plainly,
+    // NSA_DEC_EVICT=0 streams the cache with the default L2 policy.
+    auto off = [](const char* name) {
+      const char* e = std::getenv(name);
+      return e && std::string(e) == "0";
+    };
+    I.pdl = device_attr(cudaDevAttrComputeCapabilityMajor, opt.device) >= 9 && !off("NSA_DEC_PDL");
+    I.p.evict_first = !off("NSA_DEC_EVICT");
     I.optin = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, opt.device);
     DecParams& p = I.p;
     p.Hq = int(cfg.Hq), p.Hkv = int(cfg.Hkv), p.G = int(cfg.G()), p.dk = int(cfg.dk), p.dv = int(cfg.dv);
@@ -293,11 +310,12 @@ Decoder::Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int6
     p.L = int(std::min(capacity, cfg.cmp_len)), p.W = int(std::min(capacity, cfg.window));
     I.NBcap = capacity > 0 ? int(cfg.slc_valid(capacity - 1)) : 0;
     p.sc = p.sw = p.ss = 1;
-    if (dec_select_smem(p, I.NBcap) > size_t(I.optin))
+    p.jb = dec_select_blocks_per_cta(p);
+    if (dec_select_smem(p, I.NBcap) + 16 > size_t(I.optin))  // + its static flag
       throw ResourceError(cat("decode cache: capacity = ", capacity, " tokens needs ", dec_select_smem(p, I.NBcap),
-                              " bytes of shared memory in the selection kernel (", p.Ncap, " compressed rows, ",
-                              I.NBcap, " blocks), more than the device's ", I.optin));
-    I.ctas_per_sm = dec_split_ctas_per_sm(opt.dtype, p);
+                              " bytes of shared memory in the selection kernel (the top-n over ", I.NBcap,
+                              " blocks), more than the device's ", I.optin));
+    I.ctas_per_sm = dec_init(opt.dtype, p, I.optin);
     if (I.ctas_per_sm < 1) throw ResourceError("decode step: the split kernel does not fit on an SM");
 
     // The cache (ref::DecodeCache's tensors).
@@ -331,6 +349,8 @@ Decoder::Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int6
     p.lse_win = I.alloc_t<float>(BH, "lse_win");
     p.block_idx = I.alloc_t<int32_t>(B * p.Hkv * p.n, "block_idx");
     p.block_scores = I.alloc_t<float>(B * p.Hkv * I.NBcap, "block_scores");
+    p.sel_arrive = I.alloc_t<int>(B * p.Hkv, "selection arrival counts");
+    if (B > 0) NSA_CUDA_CHECK(cudaMemset(p.sel_arrive, 0, size_t(B * p.Hkv) * sizeof(int)));
     p.scores = I.alloc_t<float>(BH * p.Ncs, "compressed scores");
     I.rows = I.alloc_t<int32_t>(2 * B, "step rows");
     I.emit_rows = I.alloc_t<int64_t>(3 * B, "emitted blocks");
@@ -342,6 +362,7 @@ Decoder::Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int6
       I.ws.Y = I.alloc_t<float>(B * p.Hkv * D, "phi workspace Y");
     }
     NSA_CUBLAS_CHECK(cublasCreate(&I.blas));
+    NSA_CUDA_CHECK(cudaStreamCreate(&I.stream));
   } catch (...) {
     delete impl_;
     throw;
@@ -502,8 +523,8 @@ ref::StepResult<float> Decoder::step(const ref::Inputs<float>& in, const std::ve
   NSA_CUDA_CHECK(cudaMemcpy(I.gates, res.gates.data(), size_t(res.gates.numel()) * 4, cudaMemcpyHostToDevice));
 
   I.prepare(seqs);
-  I.run(nullptr);
-  NSA_CUDA_CHECK(cudaDeviceSynchronize());
+  I.run(I.stream);
+  NSA_CUDA_CHECK(cudaStreamSynchronize(I.stream));
 
   auto get_e = [&](const void* src, Shape shape) {
     Tensor<float> t(std::move(shape));
@@ -658,33 +679,68 @@ ref::DecodeRun<float> decode_workload(const Config& cfg, const ref::Inputs<float
 // ---------------------------------------------------------------- the benchmark
 namespace {
 
-// Median latency of the step's kernels (events around them, the L2 flushed before each repeat)
-// and of each kernel.
+// The step's kernels captured as one CUDA graph on stream s (one launch instead of four or five);
+// nullptr when the capture fails, with a warning on stderr and the error cleared (the eager
+// timing stands alone then).
+cudaGraphExec_t capture_step(Decoder::Impl& I, cudaStream_t s) {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  std::string why;
+  NSA_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  try {
+    I.run(s);
+  } catch (const std::exception& x) {
+    why = x.what();
+  }
+  const cudaError_t e = cudaStreamEndCapture(s, &graph);
+  if (e != cudaSuccess && why.empty()) why = cudaGetErrorString(e);
+  if (e == cudaSuccess && graph) {
+    const cudaError_t ie = cudaGraphInstantiate(&exec, graph, 0);
+    if (ie != cudaSuccess) exec = nullptr, why = cudaGetErrorString(ie);
+  }
+  if (graph) cudaGraphDestroy(graph);
+  cudaGetLastError();
+  if (!exec) std::cerr << "decode bench: the step was not captured as a CUDA graph (" << why << "); eager timing only\n";
+  return exec;
+}
+
+// Median latency of the step's kernels (events around them, the L2 flushed before each repeat),
+// launched one by one (eager) and as one CUDA graph, and of each kernel (eager).
 DecodeTiming time_step(Decoder::Impl& I, int warmup, int reps) {
   auto st = I.stages();
-  for (int i = 0; i < warmup; ++i) I.run(nullptr);
-  NSA_CUDA_CHECK(cudaDeviceSynchronize());
+  NSA_CUDA_CHECK(cudaDeviceSynchronize());  // the cache's fills (legacy stream) are done
+  cudaStream_t s = I.stream;
+  for (int i = 0; i < warmup; ++i) I.run(s);
+  NSA_CUDA_CHECK(cudaStreamSynchronize(s));
   std::vector<cudaEvent_t> ev(st.size() + 1);
   for (auto& e : ev) NSA_CUDA_CHECK(cudaEventCreate(&e));
-  std::vector<double> total;
-  std::vector<std::vector<double>> per(st.size());
-  for (int r = 0; r < reps; ++r) {
-    // The flush gives the host time to queue the step's launches before the GPU reaches them.
-    NSA_CUDA_CHECK(cudaMemsetAsync(I.flush, r & 0xff, I.flush_bytes, nullptr));
-    NSA_CUDA_CHECK(cudaEventRecord(ev[0], nullptr));
-    for (auto& s : st) s.second(nullptr);
-    NSA_CUDA_CHECK(cudaEventRecord(ev.back(), nullptr));
+  // One repeat: the flush (it also gives the host time to queue the launches before the GPU
+  // reaches them), then the step between events.
+  auto timed = [&](int r, const std::function<void()>& step) {
+    NSA_CUDA_CHECK(cudaMemsetAsync(I.flush, r & 0xff, I.flush_bytes, s));
+    NSA_CUDA_CHECK(cudaEventRecord(ev[0], s));
+    step();
+    NSA_CUDA_CHECK(cudaEventRecord(ev.back(), s));
     NSA_CUDA_CHECK(cudaEventSynchronize(ev.back()));
     float ms = 0;
     NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev.back()));
-    total.push_back(ms);
+    return double(ms);
+  };
+  std::vector<double> eager, graph;
+  for (int r = 0; r < reps; ++r) eager.push_back(timed(r, [&] { I.run(s); }));
+  cudaGraphExec_t exec = capture_step(I, s);
+  if (exec) {
+    for (int i = 0; i < warmup; ++i) NSA_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    for (int r = 0; r < reps; ++r) graph.push_back(timed(r, [&] { NSA_CUDA_CHECK(cudaGraphLaunch(exec, s)); }));
+    cudaGraphExecDestroy(exec);
   }
+  std::vector<std::vector<double>> per(st.size());
   for (int r = 0; r < reps; ++r) {
-    NSA_CUDA_CHECK(cudaMemsetAsync(I.flush, r & 0xff, I.flush_bytes, nullptr));
-    NSA_CUDA_CHECK(cudaEventRecord(ev[0], nullptr));
+    NSA_CUDA_CHECK(cudaMemsetAsync(I.flush, r & 0xff, I.flush_bytes, s));
+    NSA_CUDA_CHECK(cudaEventRecord(ev[0], s));
     for (size_t i = 0; i < st.size(); ++i) {
-      st[i].second(nullptr);
-      NSA_CUDA_CHECK(cudaEventRecord(ev[i + 1], nullptr));
+      st[i].second(s);
+      NSA_CUDA_CHECK(cudaEventRecord(ev[i + 1], s));
     }
     NSA_CUDA_CHECK(cudaEventSynchronize(ev.back()));
     for (size_t i = 0; i < st.size(); ++i) {
@@ -695,11 +751,15 @@ DecodeTiming time_step(Decoder::Impl& I, int warmup, int reps) {
   }
   for (auto& e : ev) cudaEventDestroy(e);
   DecodeTiming t;
-  t.ms = median(total);
+  t.ms_eager = median(eager);
+  t.ms_graph = median(graph);
+  t.ms = graph.empty() ? t.ms_eager : t.ms_graph;
   for (size_t i = 0; i < st.size(); ++i) t.stages.push_back({st[i].first, median(per[i])});
   t.splits_cmp = I.p.sc, t.splits_win = I.p.sw, t.splits_slc = I.p.ss;
   t.keys_cmp = I.p.rc, t.keys_win = I.p.rw, t.keys_slc = I.p.rs;
   t.kernel = I.p.kernel;
+  t.pdl = I.pdl;
+  t.evict_first = I.p.evict_first;
   return t;
 }
 

@@ -12,10 +12,11 @@
 //            one partial (max, sum, unnormalised O) per query row. The compression CTAs also
 //            write every score s q.k (Eq. 8 needs them normalised by the final lse, which no split
 //            knows), and the first CTA of each item appends the new token's rows to the cache.
-//   select   (dec_select_kernel) per item: merges the compression partials' statistics into each
-//            head's lse, forms p = exp(s q.k - lse), sums it over the group's heads (Eq. 10), maps
-//            it onto the selection blocks (Eq. 9) and runs the top-n (Eq. 11, select_cta in
-//            cuda/select.cuh, all warps of the CTA).
+//   select   (dec_select_kernel) per (chunk of selection blocks, item): merges the compression
+//            partials' statistics into each head's lse, forms p = exp(s q.k - lse) of the rows
+//            the chunk's blocks overlap, sums it over the group's heads (Eq. 10) and maps it onto
+//            the blocks (Eq. 9); the item's last CTA runs the top-n (Eq. 11, select_cta in
+//            cuda/select.cuh: a radix select with every thread of the CTA).
 //   combine  (dec_combine_kernel) per (item, head): merges the three branches' partials into
 //            O_cmp, O_win, O_slc and their lse, and forms o = g_cmp O_cmp + g_slc O_slc + g_win O_win
 //            (Eq. 5).
@@ -24,7 +25,9 @@
 // per step whatever the batch (H100, docs/cuda_decode.md).
 // A step that completes a compressed block first appends (dec_append_kernel) and runs phi on the
 // block's l raw rows (dec_emit_*; the mlp/linear products through compress.cu's cuBLAS path).
+#include <algorithm>
 #include <climits>
+#include <utility>
 
 #include "attn_tile.cuh"
 #include "check.hpp"
@@ -52,6 +55,22 @@ struct SplitShape {
 static_assert(kDecTile % 32 == 0, "split sizes must be whole tiles of every version");
 constexpr int kRows = 16;  // query rows of an item: heads g*G .. g*G + G - 1, zero rows past G
 enum Kind { kCmp = 0, kWin = 1, kSlc = 2 };
+
+// Programmatic dependent launch (sm_90): a kernel launched with it (dec_launch, pdl) may start
+// while the previous kernel of the stream still runs; pdl_wait() returns once that kernel has
+// completed and its writes are visible (at once without it). A kernel reads what the previous
+// one wrote, and writes anything, only after pdl_wait(); pdl_release() lets the next kernel's
+// CTAs start on SMs this one leaves free (its tail), where they run up to their own pdl_wait().
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_release() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 // The [Hkv, D] row of token u of cache sequence b as a branch with a ring sees it: the ring
 // (slot u % period) when the branch keeps one, else the history.
@@ -121,16 +140,47 @@ __device__ __forceinline__ void key_rows(const DecParams& p, int kind, int r, in
   vp = raw_row<T>(p, win ? p.v_win : nullptr, p.W, p.w, p.v_slc, b, u, DV) + g * DV;
 }
 
+// The L2 policy of the cache's K/V tile loads. A step reads each cached row once, and its later
+// kernels read again what the first one wrote (the compression scores, the partials): with
+// evict_first on the streamed rows those stay in L2 instead of being pushed out by the stream.
+// evict_normal (DecParams::evict_first false) is the plain loads' policy.
+__device__ __forceinline__ uint64_t stream_policy(bool evict_first) {
+  uint64_t pol;
+  if (evict_first) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+  else asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(pol));
+  return pol;
+}
+
+// cp_async_16 under an L2 policy.
+__device__ __forceinline__ void cp_async_16_pol(void* smem, const void* gmem, bool valid, uint64_t pol) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(src_bytes), "l"(pol));
+}
+
 // One warp copies a tile of kTile rows into a swizzled [kTile, D] tile with cp.async: lane i
 // computed the address of row i (nullptr: zero-filled), the others take it by a shuffle.
 template <int D, int kTile, class T>
-__device__ __forceinline__ void copy_tile(T* tile, const T* my_row, const T* fallback, int lane) {
+__device__ __forceinline__ void copy_tile(T* tile, const T* my_row, const T* fallback, int lane, uint64_t pol) {
   constexpr int C = D / 8;
   const unsigned long long mine = reinterpret_cast<unsigned long long>(my_row);
   for (int c = lane; c < kTile * C; c += 32) {
     const int rr = c / C, ch = c - rr * C;
     const T* src = reinterpret_cast<const T*>(__shfl_sync(0xffffffffu, mine, rr));
-    cp_async_16(tile + SwizzledTile<D>::offset(rr, ch), src ? src + ch * 8 : fallback, src != nullptr);
+    cp_async_16_pol(tile + SwizzledTile<D>::offset(rr, ch), src ? src + ch * 8 : fallback, src != nullptr, pol);
+  }
+}
+
+// load_rows_async (device.cuh: rows [0, rows) at base + r * stride, rows >= valid zero-filled)
+// under an L2 policy, with the warp's lanes.
+template <int D, class T>
+__device__ __forceinline__ void load_rows_pol(T* tile, int rows, const T* base, int64_t stride, int valid, int lane,
+                                              uint64_t pol) {
+  constexpr int C = SwizzledTile<D>::kChunks;
+  for (int c = lane; c < rows * C; c += 32) {
+    const int r = c / C, ch = c - r * C;
+    const bool ok = r < valid;
+    cp_async_16_pol(tile + SwizzledTile<D>::offset(r, ch), base + (ok ? r * stride + ch * 8 : 0), ok, pol);
   }
 }
 
@@ -175,6 +225,16 @@ __global__ void __launch_bounds__(SplitShape<V>::kWarps * 32, (V == 3 && DK <= 1
   const int ntiles = x1 > x0 ? (x1 - x0 + kTile - 1) / kTile : 0;
   const int ws = win_start(t, p.w);
 
+  // The item's query rows: rows A = lane / 4 and B = A + 8 of the mma layout are heads g*G + A, + B.
+  // Their loads (step inputs) are issued before the wait for the selection kernel, and before the
+  // block list's loads.
+  const int rA = lane >> 2, rB = rA + 8;
+  const T* q = static_cast<const T*>(p.q) + (int64_t(r) * p.Hq + g * G) * DK;
+  uint32_t qa[DK / 16][4];
+  load_q_global<DK>(qa, q + rA * DK, q + rB * DK, rA < G, rB < G, lane);
+  pdl_release();
+  pdl_wait();
+
   if (first == kCmp && blockIdx.x == 0 && p.append) append_group<T>(p, r, g, tid, blockDim.x);
   int* sList = reinterpret_cast<int*>(smem + split_stage_bytes<V>(DK, DV, sizeof(T)));
   if (kind == kSlc) {
@@ -182,15 +242,10 @@ __global__ void __launch_bounds__(SplitShape<V>::kWarps * 32, (V == 3 && DK <= 1
     __syncthreads();
   }
 
-  // The item's query rows: rows A = lane / 4 and B = A + 8 of the mma layout are heads g*G + A, + B.
-  const int rA = lane >> 2, rB = rA + 8;
-  const T* q = static_cast<const T*>(p.q) + (int64_t(r) * p.Hq + g * G) * DK;
-  uint32_t qa[DK / 16][4];
-  load_q_global<DK>(qa, q + rA * DK, q + rB * DK, rA < G, rB < G, lane);
-
   T* sK = reinterpret_cast<T*>(smem) + size_t(warp) * 2 * kTile * (DK + DV);
   T* sV = sK + 2 * kTile * DK;
   const T* fallback = static_cast<const T*>(p.k_slc);
+  const uint64_t pol = stream_policy(p.evict_first);
   // Regular tiles (kLean): the K and V rows of keys [xt, xt + kTile) at kb + i * sk, vb + i * sv.
   const int64_t H = p.Hkv;
   auto regular = [&](int xt, int valid, const T*& kb, const T*& vb) -> bool {
@@ -223,8 +278,8 @@ __global__ void __launch_bounds__(SplitShape<V>::kWarps * 32, (V == 3 && DK <= 1
       const T* kb;
       const T* vb;
       if (regular(xt, valid, kb, vb)) {
-        load_rows_async<DK>(sK + st * kTile * DK, kTile, kb, H * DK, valid, lane, 32);
-        load_rows_async<DV>(sV + st * kTile * DV, kTile, vb, H * DV, valid, lane, 32);
+        load_rows_pol<DK>(sK + st * kTile * DK, kTile, kb, H * DK, valid, lane, pol);
+        load_rows_pol<DV>(sV + st * kTile * DV, kTile, vb, H * DV, valid, lane, pol);
         return valid == kTile ? kFull : (1u << valid) - 1u;
       }
     }
@@ -232,8 +287,8 @@ __global__ void __launch_bounds__(SplitShape<V>::kWarps * 32, (V == 3 && DK <= 1
     const T* kp = nullptr;
     const T* vp = nullptr;
     if (lane < kTile && x < x1) key_rows<T, DK, DV>(p, kind, r, g, b, t, ws, sList, x, kp, vp);
-    copy_tile<DK, kTile>(sK + st * kTile * DK, kp, fallback, lane);
-    copy_tile<DV, kTile>(sV + st * kTile * DV, vp, fallback, lane);
+    copy_tile<DK, kTile>(sK + st * kTile * DK, kp, fallback, lane, pol);
+    copy_tile<DV, kTile>(sV + st * kTile * DV, vp, fallback, lane, pol);
     return __ballot_sync(0xffffffffu, kp != nullptr);
   };
 
@@ -290,10 +345,17 @@ __global__ void __launch_bounds__(SplitShape<V>::kWarps * 32, (V == 3 && DK <= 1
   quad_sum(lA, lB);
 
   // The CTA's partial: the warps' (m, l, O) merged in shared memory (the stages are free now).
+  // O rows are padded to DV + 8 floats, so that the float2 stores of a half-warp (rows A 0-3 or
+  // 4-7, four column pairs each) fall in distinct banks; each row's factors exp2(m_w - M) are
+  // formed once.
+  constexpr int kPad = DV + 8;
+  static_assert(size_t(kWarps) * kRows * (3 + kPad) * 4 <= split_stage_bytes<V>(DK, DV, sizeof(T)),
+                "the warps' partials fit in the stages");
   __syncthreads();
   float* sM = reinterpret_cast<float*>(smem);  // [kWarps][16]
   float* sL = sM + kWarps * kRows;              // [kWarps][16]
-  float* sO = sL + kWarps * kRows;              // [kWarps][16][DV]
+  float* sF = sL + kWarps * kRows;              // [kWarps][16] exp2(m_w - M) of each row
+  float* sO = sF + kWarps * kRows;              // [kWarps][16][kPad]
   if ((lane & 3) == 0) {
     sM[warp * kRows + rA] = mA, sM[warp * kRows + rB] = mB;
     sL[warp * kRows + rA] = lA, sL[warp * kRows + rB] = lB;
@@ -301,29 +363,30 @@ __global__ void __launch_bounds__(SplitShape<V>::kWarps * 32, (V == 3 && DK <= 1
 #pragma unroll
   for (int nd = 0; nd < DV / 8; ++nd) {
     const int c = nd * 8 + 2 * (lane & 3);
-    sO[(warp * kRows + rA) * DV + c] = oacc[nd][0], sO[(warp * kRows + rA) * DV + c + 1] = oacc[nd][1];
-    sO[(warp * kRows + rB) * DV + c] = oacc[nd][2], sO[(warp * kRows + rB) * DV + c + 1] = oacc[nd][3];
+    *reinterpret_cast<float2*>(sO + (warp * kRows + rA) * kPad + c) = {oacc[nd][0], oacc[nd][1]};
+    *reinterpret_cast<float2*>(sO + (warp * kRows + rB) * kPad + c) = {oacc[nd][2], oacc[nd][3]};
   }
   __syncthreads();
   const int S = p.sc + p.sw + p.ss;
   const int64_t part = int64_t(item) * S + slot;
-  auto factor = [&](int w, int row) {  // exp2(m_w - M) of warp w's partial of a row
-    float M = -INFINITY;
-    for (int v = 0; v < kWarps; ++v) M = fmaxf(M, sM[v * kRows + row]);
-    return M == -INFINITY ? 0.0f : exp2f(sM[w * kRows + row] - M);
-  };
-  for (int e = tid; e < kRows * DV; e += blockDim.x) {
-    const int row = e / DV;
-    float acc = 0;
-    for (int w = 0; w < kWarps; ++w) acc += factor(w, row) * sO[w * kRows * DV + e];
-    p.part_o[part * kRows * DV + e] = acc;
-  }
   if (tid < kRows) {
     float M = -INFINITY, Lsum = 0;
     for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sM[w * kRows + tid]);
-    for (int w = 0; w < kWarps; ++w) Lsum += factor(w, tid) * sL[w * kRows + tid];
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = M == -INFINITY ? 0.0f : exp2f(sM[w * kRows + tid] - M);
+      sF[w * kRows + tid] = f;
+      Lsum += f * sL[w * kRows + tid];
+    }
     p.part_ml[part * 2 * kRows + tid] = M;
     p.part_ml[part * 2 * kRows + kRows + tid] = Lsum;
+  }
+  __syncthreads();
+  for (int e = tid; e < kRows * DV; e += blockDim.x) {
+    const int row = e / DV, c = e - row * DV;
+    float acc = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) acc += sF[w * kRows + row] * sO[(w * kRows + row) * kPad + c];
+    p.part_o[part * kRows * DV + e] = acc;
   }
 }
 
@@ -352,57 +415,81 @@ __device__ __forceinline__ float warp_lse(const float* ml, int ns, int h, int la
   return Lsum > 0 ? M + log2f(Lsum) : -INFINITY;
 }
 
-// grid (Bs * Hkv), kSelectThreads threads. Shared memory: sLse [16] | sCol [Ncap] | sP [NBcap] |
-// sCand [nwarps * n] | sList [n].
-constexpr int kSelectThreads = 512;
-template <class T>
-__global__ void __launch_bounds__(kSelectThreads) dec_select_kernel(DecParams p, int NBcap) {
+// grid (chunks, Bs * Hkv), kSelectThreads threads: Eq. 8-10 for the selection blocks
+// [chunk * jb, chunk * jb + jb) of an item, into block_scores; the item's last CTA to finish
+// (an arrival count per item) reads all its block scores back and runs the top-n (Eq. 11). The
+// chunks spread the score reads over many SMs even at batch 1, where a step has only Hkv items.
+// Shared memory: sLse [16] | sCol [jb l'/d + l/d + 2]; the top-n reuses it as P [NBs] | hist [290].
+constexpr int kSelectThreads = 256;
+__global__ void __launch_bounds__(kSelectThreads) dec_select_kernel(DecParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ bool last;
   const int tid = threadIdx.x, nth = blockDim.x, warp = tid / 32, lane = tid % 32;
-  const int item = blockIdx.x, r = item / p.Hkv, t = p.pos[r], G = p.G;
+  const int item = blockIdx.y, r = item / p.Hkv, t = p.pos[r], G = p.G;
   const int nv = cmp_visible(t, p.l, p.d), valid = slc_valid(t, p.ls);
   const int ns = nv > 0 ? (nv + p.rc - 1) / p.rc : 0;  // compression splits that saw keys
+  const int j0 = blockIdx.x * p.jb, j1 = min(valid, j0 + p.jb);
+  // The compressed rows [ia, ib] that overlap blocks [j0, j1) (empty when ib < ia).
+  const int ia = j0 < j1 ? overlap_first(j0, p.l, p.d, p.ls) : 0;
+  const int ib = j0 < j1 ? min(nv - 1, overlap_last(j1 - 1, p.d, p.ls)) : -1;
+  pdl_release();
+  pdl_wait();  // the compression splits' scores and statistics
   float* sLse = reinterpret_cast<float*>(smem);
   float* sCol = sLse + kRows;
-  float* sP = sCol + p.Ncap;
-  int* sCand = reinterpret_cast<int*>(sP + NBcap);
-  int* sList = sCand + (nth / 32) * p.n;
+  const float* sc = p.scores + int64_t(item) * G * p.Ncs;
 
+  // This thread's first row: its G scores are loaded before the lse is known (no dependence).
+  float v[kRows];
+  const int i0 = ia + tid;
+#pragma unroll
+  for (int h = 0; h < kRows; ++h) v[h] = h < G && i0 <= ib ? sc[int64_t(h) * p.Ncs + i0] : 0.0f;
   const int S = p.sc + p.sw + p.ss;
   for (int h = warp; h < G; h += nth / 32) {
     const float lse = warp_lse(p.part_ml + int64_t(item) * S * 2 * kRows, ns, h, lane);
     if (lane == 0) sLse[h] = lse;
   }
   __syncthreads();
-  // Eq. 8 and 10: p = exp(s q.k - lse) of every visible compressed row, summed over the group's
-  // heads in ascending order; each column by the same operations, so equal keys give equal sums.
-  // The G loads of a column are issued together (no chain of dependent loads).
-  const float* sc = p.scores + int64_t(item) * G * p.Ncs;
-  for (int i = tid; i < nv; i += nth) {
-    float v[kRows];
+  // Eq. 8 and 10: p = exp(s q.k - lse) of every compressed row, summed over the group's heads in
+  // ascending order; each column by the same operations, so equal keys give equal sums.
+  for (int i = i0; i <= ib; i += nth) {
+    if (i != i0)
 #pragma unroll
-    for (int h = 0; h < kRows; ++h) v[h] = h < G ? sc[int64_t(h) * p.Ncs + i] : 0.0f;
+      for (int h = 0; h < kRows; ++h) v[h] = h < G ? sc[int64_t(h) * p.Ncs + i] : 0.0f;
     float a = 0;
 #pragma unroll
     for (int h = 0; h < kRows; ++h)
       if (h < G) a += exp2f(v[h] - sLse[h]);
-    sCol[i] = a;
+    sCol[i - ia] = a;
   }
   __syncthreads();
   // Eq. 9: each block's overlapping compressed rows in ascending order (a sequential sum that is
-  // the same whatever the splits, so exactly tied blocks stay tied, as in the forward kernels).
-  for (int j = tid; j < valid; j += nth) {
-    const int ia = overlap_first(j, p.l, p.d, p.ls), ib = min(nv - 1, overlap_last(j, p.d, p.ls));
+  // the same whatever the chunks, so exactly tied blocks stay tied, as in the forward kernels).
+  float* P = p.block_scores + int64_t(item) * p.NBs;
+  for (int j = j0 + tid; j < min(j0 + p.jb, p.NBs); j += nth) {
     float acc = 0;
-    for (int i = ia; i <= ib; ++i) acc += sCol[i] * overlap_weight(i, j, p.l, p.d, p.ls);
-    sP[j] = acc;
+    if (j < valid) {
+      const int a = overlap_first(j, p.l, p.d, p.ls), b = min(nv - 1, overlap_last(j, p.d, p.ls));
+      for (int i = a; i <= b; ++i) acc += sCol[i - ia] * overlap_weight(i, j, p.l, p.d, p.ls);
+    }
+    P[j] = acc;
+  }
+
+  // The last CTA of the item: every chunk's scores are written (each CTA fences before it counts).
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    last = atomicAdd(p.sel_arrive + item, 1) == int(gridDim.x) - 1;
+    if (last) p.sel_arrive[item] = 0;  // ready for the next step
   }
   __syncthreads();
-  if (p.block_scores)
-    for (int j = tid; j < p.NBs; j += nth) p.block_scores[int64_t(item) * p.NBs + j] = j < valid ? sP[j] : 0.0f;
+  if (!last) return;
+  __threadfence();
+  float* sP = reinterpret_cast<float*>(smem);
+  for (int j = tid; j < valid; j += nth) sP[j] = __ldcg(P + j);  // L2: other SMs wrote them
+  __syncthreads();
   FwdParams fp;  // what the top-n reads
   fp.ls = p.ls, fp.n = p.n, fp.init_blocks = p.init_blocks, fp.local_blocks = p.local_blocks;
-  select_cta(sP, t, fp, sCand, sList, p.block_idx + int64_t(item) * p.n, tid, nth);
+  select_cta(sP, t, fp, reinterpret_cast<int*>(sP + p.NBs), p.block_idx + int64_t(item) * p.n, tid, nth);
 }
 
 // sum_s f[s] * x[s * stride] in ascending s, eight loads in flight at a time.
@@ -438,6 +525,7 @@ __global__ void __launch_bounds__(128) dec_combine_kernel(DecParams p) {
   const int ns[3] = {nv > 0 ? (nv + p.rc - 1) / p.rc : 0, (t - win_start(t, p.w) + 1 + p.rw - 1) / p.rw,
                      (min(p.n, slc_valid(t, p.ls)) * p.ls + p.rs - 1) / p.rs};
   const float* ml = p.part_ml + int64_t(item) * S * 2 * kRows;
+  pdl_wait();  // the selection splits' partials (and, through them, every earlier kernel's)
   if (warp < 3) {
     const float* mlb = ml + s0[warp] * 2 * kRows;
     const float lse = warp_lse(mlb, ns[warp], h, lane);
@@ -517,6 +605,19 @@ void dispatch_elem(Precision prec, Fn&& fn) {
   else throw ConfigError("the decode kernels take bf16 or fp16 operands (fp32 has no decode step)");
 }
 
+// kernel<<<grid, block, smem, s>>>(args...), with programmatic dependent launch when pdl.
+template <class... Params, class... Args>
+void dec_launch(void (*kernel)(Params...), dim3 grid, int block, size_t smem, cudaStream_t s, bool pdl,
+                Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid, cfg.blockDim = dim3(unsigned(block)), cfg.dynamicSmemBytes = smem, cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr, cfg.numAttrs = pdl ? 1 : 0;
+  NSA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+
 }  // namespace
 
 size_t dec_split_smem(const DecParams& p, Precision prec) {
@@ -545,48 +646,55 @@ void with_split_kernel(Precision prec, const DecParams& p, Fn&& fn) {
   });
 }
 
-int dec_split_ctas_per_sm(Precision prec, const DecParams& p) {
+int dec_init(Precision prec, const DecParams& p, int optin) {
+  // The attribute is the kernel's, process-wide: the device's limit serves every Decoder, and the
+  // launches need no call of their own (they would be host time in every step).
+  // The dynamic limit is what the kernel's static shared memory leaves of `optin`.
+  auto allow = [optin](const void* k) {
+    cudaFuncAttributes a{};
+    NSA_CUDA_CHECK(cudaFuncGetAttributes(&a, k));
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - int(a.sharedSizeBytes)));
+  };
   int ctas = 0;
   const size_t smem = dec_split_smem(p, prec);
   with_split_kernel(prec, p, [&](auto* k) {
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    allow(reinterpret_cast<const void*>(k));
     NSA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, k, dec_split_threads(p), smem));
   });
+  allow(reinterpret_cast<const void*>(dec_select_kernel));
   return ctas;
 }
 
-void dec_split(Precision prec, const DecParams& p, bool selection, cudaStream_t s) {
+void dec_split(Precision prec, const DecParams& p, bool selection, bool pdl, cudaStream_t s) {
   const size_t smem = dec_split_smem(p, prec);
   const dim3 grid(unsigned(selection ? p.ss : p.sc + p.sw), unsigned(p.Bs * p.Hkv));
   with_split_kernel(prec, p, [&](auto* k) {
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    k<<<grid, dec_split_threads(p), smem, s>>>(p, selection ? kSlc : kCmp);
+    dec_launch(k, grid, dec_split_threads(p), smem, s, pdl, p, int(selection ? kSlc : kCmp));
   });
-  NSA_CUDA_CHECK_LAUNCH("dec_split_kernel");
+}
+
+int dec_select_blocks_per_cta(const DecParams& p) {
+  // The rows of jb blocks, (jb l' + l) / d + 2 at most, fit one per thread.
+  return std::max(1, ((kSelectThreads - 2) * p.d - p.l) / p.ls);
 }
 
 size_t dec_select_smem(const DecParams& p, int NBcap) {
-  return (size_t(kRows) + size_t(p.Ncap) + size_t(NBcap) + size_t(kSelectThreads / 32 + 1) * p.n) * 4;
+  const size_t cols = size_t(p.jb) * p.ls / p.d + size_t(p.l) / p.d + 2;
+  return std::max(size_t(kRows) + cols, size_t(NBcap) + 256 + 32 + 2) * 4;
 }
 
-void dec_select(Precision prec, const DecParams& p, int NBcap, cudaStream_t s) {
-  const size_t smem = dec_select_smem(p, NBcap);
-  dispatch_elem(prec, [&](auto e) {
-    using T = decltype(e);
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(dec_select_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    dec_select_kernel<T><<<p.Bs * p.Hkv, kSelectThreads, smem, s>>>(p, NBcap);
-  });
-  NSA_CUDA_CHECK_LAUNCH("dec_select_kernel");
+void dec_select(const DecParams& p, int NBcap, bool pdl, cudaStream_t s) {
+  const dim3 grid(unsigned((p.NBs + p.jb - 1) / p.jb), unsigned(p.Bs * p.Hkv));
+  dec_launch(dec_select_kernel, grid, kSelectThreads, dec_select_smem(p, NBcap), s, pdl, p);
 }
 
-void dec_combine(Precision prec, const DecParams& p, cudaStream_t s) {
-  const size_t smem = (size_t(p.sc + p.sw + p.ss) + 4) * 4;
+size_t dec_combine_smem(const DecParams& p) { return (size_t(p.sc + p.sw + p.ss) + 4) * 4; }
+
+void dec_combine(Precision prec, const DecParams& p, bool pdl, cudaStream_t s) {
   dispatch_elem(prec, [&](auto e) {
     using T = decltype(e);
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(dec_combine_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    dec_combine_kernel<T><<<dim3(unsigned(p.Bs * p.Hkv), unsigned(p.G)), 128, smem, s>>>(p);
+    dec_launch(dec_combine_kernel<T>, dim3(unsigned(p.Bs * p.Hkv), unsigned(p.G)), 128, dec_combine_smem(p), s, pdl, p);
   });
-  NSA_CUDA_CHECK_LAUNCH("dec_combine_kernel");
 }
 
 void dec_append(Precision prec, const DecParams& p, cudaStream_t s) {

@@ -183,13 +183,21 @@ struct DecEmit {
   const int64_t* rows = nullptr;
 };
 size_t dec_split_smem(const DecParams& p, Precision prec);
-int dec_split_ctas_per_sm(Precision prec, const DecParams& p);  // occupancy of the split kernel
+// Once per Decoder: lets the split and selection kernels take up to `optin` bytes of dynamic
+// shared memory; returns the split kernel's CTAs per SM (its occupancy).
+int dec_init(Precision prec, const DecParams& p, int optin);
+// The step's kernels; pdl: launched with programmatic dependent launch (sm_90), so that the
+// kernel's CTAs start in the previous kernel's tail (each waits for that kernel's results).
 // The split kernel: the compression and window splits (and the append) or the selection splits.
-void dec_split(Precision prec, const DecParams& p, bool selection, cudaStream_t s);
-// NBcap = selection blocks at the cache's capacity (the shared-memory block scores).
+void dec_split(Precision prec, const DecParams& p, bool selection, bool pdl, cudaStream_t s);
+// The selection kernel: blocks per CTA (DecParams::jb), and its shared memory, NBcap = selection
+// blocks at the cache's capacity (the top-n holds an item's block scores).
+int dec_select_blocks_per_cta(const DecParams& p);
 size_t dec_select_smem(const DecParams& p, int NBcap);
-void dec_select(Precision prec, const DecParams& p, int NBcap, cudaStream_t s);
-void dec_combine(Precision prec, const DecParams& p, cudaStream_t s);
+void dec_select(const DecParams& p, int NBcap, bool pdl, cudaStream_t s);
+// The merge kernel and its shared memory.
+size_t dec_combine_smem(const DecParams& p);
+void dec_combine(Precision prec, const DecParams& p, bool pdl, cudaStream_t s);
 void dec_append(Precision prec, const DecParams& p, cudaStream_t s);
 void dec_emit_mean(Precision prec, const DecParams& p, const DecEmit& em, bool values, cudaStream_t s);
 // X [Hkv, M, l*D] for phi_gathered, from the cache's raw rows (the tail ring or the history).

@@ -206,11 +206,16 @@ ref::BackwardResult<float> backward(const Config& cfg, const ref::Inputs<float>&
 class Decoder;
 // A step's time and what it was split into (bench_decode).
 struct DecodeTiming {
-  double ms = 0;                  // median step latency (L2 flushed before each repeat)
+  double ms = 0;                  // median step latency (L2 flushed before each repeat): ms_graph, or
+                                  // ms_eager where the capture failed
+  double ms_graph = 0;            // the step's kernels launched as one CUDA graph (0: capture failed)
+  double ms_eager = 0;            // the step's kernels launched one by one
   std::vector<StageTime> stages;  // per-kernel medians
   int splits_cmp = 0, splits_win = 0, splits_slc = 0;  // CTAs per item of each branch
   int keys_cmp = 0, keys_win = 0, keys_slc = 0;        // keys per split
   int kernel = 0;                                      // the split kernel's version
+  bool pdl = false;          // the kernels after the first launched with programmatic dependent launch
+  bool evict_first = false;  // the cache's K/V streamed with the L2 evict_first policy
 };
 struct DecodeBench {
   DecodeTiming step;  // a step that emits no compressed row: the token at position s
@@ -222,7 +227,8 @@ struct DecodeBench {
 // step inputs ~ N(0, 1), gates ~ U(0, 1), phi = ref::random_compress_params(seed), shared K/V):
 // medians of `reps` steps after `warmup`, each step repeated at the same position (it rewrites the
 // same cache rows), the L2 cache flushed before each repeat so that the cache is read from memory
-// as when a model steps through its layers.
+// as when a model steps through its layers; the step's kernels launched one by one (ms_eager,
+// and per kernel) and as one CUDA graph (ms_graph).
 DecodeBench bench_decode(const Config& cfg, int64_t B, int64_t s, const Options& opt, int warmup, int reps,
                          uint64_t seed = 1);
 

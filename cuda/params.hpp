@@ -146,7 +146,7 @@ struct DecParams {
   float* lse_slc = nullptr;       // [Bs, Hq]
   float* lse_win = nullptr;       // [Bs, Hq]
   int32_t* block_idx = nullptr;   // [Bs, Hkv, n]  ascending, -1 padding at the end
-  float* block_scores = nullptr;  // [Bs, Hkv, NBs] Eq. 10, 0 for invalid blocks; nullptr: not stored
+  float* block_scores = nullptr;  // [Bs, Hkv, NBs] Eq. 10, 0 for invalid blocks (the top-n reads them back)
 
   // ---- split softmax (flash-decoding): each branch's key list of an item is cut into splits of
   // r* keys, one CTA each; partial slot s of an item: cmp splits [0, sc), window [sc, sc + sw),
@@ -157,8 +157,11 @@ struct DecParams {
   float* part_o = nullptr;      // [Bs*Hkv, S, 16, dv] per query row: sum of exp2(x - m) v (unnormalised)
   float* scores = nullptr;      // [Bs*Hkv, G, Ncs]    s q.k of every compressed row (log2 domain), for Eq. 8-10
   int Ncs = 0;                  // row stride of scores: Ncap rounded up to a multiple of 4 (aligned pairs)
+  int jb = 1;                   // selection blocks per CTA of the selection kernel (Eq. 8-10)
+  int* sel_arrive = nullptr;    // [Bs*Hkv] CTAs of the selection kernel done with an item (0 between steps)
   bool append = true;           // the first split kernel also writes the new token's rows into the cache
   int kernel = 2;               // split kernel version (Options::decode_kernel): 1, 2 or 3
+  bool evict_first = true;      // the split kernels' K/V loads ask L2 to evict their lines first
 };
 
 }  // namespace nsa::cuda

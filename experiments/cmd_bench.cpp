@@ -355,7 +355,11 @@ void bench_cuda_decode(const Config& base, const std::vector<int64_t>& Ts, const
       const double tbps = bytes / r.step.ms / 1e9;
       json rec{{"op", "decode"}, {"impl", "nsa_cuda"}, {"T", T}, {"kv_len", T + 1}, {"B", B}, {"Hq", base.Hq},
                {"Hkv", base.Hkv}, {"dk", base.dk}, {"dv", base.dv}, {"dtype", dtype}, {"ms", r.step.ms},
-               {"ms_emit", r.emit.ms}, {"ms_mean", ms_mean}, {"kernel", r.step.kernel}, {"pos", r.pos},
+               {"ms_emit", r.emit.ms}, {"ms_mean", ms_mean}, {"ms_eager", r.step.ms_eager}, {"ms_graph", r.step.ms_graph},
+               {"ms_emit_eager", r.emit.ms_eager}, {"ms_emit_graph", r.emit.ms_graph},
+               {"timing", r.step.ms_graph > 0 ? "cuda_graph" : "eager"}, {"pdl", r.step.pdl},
+               {"l2_evict_first", r.step.evict_first}, {"kernel", r.step.kernel},
+               {"pos", r.pos},
                {"pos_emit", r.pos_emit},
                {"bytes", bytes}, {"bytes_emit", bytes_emit}, {"bytes_mean", bytes_mean},
                {"bytes_by_branch_per_seq", {{"cmp", sb.cmp}, {"slc", sb.slc}, {"win", sb.win}, {"emit", sbe.emit},
@@ -375,7 +379,8 @@ void bench_cuda_decode(const Config& base, const std::vector<int64_t>& Ts, const
       for (const auto& x : r.step.stages) st << " " << x.stage << " " << 1e3 * x.ms << "us";
       std::cout << "decode nsa_cuda v" << r.step.kernel << " s=" << std::setw(6) << T << " B=" << std::setw(2) << B << " "
                 << dtype << "  median "
-                << std::fixed << std::setprecision(1) << std::setw(7) << 1e3 * r.step.ms << " us (emitting step "
+                << std::fixed << std::setprecision(1) << std::setw(7) << 1e3 * r.step.ms << " us (graph "
+                << 1e3 * r.step.ms_graph << ", eager " << 1e3 * r.step.ms_eager << "; emitting step "
                 << 1e3 * r.emit.ms << " us, mean " << 1e3 * ms_mean << " us)  " << std::setprecision(1) << bytes / 1e6
                 << " MB -> " << std::setprecision(2) << tbps << " TB/s = " << std::setprecision(0)
                 << 100 * tbps / ceil.copy_tbps << "% of copy (model at copy " << std::setprecision(1)

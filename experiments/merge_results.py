@@ -117,13 +117,15 @@ def decode_table(records):
 
     print(f"\n== decode step (us; median, L2 flushed); bytes = what the step must read (traffic model); "
           f"copy ceiling {nsa[0].get('copy_tbps', float('nan')):.2f} TB/s")
-    print(f"{'s':>6} {'B':>3} | {'nsa us':>8} {'emit us':>8} {'mean us':>8} | {'MB':>7} {'TB/s':>5} {'%copy':>5} "
+    print(f"nsa us: {nsa[0].get('timing', 'eager')} launches (eager: the kernels launched one by one)")
+    print(f"{'s':>6} {'B':>3} | {'nsa us':>8} {'eager':>8} {'emit us':>8} {'mean us':>8} | {'MB':>7} {'TB/s':>5} {'%copy':>5} "
           f"{'model us':>8} | {'sdpa us':>8} {'backend':>9} {'x sdpa':>6} | {'flash':>8} {'effic.':>8} {'cudnn':>8}")
     for r in nsa:
         d = sdpa("sdpa", r)
         f, e, c = sdpa("sdpa_flash", r), sdpa("sdpa_efficient", r), sdpa("sdpa_cudnn", r)
         us = lambda x: f"{1e3 * x['ms']:8.1f}" if x else f"{'n/a':>8}"
-        print(f"{r['T']:>6} {r['B']:>3} | {1e3 * r['ms']:8.1f} {1e3 * r['ms_emit']:8.1f} {1e3 * r['ms_mean']:8.1f} | "
+        print(f"{r['T']:>6} {r['B']:>3} | {1e3 * r['ms']:8.1f} {1e3 * r.get('ms_eager', r['ms']):8.1f} "
+              f"{1e3 * r['ms_emit']:8.1f} {1e3 * r['ms_mean']:8.1f} | "
               f"{r['bytes'] / 1e6:7.1f} {r['tbps']:5.2f} {r['pct_of_copy']:5.0f} {1e3 * r['model_ms_at_copy']:8.1f} | "
               f"{us(d)} {(d or {}).get('backend', 'n/a'):>9} {(d['ms'] / r['ms']) if d else float('nan'):6.2f} | "
               f"{us(f)} {us(e)} {us(c)}")

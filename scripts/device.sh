@@ -21,6 +21,7 @@
 # Logs and JSON go to $OUT (the device tool brings back at most 8 files).
 # usage: OUT=dir bash scripts/device.sh   (STEPS=test,sanitize,bench,profile,sdpa,peers,test_bwd,
 #        bench_bwd,decode,decprofile,initcheck_cublas chooses steps; default test,sanitize,bench,sdpa,peers;
+#        NCU_ARGS: extra Nsight Compute options of decprofile, e.g. "--clock-control none --cache-control none";
 #        DEADLINE=seconds bounds the whole run, default 560; CUDA_DIMS=paper builds the paper's head
 #        dims only; TESTS=doctest filter of the test step; MEMCHECK_TESTS, RACECHECK_TESTS: the
 #        sanitizers' test filters; SAN_LIMIT: seconds per sanitizer, default 200;
@@ -118,11 +119,11 @@ json.dump(out, open(sys.argv[1], "w"), indent=1)' "$OUT/bench_decode.json" $(ls 
   done
   # Nsight Compute on the decode kernels at 64k, batch 16 (memory throughput, stalls, occupancy).
   if has decprofile && command -v ncu >/dev/null; then
-    step "ncu decode kernels" 120 ncu --kernel-name regex:"dec_(split|select|combine)" --launch-skip 4 --launch-count 4 \
+    step "ncu decode kernels" 120 ncu ${NCU_ARGS:-} --kernel-name regex:"dec_(split|select|combine)" --launch-skip 4 --launch-count 4 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section MemoryWorkloadAnalysis "$BIN/nsa" bench --device cuda --ops decode --T 65536 --batch 16 --warmup 1 \
       --reps 1 --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/prof"
-    sed -n '/==PROF==/,$p' "$LOG" | grep -vE "^\s*$" | tail -300 >"$OUT/ncu_decode.txt"
+    sed -n '/==PROF==/,$p' "$LOG" | grep -vE "^\s*$" | tail -800 >"$OUT/ncu_decode.txt"
   fi
   step "sdpa decode" 200 env PYTHONUNBUFFERED=1 python3 experiments/sdpa_baseline.py --decode --T "$TS_DEC" \
     --batch "$BATCH" --dims 128:128 --out "$OUT/sdpa_decode.json"

@@ -357,6 +357,14 @@ TEST_CASE("cuda decode racecheck set: G = 1, 4, 16, every split kernel, no cuBLA
       c.window = 64;
       run_workload(with_kernel(make(cat("T=100 prefix 80 G=", G, " dk=dv=128 mean w=64"), c, {100}, {80}), kernel));
     }
+  // l = 32, d = 2: 7 selection blocks per CTA of the selection kernel, so an item's block scores
+  // come from two CTAs and the last to finish runs the top-n; the shorter sequence's item has
+  // fewer blocks than the step's widest (a CTA with no block of its own).
+  Config c = paper(16, 1, 128, 128);
+  c.compress = CompressKind::Mean;
+  c.window = 64, c.cmp_stride = 2, c.slc_count = 6;
+  run_workload(make("packed T={520,200} prefix {470,150} l=32 d=2 l'=64 n=6 mean w=64 (2 selection CTAs per item)", c,
+                    {520, 200}, {470, 150}));
 }
 
 TEST_CASE("cuda decode vs reference: many steps") {
@@ -387,6 +395,22 @@ TEST_CASE("cuda decode vs reference: many steps") {
     d.constant_keys = true;
     run_workload(d);
     run_workload(with_kernel(d, 3));
+  }
+  {
+    Config c = paper(16, 1, 128, 128);
+    c.compress = CompressKind::Mean;
+    c.cmp_stride = 2;
+    DecCase d = make("T=1500 prefix 1400 l=32 d=2 constant keys: exact ties across 4 selection CTAs per item", c,
+                     {1500}, {1400});
+    d.constant_keys = true;
+    run_workload(d);
+  }
+  {
+    // The paper's blocks at a length where an item's 68 blocks take two selection CTAs (63 each).
+    Config c = paper(16, 1, 128, 128);
+    c.compress = CompressKind::Mean;
+    run_steps(make("packed T={4300,1200} prefix {4250,1150} paper blocks mean (2 selection CTAs per item)", c,
+                   {4300, 1200}, {4250, 1150}));
   }
   {
     DecCase d = make("packed T={2100,1500,300,30} prefix {2000,1450,200,0} G=16 dk=dv=128 mlp",
