@@ -109,6 +109,9 @@ struct Decoder::Impl {
                                 " MiB; ", free_b / 1048576.0, " MiB free of ", total_b / 1048576.0, ")"));
       }
       NSA_CUDA_CHECK(e);
+      // Zeros, as ref::DecodeCache starts: download() copies whole rows, also those past a
+      // sequence's length that no step has written yet (and initcheck then sees no unwritten read).
+      NSA_CUDA_CHECK(cudaMemset(b.ptr, 0, bytes));
     }
     buffers.push_back(b);
     return b.ptr;
