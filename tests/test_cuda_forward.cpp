@@ -278,12 +278,16 @@ TEST_CASE("cuda errors: a kernel override that cannot run says why") {
 }
 
 TEST_CASE("cuda errors: a plan beyond the device's memory is refused by name, and the device stays usable") {
-  // 2^26 tokens x 64 heads x 128 bf16 values: the queries alone are 1 TiB.
+  // 64 packed sequences of 64k tokens (shared memory is sized by the longest: fine), 64 heads of
+  // 128 bf16 values: q is 64 GiB, o, o_cmp and o_slc as much each, more than any GPU holds; the
+  // refusal comes after the first buffers were allocated.
   const Config c = paper(64, 4, 128, 128);
   cuda::Options opt;
+  std::vector<int64_t> cu;
+  for (int64_t b = 0; b <= 64; ++b) cu.push_back(b << 16);
   try {
-    cuda::Plan big(c, int64_t(1) << 26, {}, opt);
-    FAIL("a 1 TiB plan was allocated");
+    cuda::Plan big(c, cu.back(), cu, opt);
+    FAIL("a 256 GiB plan was allocated");
   } catch (const ResourceError& e) {
     const std::string msg = e.what();
     INFO(msg);
