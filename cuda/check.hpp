@@ -25,6 +25,22 @@ inline void check_cublas(cublasStatus_t s, const char* call, const char* file, i
   throw CudaError(cat("cuBLAS error ", cublasGetStatusName(s), " in ", call, " at ", file, ":", line));
 }
 
+// cudaMalloc of `bytes` for `what`; out of memory is a ResourceError naming what, its size and the
+// device's free memory, prefixed by `owner` ("" or e.g. "decode cache: ").
+inline void* device_malloc(size_t bytes, const char* what, const char* owner = "") {
+  void* ptr = nullptr;
+  const cudaError_t e = cudaMalloc(&ptr, bytes);
+  if (e == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    throw ResourceError(cat(owner, "out of device memory allocating ", what, " (", bytes / 1048576.0, " MiB; ",
+                            free_b / 1048576.0, " MiB free of ", total_b / 1048576.0, ")"));
+  }
+  check_cuda(e, "cudaMalloc", __FILE__, __LINE__);
+  return ptr;
+}
+
 }  // namespace nsa::cuda
 
 #define NSA_CUDA_CHECK(call) ::nsa::cuda::check_cuda((call), #call, __FILE__, __LINE__)

@@ -100,15 +100,7 @@ struct Decoder::Impl {
     Buffer b;
     b.bytes = bytes;
     if (bytes > 0) {
-      const cudaError_t e = cudaMalloc(&b.ptr, bytes);
-      if (e == cudaErrorMemoryAllocation) {
-        cudaGetLastError();
-        size_t free_b = 0, total_b = 0;
-        cudaMemGetInfo(&free_b, &total_b);
-        throw ResourceError(cat("decode cache: out of device memory allocating ", what, " (", bytes / 1048576.0,
-                                " MiB; ", free_b / 1048576.0, " MiB free of ", total_b / 1048576.0, ")"));
-      }
-      NSA_CUDA_CHECK(e);
+      b.ptr = device_malloc(bytes, what, "decode cache: ");
       // Zeros, as ref::DecodeCache starts: download() copies whole rows, also those past a
       // sequence's length that no step has written yet (and initcheck then sees no unwritten read).
       NSA_CUDA_CHECK(cudaMemset(b.ptr, 0, bytes));

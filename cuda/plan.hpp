@@ -85,17 +85,7 @@ struct Plan::Impl {
   void* alloc(size_t bytes, const char* what) {
     DeviceBuffer b;
     b.bytes = bytes;
-    if (bytes > 0) {
-      const cudaError_t e = cudaMalloc(&b.ptr, bytes);
-      if (e == cudaErrorMemoryAllocation) {
-        cudaGetLastError();
-        size_t free_b = 0, total_b = 0;
-        cudaMemGetInfo(&free_b, &total_b);
-        throw ResourceError(cat("out of device memory allocating ", what, " (", bytes / 1048576.0, " MiB; ",
-                                free_b / 1048576.0, " MiB free of ", total_b / 1048576.0, ")"));
-      }
-      NSA_CUDA_CHECK(e);
-    }
+    if (bytes > 0) b.ptr = device_malloc(bytes, what);
     buffers.push_back(b);
     return b.ptr;
   }
