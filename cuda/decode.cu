@@ -565,58 +565,13 @@ ref::StepResult<float> Decoder::step(const ref::Inputs<float>& in, const std::ve
   return res;
 }
 
-namespace {
-
-// Row `from` of a per-position result into row `to` of another (block_scores may be narrower).
-template <class T>
-void copy_row(const Tensor<T>& src, int64_t from, Tensor<T>& dst, int64_t to) {
-  if (src.rank() == 3 && dst.rank() == 3 && src.dim(2) != dst.dim(2)) {  // [*, Hkv, NB]
-    for (int64_t g = 0; g < src.dim(1); ++g) std::copy(src.row(from, g), src.row(from, g) + src.dim(2), dst.row(to, g));
-    return;
-  }
-  const int64_t ns = src.numel() / std::max<int64_t>(src.dim(0), 1);
-  std::copy(src.data() + from * ns, src.data() + (from + 1) * ns, dst.data() + to * ns);
-}
-
-template <class R>
-void copy_outputs(const R& src, int64_t from, ref::ForwardResult<float>& dst, int64_t to) {
-  copy_row(src.o, from, dst.o, to);
-  for (int c = 0; c < kBranches; ++c) {
-    copy_row(src.o_branch[c], from, dst.o_branch[c], to);
-    copy_row(src.lse[c], from, dst.lse[c], to);
-  }
-  copy_row(src.gates, from, dst.gates, to);
-  copy_row(src.block_idx, from, dst.block_idx, to);
-  copy_row(src.block_scores, from, dst.block_scores, to);
-}
-
-}  // namespace
 
 ref::DecodeRun<float> decode_workload(const Config& cfg, const ref::Inputs<float>& in,
                                       const std::vector<int64_t>& prefix, const Options& opt) {
   const std::vector<int64_t> cu = in.seqlens_or_single();
-  const int64_t B = int64_t(cu.size()) - 1, N = in.N(), H = cfg.Hkv;
-  if (int64_t(prefix.size()) != B)
-    throw InputError(cat("decode: ", prefix.size(), " prefix lengths given for ", B, " sequence(s)"));
-  int64_t Tmax = 0, NB = 0;
-  ref::ForwardResult<float> out;
-  out.cu_cmp.assign(1, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t T = cu[b + 1] - cu[b];
-    if (prefix[size_t(b)] < 0 || prefix[size_t(b)] > T)
-      throw InputError(cat("decode: prefix ", prefix[size_t(b)], " of sequence ", b, " is outside [0, T = ", T, "]"));
-    Tmax = std::max(Tmax, T);
-    NB = std::max(NB, cfg.num_slc_blocks(T));
-    out.cu_cmp.push_back(out.cu_cmp.back() + cfg.num_cmp_blocks(T));
-  }
-  out.o = Tensor<float>({N, cfg.Hq, cfg.dv});
-  for (int c = 0; c < kBranches; ++c) {
-    out.o_branch[c] = Tensor<float>({N, cfg.Hq, cfg.dv});
-    out.lse[c] = Tensor<float>({N, cfg.Hq}, -INFINITY);
-  }
-  out.gates = Tensor<float>({N, cfg.Hq, 3});
-  out.block_idx = Tensor<int32_t>({N, H, cfg.slc_count}, -1);
-  out.block_scores = Tensor<float>({N, H, NB});
+  const int64_t B = int64_t(cu.size()) - 1, H = cfg.Hkv;
+  int64_t Tmax = 0;
+  ref::ForwardResult<float> out = ref::decode_outputs(cfg, in, prefix, &Tmax);
 
   ref::DecodeRun<float> run;
   Decoder dec(cfg, ref::kv_sharing(in), B, Tmax, opt);
@@ -634,7 +589,7 @@ ref::DecodeRun<float> decode_workload(const Config& cfg, const ref::Inputs<float
   const auto t0 = clock::now();
   if (!rows.empty()) {
     const ref::ForwardResult<float> pre = dec.prefill(gather.take(rows, cu_p), pre_seqs);
-    for (size_t i = 0; i < rows.size(); ++i) copy_outputs(pre, int64_t(i), out, rows[i]);
+    for (size_t i = 0; i < rows.size(); ++i) ref::copy_outputs(pre, int64_t(i), out, rows[i]);
   }
   run.prefill_seconds = std::chrono::duration<double>(clock::now() - t0).count();
 
@@ -653,7 +608,7 @@ ref::DecodeRun<float> decode_workload(const Config& cfg, const ref::Inputs<float
     run.step_seconds += std::chrono::duration<double>(clock::now() - t1).count();
     ++run.step_calls;
     for (size_t i = 0; i < rows.size(); ++i) {
-      copy_outputs(step, int64_t(i), out, rows[i]);
+      ref::copy_outputs(step, int64_t(i), out, rows[i]);
       run.steps.push_back({active[i], step.pos[i], step.tokens[i]});
     }
   }

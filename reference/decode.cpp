@@ -411,49 +411,22 @@ const Inputs<S>& RowGather<S>::take(const std::vector<int64_t>& rows, const std:
   return out_;
 }
 
-namespace {
-
-// Copies row `from` of a per-token tensor [N, ...] into row `to` of another of the same row shape;
-// for block_scores the source may be narrower (fewer valid blocks): the rest stays 0.
-template <class T>
-void copy_row(const Tensor<T>& src, int64_t from, Tensor<T>& dst, int64_t to) {
-  const int64_t ns = src.numel() / std::max<int64_t>(src.dim(0), 1), nd = dst.numel() / std::max<int64_t>(dst.dim(0), 1);
-  if (src.rank() == 3 && dst.rank() == 3 && src.dim(2) != dst.dim(2)) {  // [*, Hkv, NB]: per KV head
-    for (int64_t g = 0; g < src.dim(1); ++g)
-      std::copy(src.row(from, g), src.row(from, g) + src.dim(2), dst.row(to, g));
-    return;
-  }
-  std::copy(src.data() + from * ns, src.data() + (from + 1) * ns, dst.data() + to * nd);
-}
-
-template <class S, class R>
-void copy_outputs(const R& src, int64_t from, ForwardResult<S>& dst, int64_t to) {
-  copy_row(src.o, from, dst.o, to);
-  for (int c = 0; c < kBranches; ++c) {
-    copy_row(src.o_branch[c], from, dst.o_branch[c], to);
-    copy_row(src.lse[c], from, dst.lse[c], to);
-  }
-  copy_row(src.gates, from, dst.gates, to);
-  copy_row(src.block_idx, from, dst.block_idx, to);
-  copy_row(src.block_scores, from, dst.block_scores, to);
-}
-
-}  // namespace
-
 template <class S>
-DecodeRun<S> decode_workload(const Config& cfg, const Inputs<S>& in, const std::vector<int64_t>& prefix, Path path) {
+ForwardResult<S> decode_outputs(const Config& cfg, const Inputs<S>& in, const std::vector<int64_t>& prefix,
+                                int64_t* Tmax) {
   const std::vector<int64_t> cu = in.seqlens_or_single();
   const int64_t B = int64_t(cu.size()) - 1, N = in.N(), H = cfg.Hkv;
   if (int64_t(prefix.size()) != B)
     throw InputError(cat("decode: ", prefix.size(), " prefix lengths given for ", B, " sequence(s)"));
-  int64_t Tmax = 0, NB = 0;
+  int64_t NB = 0;
+  *Tmax = 0;
   ForwardResult<S> out;
   out.cu_cmp.assign(1, 0);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t T = cu[b + 1] - cu[b];
     if (prefix[size_t(b)] < 0 || prefix[size_t(b)] > T)
       throw InputError(cat("decode: prefix ", prefix[size_t(b)], " of sequence ", b, " is outside [0, T = ", T, "]"));
-    Tmax = std::max(Tmax, T);
+    *Tmax = std::max(*Tmax, T);
     NB = std::max(NB, cfg.num_slc_blocks(T));
     out.cu_cmp.push_back(out.cu_cmp.back() + cfg.num_cmp_blocks(T));
   }
@@ -465,6 +438,16 @@ DecodeRun<S> decode_workload(const Config& cfg, const Inputs<S>& in, const std::
   out.gates = Tensor<S>({N, cfg.Hq, 3});
   out.block_idx = Tensor<int32_t>({N, H, cfg.slc_count}, -1);
   out.block_scores = Tensor<S>({N, H, NB});
+  return out;
+}
+
+
+template <class S>
+DecodeRun<S> decode_workload(const Config& cfg, const Inputs<S>& in, const std::vector<int64_t>& prefix, Path path) {
+  const std::vector<int64_t> cu = in.seqlens_or_single();
+  const int64_t B = int64_t(cu.size()) - 1, H = cfg.Hkv;
+  int64_t Tmax = 0;
+  ForwardResult<S> out = decode_outputs(cfg, in, prefix, &Tmax);
 
   DecodeRun<S> run;
   run.cache = make_cache<S>(cfg, kv_sharing(in), B, Tmax);
@@ -571,6 +554,7 @@ StepBytes step_bytes(const Config& cfg, const StepTokens& tok, int elem) {
   template ForwardResult<S> prefill<S>(DecodeCache<S>&, const Inputs<S>&, const std::vector<int64_t>&, Path);        \
   template StepResult<S> decode_step<S>(DecodeCache<S>&, const Inputs<S>&, const std::vector<int64_t>&);            \
   template DecodeRun<S> decode_workload<S>(const Config&, const Inputs<S>&, const std::vector<int64_t>&, Path);       \
+  template ForwardResult<S> decode_outputs<S>(const Config&, const Inputs<S>&, const std::vector<int64_t>&, int64_t*); \
   template class RowGather<S>;
 NSA_DECODE_INSTANTIATE(double)
 NSA_DECODE_INSTANTIATE(float)

@@ -37,6 +37,7 @@
 // count; the exact count of rows a query at t sees is floor((s - l)/d) + 1 (Config::cmp_visible).
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <vector>
@@ -202,6 +203,41 @@ class RowGather {
   const Inputs<S>& all_;
   Inputs<S> out_;
 };
+
+// ---- Pieces of decode_workload shared with its CUDA twin (cuda/decode.cu) ---------------------
+
+// The per-position outputs of a workload, empty (lse -inf, block_idx -1, the rest 0), after
+// checking prefix (one length per sequence, 0 <= prefix[b] <= T_b); *Tmax = the longest sequence.
+template <class S>
+ForwardResult<S> decode_outputs(const Config& cfg, const Inputs<S>& in, const std::vector<int64_t>& prefix,
+                                int64_t* Tmax);
+
+// Row `from` of a per-position tensor [N, ...] into row `to` of another of the same row shape;
+// for block_scores [N, Hkv, NB] the source may be narrower (fewer valid blocks): the rest stays.
+template <class T>
+void copy_row(const Tensor<T>& src, int64_t from, Tensor<T>& dst, int64_t to) {
+  const int64_t ns = src.numel() / std::max<int64_t>(src.dim(0), 1), nd = dst.numel() / std::max<int64_t>(dst.dim(0), 1);
+  if (src.rank() == 3 && dst.rank() == 3 && src.dim(2) != dst.dim(2)) {  // [*, Hkv, NB]: per KV head
+    for (int64_t g = 0; g < src.dim(1); ++g)
+      std::copy(src.row(from, g), src.row(from, g) + src.dim(2), dst.row(to, g));
+    return;
+  }
+  std::copy(src.data() + from * ns, src.data() + (from + 1) * ns, dst.data() + to * nd);
+}
+
+// Every per-position output of row `from` of a prefill or a step (R: ForwardResult or
+// StepResult) into row `to` of a workload's outputs.
+template <class S, class R>
+void copy_outputs(const R& src, int64_t from, ForwardResult<S>& dst, int64_t to) {
+  copy_row(src.o, from, dst.o, to);
+  for (int c = 0; c < kBranches; ++c) {
+    copy_row(src.o_branch[c], from, dst.o_branch[c], to);
+    copy_row(src.lse[c], from, dst.lse[c], to);
+  }
+  copy_row(src.gates, from, dst.gates, to);
+  copy_row(src.block_idx, from, dst.block_idx, to);
+  copy_row(src.block_scores, from, dst.block_scores, to);
+}
 
 // ---- Sizes and traffic: the model, as functions of the cache length -----------------------------
 
