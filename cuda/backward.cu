@@ -223,8 +223,8 @@ static std::vector<std::pair<const char*, std::function<void(cudaStream_t)>>> bw
   st.push_back({"delta+dgates", [&I, prec](cudaStream_t s) { bwd_prep(prec, I.p, I.bw.bp, s); }});
   if (I.gate_source == Plan::Impl::GateSource::Mlp)
     st.push_back({"gate_mlp", [&I](cudaStream_t s) {
-                    NSA_CUBLAS_CHECK(cublasSetStream(I.blas, s));
-                    gate_mlp_backward(I.p, I.gate_mlp, I.bw.bp.dgates, I.bw.gate, I.blas, s);
+                    I.blas.set_stream(s);
+                    gate_mlp_backward(I.p, I.gate_mlp, I.bw.bp.dgates, I.bw.gate, I.blas.handle, s);
                   }});
   st.push_back({"slc_lists", [&I](cudaStream_t s) {
                   build_slc_lists(I.p, I.bw.bp, I.bw.chunks, I.bw.slots, I.bw.version == 1, I.bw.scan_tmp,
@@ -244,12 +244,12 @@ static std::vector<std::pair<const char*, std::function<void(cudaStream_t)>>> bw
         {"win_bwd", [&I, prec](cudaStream_t s) { win_bwd_v1(prec, I.p, I.bw.bp, I.bw.tm_dq, I.bw.tm_keys, s); }});
   }
   st.push_back({"compress_bwd", [&I, prec](cudaStream_t s) {
-                  NSA_CUBLAS_CHECK(cublasSetStream(I.blas, s));
+                  I.blas.set_stream(s);
                   const BwdParams& bp = I.bw.bp;
                   compress_backward(I.cfg, I.p, prec, I.p.k_cmp, I.p.dk, int(I.cfg.hidden_k()), I.phi_k, I.bw.phi_k,
-                                    I.bw.phi_ws, bp.dkc, bp.dk[0], I.blas, s);
+                                    I.bw.phi_ws, bp.dkc, bp.dk[0], I.blas.handle, s);
                   compress_backward(I.cfg, I.p, prec, I.p.v_cmp, I.p.dv, int(I.cfg.hidden_v()), I.phi_v, I.bw.phi_v,
-                                    I.bw.phi_ws, bp.dvc, bp.dv[0], I.blas, s);
+                                    I.bw.phi_ws, bp.dvc, bp.dv[0], I.blas.handle, s);
                 }});
   const BwdState& W = I.bw;
   const bool any_k = W.k_shared[0] || W.k_shared[1] || W.k_shared[2];

@@ -8,6 +8,7 @@
 // which is what the attention kernels read.
 #include <cmath>
 
+#include "blas.hpp"
 #include "check.hpp"
 #include "device.cuh"
 #include "kernels.hpp"
@@ -144,6 +145,7 @@ void gemm(cublasHandle_t blas, Precision prec, bool transB, int batch, int M, in
   NSA_CUBLAS_CHECK(cublasGemmStridedBatchedEx(blas, transB ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one,
                                               B, t, int(ldb), strideB, A, t, int(lda), strideA, &zero, C,
                                               CUDA_R_32F, int(ldc), strideC, batch, ct, CUBLAS_GEMM_DEFAULT));
+  mark_gemm_output(blas, batch, M, N, C, ldc, strideC);  // blas.hpp: initcheck does not see cuBLAS's writes
 }
 
 void phi_gathered(const Config& cfg, Precision prec, int64_t M, int Hkv, int D, int hc, const PhiDevice& phi,

@@ -10,6 +10,7 @@
 // The products run in fp32 through cuBLAS (TF32 for bf16 runs: X and the weights hold bf16 values,
 // which TF32 represents exactly); the column sums and the overlap-add run in a fixed order, so the
 // result is the same on every run.
+#include "blas.hpp"
 #include "check.hpp"
 #include "device.cuh"
 #include "kernels.hpp"
@@ -159,6 +160,7 @@ void gemm_f32(cublasHandle_t blas, bool tf32, bool transA, bool transB, int batc
                                               N, M, K, &one, B, CUDA_R_32F, int(ldb), strideB, A, CUDA_R_32F,
                                               int(lda), strideA, &zero, C, CUDA_R_32F, int(ldc), strideC, batch, ct,
                                               CUBLAS_GEMM_DEFAULT));
+  mark_gemm_output(blas, batch, M, N, C, ldc, strideC);  // blas.hpp: initcheck does not see cuBLAS's writes
 }
 
 void colsum(const float* X, int64_t rows, int64_t cols, int64_t ld, int64_t bstride, int batch, float* out,

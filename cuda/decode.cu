@@ -74,7 +74,7 @@ struct Decoder::Impl {
   int sms = 0, optin = 0, ctas_per_sm = 0, waves = 1;
   bool pdl = false;          // programmatic dependent launch between the step's kernels (sm_90+)
   std::vector<Buffer> buffers;
-  cublasHandle_t blas = nullptr;
+  Blas blas;  // cuBLAS: phi's GEMMs on the emitted blocks
   // The steps' stream: a blocking one, ordered after the inputs' copies on the legacy stream (a
   // synchronous copy from pageable memory may return before its DMA lands); not the legacy stream
   // itself, which graph capture does not take.
@@ -151,10 +151,10 @@ struct Decoder::Impl {
   int64_t rv() const { return cfg.Hkv * cfg.dv; }
 
   ~Impl() {
+    blas.destroy();
     for (auto& b : buffers)
       if (b.ptr) cudaFree(b.ptr);
     if (flush) cudaFree(flush);
-    if (blas) cublasDestroy(blas);
     if (stream) cudaStreamDestroy(stream);
   }
 
@@ -228,12 +228,12 @@ struct Decoder::Impl {
                         dec_emit_mean(prec, p, emit, true, s);
                         return;
                       }
-                      NSA_CUBLAS_CHECK(cublasSetStream(blas, s));
+                      blas.set_stream(s);
                       const int64_t* dst = emit.rows + 2 * emit.M;
                       dec_emit_gather(prec, p, emit, false, phi_k.pe, ws.X, s);
-                      phi_gathered(cfg, prec, emit.M, p.Hkv, p.dk, int(cfg.hidden_k()), phi_k, ws, dst, p.k_cmp, blas, s);
+                      phi_gathered(cfg, prec, emit.M, p.Hkv, p.dk, int(cfg.hidden_k()), phi_k, ws, dst, p.k_cmp, blas.handle, s);
                       dec_emit_gather(prec, p, emit, true, phi_v.pe, ws.X, s);
-                      phi_gathered(cfg, prec, emit.M, p.Hkv, p.dv, int(cfg.hidden_v()), phi_v, ws, dst, p.v_cmp, blas, s);
+                      phi_gathered(cfg, prec, emit.M, p.Hkv, p.dv, int(cfg.hidden_v()), phi_v, ws, dst, p.v_cmp, blas.handle, s);
                     }});
     // The first split kernel waits for everything before it (the previous step's merge reads the
     // partials it rewrites); the later kernels start in their predecessor's tail (pdl).
@@ -356,7 +356,7 @@ Decoder::Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int6
       I.ws.Hb = I.alloc_e(p.Hkv * B * hc, "phi workspace Hb");
       I.ws.Y = I.alloc_t<float>(B * p.Hkv * D, "phi workspace Y");
     }
-    NSA_CUBLAS_CHECK(cublasCreate(&I.blas));
+    I.blas.create();
     NSA_CUDA_CHECK(cudaStreamCreate(&I.stream));
   } catch (...) {
     delete impl_;

@@ -350,7 +350,7 @@ Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const 
       I.tm_slc = I.tile_map(16 / p.G, "slc tiles");
       I.tm_win = I.tile_map(16 * I.win_warps / p.G, "win tiles");
     }
-    NSA_CUBLAS_CHECK(cublasCreate(&I.blas));
+    I.blas.create();
     if (opt.backward) setup_backward(I);
     NSA_CUDA_CHECK(cudaDeviceSynchronize());
   } catch (...) {
@@ -446,15 +446,15 @@ static std::vector<std::pair<const char*, std::function<void(cudaStream_t)>>> st
   std::vector<std::pair<const char*, std::function<void(cudaStream_t)>>> st;
   if (I.gate_source == Plan::Impl::GateSource::Mlp)
     st.push_back({"gates", [&I](cudaStream_t s) {
-                    NSA_CUBLAS_CHECK(cublasSetStream(I.blas, s));
-                    gates_from_mlp(I.p, I.gate_mlp, const_cast<float*>(I.p.gates), I.blas, s);
+                    I.blas.set_stream(s);
+                    gates_from_mlp(I.p, I.gate_mlp, const_cast<float*>(I.p.gates), I.blas.handle, s);
                   }});
   st.push_back({"compress", [&I](cudaStream_t s) {
-                  NSA_CUBLAS_CHECK(cublasSetStream(I.blas, s));
+                  I.blas.set_stream(s);
                   compress_phi(I.cfg, I.p, I.opt.dtype, I.p.k_cmp, I.p.dk, int(I.cfg.hidden_k()), I.phi_k, I.ws,
-                               I.p.kc, I.blas, s);
+                               I.p.kc, I.blas.handle, s);
                   compress_phi(I.cfg, I.p, I.opt.dtype, I.p.v_cmp, I.p.dv, int(I.cfg.hidden_v()), I.phi_v, I.ws,
-                               I.p.vc, I.blas, s);
+                               I.p.vc, I.blas.handle, s);
                 }});
   if (I.version == 0) {
     st.push_back({"cmp_attn+select", [&I](cudaStream_t s) { cmp_attn_v0(I.opt.dtype, I.p, s); }});

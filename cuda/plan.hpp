@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "blas.hpp"
 #include "check.hpp"
 #include "kernels.hpp"
 #include "nsa_cuda.hpp"
@@ -70,7 +71,7 @@ struct Plan::Impl {
   int score_warps = 8;                              // v4: warps per CTA of the score kernel (cmp_warps: FA's)
   TileMap tm_cmp, tm_slc, tm_win, tm_score;         // tm_score: v4's score kernel
   std::vector<DeviceBuffer> buffers;
-  cublasHandle_t blas = nullptr;
+  Blas blas;  // cuBLAS: phi's and the gate MLP's GEMMs
   PhiDevice phi_k, phi_v;
   PhiWorkspace ws;
   enum class GateSource { Ones, Given, Mlp } gate_source = GateSource::Ones;
@@ -140,10 +141,10 @@ struct Plan::Impl {
   }
 
   ~Impl() {
+    blas.destroy();
     for (auto& b : buffers)
       if (b.ptr) cudaFree(b.ptr);
     if (flush) cudaFree(flush);
-    if (blas) cublasDestroy(blas);
   }
 };
 

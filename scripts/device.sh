@@ -143,14 +143,16 @@ rm -rf "$DSCRATCH"
 # racecheck reports as hazards (seen on the H100), and a kernel-name filter made the sanitizer fail
 # with an internal error. The paper-sized and bench cases are left out: under the sanitizers they
 # take longer than a device call (their kernels are the same, on larger grids).
+# initcheck does not see cuBLAS's writes; cuda/blas.hpp tells it, through NVTX (--nvtx yes), which
+# bytes each GEMM wrote. Step initcheck_cublas runs the cuBLAS probe (tests/test_cuda_cublas.cpp)
+# under initcheck, where nothing marks them, and counts the reports (initcheck_cublas.txt), so that
+# the reason for the marks stays checked.
 MEMCHECK_TESTS=${MEMCHECK_TESTS:-'cuda forward vs reference: small*,cuda racecheck set*,cuda select*,cuda errors*,cuda backward vs reference: small*,cuda backward racecheck set*,cuda backward errors*,cuda decode: small*,cuda decode racecheck*,cuda decode: refusals*'}
 RACECHECK_TESTS=${RACECHECK_TESTS:-'cuda racecheck set*,cuda backward racecheck set*,cuda decode racecheck*'}
-# initcheck on the sets where only our kernels run: on the H100 it reports reads of buffers that
-# cuBLAS's GEMMs wrote (phi's bias epilogues read them; cuBLAS's own splitKreduce kernel reading its
-# workspace is reported too), writes it does not see, although the tests find every such value
-# right. Step initcheck_cublas runs it on the full sanitizer sets anyway and counts the reports
-# per kernel (initcheck_cublas.txt), so that the claim stays checked.
-INITCHECK_TESTS=${INITCHECK_TESTS:-$RACECHECK_TESTS}
+INITCHECK_TESTS=${INITCHECK_TESTS:-$MEMCHECK_TESTS}
+# Left out under every tool: the out-of-device-memory test, whose deliberate failed cudaMalloc
+# memcheck reports as an API error (it runs in the test step).
+SAN_EXCLUDE=${SAN_EXCLUDE:-'*beyond the device*'}
 if has sanitize; then
   : >"$SAN"
   say "sanitize: ${SAN_TOOLS:-memcheck initcheck synccheck racecheck} -> sanitizer.log"
@@ -159,10 +161,11 @@ if has sanitize; then
     cases=$MEMCHECK_TESTS
     [ $tool = racecheck ] && cases=$RACECHECK_TESTS
     [ $tool = initcheck ] && cases=$INITCHECK_TESTS
-    echo "== compute-sanitizer --tool $tool test_cuda -tc='$cases'" >>"$SAN"
+    echo "== compute-sanitizer --tool $tool --nvtx yes test_cuda -tc='$cases' -tce='$SAN_EXCLUDE'" >>"$SAN"
     lim=$(left); [ "$lim" -gt "${SAN_LIMIT:-200}" ] && lim=${SAN_LIMIT:-200}
     [ "$lim" -lt 15 ] && { SUMMARY+=("sanitizer $tool SKIP (deadline)"); continue; }
-    timeout "$lim" compute-sanitizer --tool $tool --error-exitcode 9 "$BIN/test_cuda" -tc="$cases" >>"$SAN" 2>&1
+    timeout "$lim" compute-sanitizer --tool $tool --nvtx yes --error-exitcode 9 "$BIN/test_cuda" -tc="$cases" \
+      -tce="$SAN_EXCLUDE" >>"$SAN" 2>&1
     rc=$?
     SUMMARY+=("$(printf '%-28s %-5s %4ss  rc=%s' "sanitizer $tool" "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" $(($(date +%s) - t)) $rc)")
     tail -3 "$SAN" >>"$LOG"
@@ -170,17 +173,18 @@ if has sanitize; then
 fi
 if has initcheck_cublas; then
   t=$(date +%s)
-  lim=$(left); [ "$lim" -gt "${SAN_LIMIT:-200}" ] && lim=${SAN_LIMIT:-200}
-  timeout "$lim" compute-sanitizer --tool initcheck --print-limit 1000000 "$BIN/test_cuda" -tc="$MEMCHECK_TESTS" \
+  lim=$(left); [ "$lim" -gt 120 ] && lim=120
+  PROBE='cuda cublas probe*'
+  timeout "$lim" compute-sanitizer --tool initcheck --nvtx yes --print-limit 1000000 "$BIN/test_cuda" -tc="$PROBE" \
     >"$SCRATCH_INIT" 2>&1
   rc=$?
   {
-    echo "== compute-sanitizer --tool initcheck test_cuda -tc='$MEMCHECK_TESTS' (rc=$rc): reports per kernel"
-    grep -A1 "Uninitialized __global__ memory read" "$SCRATCH_INIT" | grep -oE "at [A-Za-z_:<>0-9, ]+\(" |
-      sed 's/($//' | sort | uniq -c | sort -rn | head -20
+    echo "== compute-sanitizer --tool initcheck test_cuda -tc='$PROBE' (rc=$rc)"
+    echo "uninitialised-access reports: $(grep -c "Uninitialized" "$SCRATCH_INIT")"
+    grep -m3 -A3 "Uninitialized" "$SCRATCH_INIT"
     grep -E "^\[doctest\] (test cases|assertions)|ERROR SUMMARY" "$SCRATCH_INIT"
   } >"$OUT/initcheck_cublas.txt"
-  SUMMARY+=("$(printf '%-28s %-5s %4ss  rc=%s' "initcheck (cuBLAS sets)" "INFO" $(($(date +%s) - t)) $rc)")
+  SUMMARY+=("$(printf '%-28s %-5s %4ss  rc=%s' "initcheck cuBLAS probe" "INFO" $(($(date +%s) - t)) $rc)")
 fi
 
 # ---- 4. benchmarks ----
