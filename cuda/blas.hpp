@@ -3,13 +3,15 @@
 //
 // initcheck does not see the writes of cuBLAS's kernels: on the H100 every element of a GEMM's
 // output is reported as uninitialised when it is next read, although every one of them was
-// written (the test "cuda cublas probe" in tests/test_cuda_forward.cpp shows both with nothing of
+// written (the test "cuda cublas probe" in tests/test_cuda_cublas.cpp shows both with nothing of
 // ours in between: the output, first filled with NaN bytes, comes back all finite and equal to the
 // product, and initcheck reports the copy of a fresh output). cuBLAS's own split-K reduction,
 // reading the partial sums its GEMM kernel left in cuBLAS's workspace, is reported for the same
-// reason. So, through NVTX's memory API for the sanitizer:
-//   - after each GEMM, the rows of C that the GEMM wrote are marked initialised (mark_gemm_output);
-//   - cuBLAS works in a workspace of ours, zero-filled once (Blas::create).
+// reason. So:
+//   - after each GEMM, the rows of C that the GEMM wrote are marked initialised through NVTX's
+//     memory API for the sanitizer (mark_gemm_output);
+//   - cuBLAS works in a workspace of ours, zero-filled once (Blas::create) and set again after
+//     every stream change (Blas::set_stream).
 // Without a tool attached, the NVTX calls return at once (no injection library is loaded).
 #pragma once
 
