@@ -21,12 +21,8 @@
 #include <random>
 #include <vector>
 
-namespace {
-
 #define PROBE_CUDA(call) REQUIRE_MESSAGE((call) == cudaSuccess, #call)
 #define PROBE_BLAS(call) REQUIRE_MESSAGE((call) == CUBLAS_STATUS_SUCCESS, #call)
-
-}  // namespace
 
 TEST_CASE("cuda cublas probe: a GEMM writes every element of its output") {
   const int batch = 4, M = 127, N = 256, K = 32 * 128;  // Hkv, Nc (odd: a partial tile), hc, l * d_k
