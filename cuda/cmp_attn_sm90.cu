@@ -1,0 +1,405 @@
+// Compression attention on Hopper (sm_90a): O_cmp and lse over the visible compressed keys
+// (NSA-SPEC.md 3), FlashAttention-3's structure built from CuTe (CUTLASS 4.2). docs/cuda_sm90.md
+// says what was measured and why the shapes below.
+//
+// One CTA = 128 query rows x the keys of one KV group g: rows are positions x the G heads of the
+// group (row r: position t0 + r / G, head g G + r % G), so that every K/V tile loaded feeds all G
+// heads. 384 threads:
+//   warpgroup 0, the producer: one thread streams the K and V tiles of the group's compressed
+//     rows (kc [Nc, Hkv, dk], row stride Hkv dk) by TMA into a kStages-deep ring of swizzled
+//     shared memory, each stage guarded by mbarriers (full_k / full_v: bytes landed; empty: both
+//     consumer warpgroups done with it). It gives its registers back (setmaxnreg 24).
+//   warpgroups 1 and 2, the consumers (setmaxnreg 240), 64 rows each: S = Q K^T by wgmma with
+//     both operands in shared memory, the online softmax in registers (exp2 with the scale folded
+//     in, the running max per row), then O += P V by wgmma with P from registers (the fp32
+//     accumulator layout of S is the register-A layout of the second product, element for
+//     element) and V read MN-major from the same swizzled tile.
+// Row t sees compressed block i iff i d + l - 1 <= t, i.e. the first cmp_visible(t) rows of its
+// sequence; keys past a row's count (and rows of the next sequence, or the zero rows TMA fills
+// past Nc) are masked to -inf, so they add exactly 0. A row that sees no block gets O = 0 and
+// lse = -inf, as the reference.
+#include "cmp_attn_sm90.hpp"
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+
+#include <cmath>
+
+#include "check.hpp"
+#include "errors.hpp"
+
+// The kernel body exists only in the sm_90a device pass (wgmma and setmaxnreg need the "a"
+// target); any other pass (sm_80) compiles an empty body, and the host side refuses to launch
+// where the device has no sm_90a image (cmp_attn_sm90_supported).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NSA_SM90A_BODY 1
+#endif
+
+namespace nsa::cuda {
+namespace {
+
+using namespace cute;
+
+constexpr int kRows = 128;     // query rows per CTA: two consumer warpgroups of 64
+constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
+constexpr float kLog2eF = 1.4426950408889634f;
+constexpr float kLn2F = 0.6931471805599453f;
+
+template <class T, int DK, int DV, int kN, int kStages>
+struct Cfg {
+  // Q [128, DK], K [kN, DK] per stage, V [kN, DV] per stage; K-major (the head dim contiguous),
+  // 128-byte swizzle: what TMA writes and wgmma reads without bank conflicts.
+  using LayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kRows>, Int<DK>>{}));
+  using LayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kN>, Int<DK>, Int<kStages>>{}));
+  using LayoutV = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kN>, Int<DV>, Int<kStages>>{}));
+  // V^T (dv, key, stage): the same bytes seen with dv as the contiguous (MN) mode, the B operand
+  // of O += P V.
+  using LayoutVt = decltype(composition(
+      LayoutV{}, make_ordered_layout(Shape<Int<DV>, Int<kN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+  // Each product: one 64-row wgmma atom per consumer warpgroup, the two stacked on M.
+  using MmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kN>, Int<DK>>>(),
+                                        Layout<Shape<_2, _1, _1>>{}));
+  using MmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<T, T, float, Shape<_64, Int<DV>, Int<kN>>, GMMA::Major::K, GMMA::Major::MN>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  struct Smem {
+    alignas(1024) cute::ArrayEngine<T, cosize_v<LayoutQ>> q;
+    alignas(1024) cute::ArrayEngine<T, cosize_v<LayoutK>> k;
+    alignas(1024) cute::ArrayEngine<T, cosize_v<LayoutV>> v;
+    alignas(8) uint64_t full_k[kStages];
+    uint64_t full_v[kStages];
+    uint64_t empty[kStages];
+  };
+  static constexpr uint32_t kBytesK = uint32_t(kN) * DK * sizeof(T);
+  static constexpr uint32_t kBytesV = uint32_t(kN) * DV * sizeof(T);
+};
+
+// The TMA descriptor of one operand: the group's rows of x [Nc, Hkv, D] as a (Nc, D, Hkv) tensor,
+// boxes of kN rows x D.
+template <class T, int D, int kN, class SmemLayout>
+auto make_kv_tma(const T* x, int Nc, int Hkv, SmemLayout sl) {
+  Tensor m = make_tensor(make_gmem_ptr(x), make_shape(Nc, Int<D>{}, Hkv),
+                         make_stride(int64_t(Hkv) * D, _1{}, int64_t(D)));
+  return make_tma_copy(SM90_TMA_LOAD{}, m, sl, Shape<Int<kN>, Int<D>>{}, _1{});
+}
+
+__device__ __forceinline__ float ex2(float x) {  // 2^x; ex2.approx of -inf is +0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ int visible(int t, int l, int d) { return t + 1 >= l ? (t + 1 - l) / d + 1 : 0; }
+
+// One warpgroup product C (+)= A B, issued and waited for (the operands are fenced so that the
+// compiler keeps the accumulator registers in place across the asynchronous wgmma).
+template <bool kZero, bool kRegA, class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void wg_gemm(Mma& mma, TA& A, TB const& B, TC& C) {
+  warpgroup_fence_operand(C);
+  if constexpr (kRegA) warpgroup_fence_operand(A);
+  warpgroup_arrive();
+  if constexpr (kZero) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(A); ++kb) {
+    cute::gemm(mma, A(_, _, kb), B(_, _, kb), C);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(C);
+  if constexpr (kRegA) warpgroup_fence_operand(A);
+}
+
+template <class T, int DK, int DV, int kN, int kStages, class TmaK, class TmaV>
+__global__ void __launch_bounds__(kThreads, 1)
+    cmp_attn_sm90_kernel(const __grid_constant__ CmpAttnSm90Params p, const __grid_constant__ TmaK tma_k,
+                         const __grid_constant__ TmaV tma_v) {
+#if defined(NSA_SM90A_BODY)
+  using C = Cfg<T, DK, DV, kN, kStages>;
+  using FullBar = cutlass::arch::ClusterTransactionBarrier;
+  using EmptyBar = cutlass::arch::ClusterBarrier;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  auto& sm = *reinterpret_cast<typename C::Smem*>(smem_raw);
+  Tensor sQ = make_tensor(make_smem_ptr(sm.q.begin()), typename C::LayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(sm.k.begin()), typename C::LayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(sm.v.begin()), typename C::LayoutV{});
+  Tensor sVt = make_tensor(make_smem_ptr(sm.v.begin()), typename C::LayoutVt{});
+
+  // The tile: longest first (the work of a tile grows with its positions), group g.
+  const int64_t x = p.tiles - 1 - int64_t(blockIdx.x);
+  const int g = int(blockIdx.y);
+  const int G = p.G, BT = kRows / G;
+  int b = 0;
+  {
+    int lo = 0, hi = p.B - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (p.cu_tiles[mid] <= x) lo = mid;
+      else hi = mid - 1;
+    }
+    b = lo;
+  }
+  const int t0 = int(x - p.cu_tiles[b]) * BT;
+  const int64_t row0 = p.cu_seqlens[b];
+  const int cmp0 = int(p.cu_cmp[b]);
+  const int T_b = int(p.cu_seqlens[b + 1] - row0);
+  const int t_last = min(t0 + BT, T_b) - 1;
+  const int nv_max = visible(t_last, p.l, p.d), nv_min = visible(t0, p.l, p.d);
+  const int ntiles = (nv_max + kN - 1) / kN;
+  const int wg = int(threadIdx.x) / 128;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      FullBar::init(&sm.full_k[s], 1);
+      FullBar::init(&sm.full_v[s], 1);
+      EmptyBar::init(&sm.empty[s], 2 * 128);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---------------- producer ----------------
+    cutlass::arch::warpgroup_reg_dealloc<24>();
+    if (threadIdx.x / 32 == 0 && cute::elect_one_sync()) {
+      Tensor mK = tma_k.get_tma_tensor(make_shape(int(p.Nc), Int<DK>{}, p.Hkv));
+      Tensor mV = tma_v.get_tma_tensor(make_shape(int(p.Nc), Int<DV>{}, p.Hkv));
+      // (kN, D, tile): tile kt = the sequence's compressed rows [kt kN, kt kN + kN).
+      Tensor gK = local_tile(domain_offset(make_coord(cmp0, _0{}), mK(_, _, g)), Shape<Int<kN>, Int<DK>>{},
+                             make_coord(_, _0{}));
+      Tensor gV = local_tile(domain_offset(make_coord(cmp0, _0{}), mV(_, _, g)), Shape<Int<kN>, Int<DV>>{},
+                             make_coord(_, _0{}));
+      auto [tKgK, tKsK] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVgV, tVsV] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      for (int kt = 0; kt < ntiles; ++kt) {
+        const int st = kt % kStages;
+        // Stage st was last used by tile kt - kStages: wait until both consumers released it.
+        if (kt >= kStages) EmptyBar::wait(&sm.empty[st], ((kt / kStages) + 1) & 1);
+        FullBar::arrive_and_expect_tx(&sm.full_k[st], C::kBytesK);
+        copy(tma_k.with(sm.full_k[st]), tKgK(_, kt), tKsK(_, st));
+        FullBar::arrive_and_expect_tx(&sm.full_v[st], C::kBytesV);
+        copy(tma_v.with(sm.full_v[st]), tVgV(_, kt), tVsV(_, st));
+      }
+    }
+  } else {  // ---------------- consumers ----------------
+    cutlass::arch::warpgroup_reg_alloc<240>();
+    const int ctid = int(threadIdx.x) - 128;  // 0..255
+    const int cwg = ctid / 128, lane = ctid % 32, warp = (ctid % 128) / 32;
+    const T* q = static_cast<const T*>(p.q);
+
+    // Q: this warpgroup's 64 rows, 16-byte loads into the swizzled tile (16-byte groups of the
+    // head dim stay contiguous under the 128-byte swizzle); rows past the sequence are zeros.
+    {
+      constexpr int kChunks = DK / 8;
+      for (int i = ctid % 128; i < 64 * kChunks; i += 128) {
+        const int r = 64 * cwg + i / kChunks, c = (i % kChunks) * 8;
+        const int t = t0 + r / G;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (t < T_b) v = *reinterpret_cast<const uint4*>(q + ((row0 + t) * p.Hq + g * G + r % G) * DK + c);
+        *reinterpret_cast<uint4*>(&sQ(r, c)) = v;
+      }
+      // Ordinary stores read next by wgmma (the async proxy): fence, then the warpgroup's barrier.
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::NamedBarrier::sync(128, 1 + cwg);
+    }
+
+    typename C::MmaQK mma_qk;
+    typename C::MmaPV mma_pv;
+    auto thr_qk = mma_qk.get_thread_slice(ctid);
+    auto thr_pv = mma_pv.get_thread_slice(ctid);
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, 1, DK/16) descriptors
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, 1, DK/16, stages)
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, 1, kN/16, stages)
+    Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kRows>, Int<kN>>{});  // ((2, 2, kN/8), 1, 1) fp32
+    Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kRows>, Int<DV>>{});  // ((2, 2, DV/8), 1, 1) fp32
+    // P as the A operand of the second product: ((2, 2, 2), 1, kN/16), element i of S is element i
+    // of P (value (c, r, c8) of k-block kb is accumulator value (c, r, 2 kb + c8)).
+    Tensor tOrP = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kN / 16>>>{});
+    static_assert(decltype(size(tSrS))::value == kN / 2 && decltype(size(tOrP))::value == kN / 2);
+    clear(tOrO);
+
+    // This thread's rows (the accumulator layout): A = 64 cwg + 16 warp + lane / 4, B = A + 8.
+    const int rA = 64 * cwg + 16 * warp + lane / 4, rB = rA + 8;
+    const int tA = t0 + rA / G, tB = t0 + rB / G;
+    const int nvA = tA < T_b ? visible(tA, p.l, p.d) : 0, nvB = tB < T_b ? visible(tB, p.l, p.d) : 0;
+    const int c_lane = 2 * (lane & 3);
+    const float sl2 = p.scale * kLog2eF;
+    float mA = -INFINITY, mB = -INFINITY, lA = 0.f, lB = 0.f;  // running max (raw score), sum
+
+    for (int kt = 0; kt < ntiles; ++kt) {
+      const int st = kt % kStages, parity = (kt / kStages) & 1;
+      FullBar::wait(&sm.full_k[st], parity);
+      wg_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
+      if ((kt + 1) * kN > nv_min) {  // some row of the CTA does not see the whole tile
+        CUTE_UNROLL
+        for (int j = 0; j < kN / 8; ++j)
+          CUTE_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            const int col = kt * kN + 8 * j + c_lane + c;
+            if (col >= nvA) tSrS(c + 4 * j) = -INFINITY;
+            if (col >= nvB) tSrS(c + 2 + 4 * j) = -INFINITY;
+          }
+      }
+      float xA = mA, xB = mB;
+      CUTE_UNROLL
+      for (int j = 0; j < kN / 8; ++j)
+        CUTE_UNROLL
+        for (int c = 0; c < 2; ++c) xA = fmaxf(xA, tSrS(c + 4 * j)), xB = fmaxf(xB, tSrS(c + 2 + 4 * j));
+      // The four threads of a quad hold one row between them.
+      xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
+      xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
+      xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
+      xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
+      // Scaled maxima; a row with no visible key yet keeps -inf and subtracts 0 (every p is 0).
+      const float sA = xA == -INFINITY ? 0.f : xA * sl2, sB = xB == -INFINITY ? 0.f : xB * sl2;
+      const float alA = ex2(mA * sl2 - sA), alB = ex2(mB * sl2 - sB);
+      mA = xA, mB = xB;
+      float sumA = 0.f, sumB = 0.f;
+      CUTE_UNROLL
+      for (int j = 0; j < kN / 8; ++j)
+        CUTE_UNROLL
+        for (int c = 0; c < 2; ++c) {
+          const float pa = ex2(fmaf(tSrS(c + 4 * j), sl2, -sA)), pb = ex2(fmaf(tSrS(c + 2 + 4 * j), sl2, -sB));
+          sumA += pa, sumB += pb;
+          tOrP(c + 4 * j) = T(pa);
+          tOrP(c + 2 + 4 * j) = T(pb);
+        }
+      lA = lA * alA + sumA, lB = lB * alB + sumB;
+      CUTE_UNROLL
+      for (int j = 0; j < DV / 8; ++j)
+        CUTE_UNROLL
+        for (int c = 0; c < 2; ++c) tOrO(c + 4 * j) *= alA, tOrO(c + 2 + 4 * j) *= alB;
+      FullBar::wait(&sm.full_v[st], parity);
+      wg_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st), tOrO);
+      EmptyBar::arrive(&sm.empty[st]);
+    }
+
+    // Epilogue: O / l in the operand precision, lse = ln(sum exp(s q.k)) in fp32.
+    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
+    const float iA = lA > 0.f ? 1.f / lA : 0.f, iB = lB > 0.f ? 1.f / lB : 0.f;
+    T* o = static_cast<T*>(p.o_cmp);
+    const int hA = g * G + rA % G, hB = g * G + rB % G;
+    if (tA < T_b) {
+      T* dst = o + ((row0 + tA) * p.Hq + hA) * DV + c_lane;
+      CUTE_UNROLL
+      for (int j = 0; j < DV / 8; ++j) {
+        const uint32_t lo = T(tOrO(4 * j) * iA).raw(), hi = T(tOrO(1 + 4 * j) * iA).raw();
+        *reinterpret_cast<uint32_t*>(dst + 8 * j) = lo | (hi << 16);
+      }
+      if ((lane & 3) == 0) p.lse_cmp[(row0 + tA) * p.Hq + hA] = lA > 0.f ? (mA * sl2 + log2f(lA)) * kLn2F : -INFINITY;
+    }
+    if (tB < T_b) {
+      T* dst = o + ((row0 + tB) * p.Hq + hB) * DV + c_lane;
+      CUTE_UNROLL
+      for (int j = 0; j < DV / 8; ++j) {
+        const uint32_t lo = T(tOrO(2 + 4 * j) * iB).raw(), hi = T(tOrO(3 + 4 * j) * iB).raw();
+        *reinterpret_cast<uint32_t*>(dst + 8 * j) = lo | (hi << 16);
+      }
+      if ((lane & 3) == 0) p.lse_cmp[(row0 + tB) * p.Hq + hB] = lB > 0.f ? (mB * sl2 + log2f(lB)) * kLn2F : -INFINITY;
+    }
+  }
+#endif
+}
+
+template <class T, int DK, int DV, int kN, int kStages>
+struct Launcher {
+  using C = Cfg<T, DK, DV, kN, kStages>;
+  static auto tmas(const CmpAttnSm90Params& p) {
+    // With no compressed row at all no tile loads anything (every row sees 0 blocks), but the
+    // descriptor still needs a real address and a non-empty shape: q's first rows stand in.
+    const bool none = p.Nc == 0;
+    const T* kc = static_cast<const T*>(none ? p.q : p.kc);
+    const T* vc = static_cast<const T*>(none ? p.q : p.vc);
+    const int Nc = none ? 1 : int(p.Nc);
+    auto tk = make_kv_tma<T, DK, kN>(kc, Nc, p.Hkv, take<0, 2>(typename C::LayoutK{}));
+    auto tv = make_kv_tma<T, DV, kN>(vc, Nc, p.Hkv, take<0, 2>(typename C::LayoutV{}));
+    return std::make_pair(tk, tv);
+  }
+  using TmaK = decltype(tmas(CmpAttnSm90Params{}).first);
+  using TmaV = decltype(tmas(CmpAttnSm90Params{}).second);
+  static const void* kernel() {
+    return reinterpret_cast<const void*>(&cmp_attn_sm90_kernel<T, DK, DV, kN, kStages, TmaK, TmaV>);
+  }
+  static void run(const CmpAttnSm90Params& p, cudaStream_t s) {
+    auto [tk, tv] = tmas(p);
+    auto k = &cmp_attn_sm90_kernel<T, DK, DV, kN, kStages, TmaK, TmaV>;
+    const int smem = int(sizeof(typename C::Smem));
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    k<<<dim3(unsigned(p.tiles), unsigned(p.Hkv)), kThreads, smem, s>>>(p, tk, tv);
+    NSA_CUDA_CHECK_LAUNCH("cmp_attn_sm90_kernel");
+  }
+};
+
+// The compiled variants: bf16/fp16 x (dk, dv) in {(128, 128), (192, 128)} x block_n {64, 128} x
+// stages {2, 3} where they fit in shared memory; fn gets the Launcher, false if none matches.
+template <class Fn>
+bool dispatch(const CmpAttnSm90Params& p, Fn&& fn) {
+  auto by_shape = [&](auto tag) {
+    using T = decltype(tag);
+#define NSA_SM90_CASE(DK_, DV_, N_, S_)                                          \
+  if (p.dk == DK_ && p.dv == DV_ && p.block_n == N_ && p.stages == S_) {         \
+    fn(Launcher<T, DK_, DV_, N_, S_>{});                                         \
+    return true;                                                                 \
+  }
+    NSA_SM90_CASE(128, 128, 128, 2)
+#ifndef NSA_SM90_DEV_ONE_VARIANT  // (development builds: the first variant only)
+    NSA_SM90_CASE(128, 128, 64, 2)
+    NSA_SM90_CASE(128, 128, 64, 3)
+    NSA_SM90_CASE(192, 128, 128, 2)
+    NSA_SM90_CASE(192, 128, 64, 3)
+#endif
+#undef NSA_SM90_CASE
+    return false;
+  };
+#ifdef NSA_SM90_DEV_ONE_VARIANT
+  return p.elem == Sm90Elem::BF16 && by_shape(cutlass::bfloat16_t{});
+#else
+  return p.elem == Sm90Elem::BF16 ? by_shape(cutlass::bfloat16_t{}) : by_shape(cutlass::half_t{});
+#endif
+}
+
+}  // namespace
+
+int cmp_attn_sm90_tile_positions(int G) { return G > 0 && kRows % G == 0 ? kRows / G : 0; }
+
+bool cmp_attn_sm90_supported(const CmpAttnSm90Params& p, std::string* why) {
+  auto no = [&](std::string msg) {
+    if (why) *why = "cmp_attn_sm90: " + std::move(msg);
+    return false;
+  };
+  if (!(p.G == 1 || p.G == 2 || p.G == 4 || p.G == 8 || p.G == 16) || p.Hq != p.G * p.Hkv)
+    return no(cat("G = Hq / Hkv = ", p.Hq, " / ", p.Hkv, " is not supported (expected 1, 2, 4, 8 or 16)"));
+  if (p.Nc >= (int64_t(1) << 31)) return no(cat("Nc = ", p.Nc, " compressed rows exceed TMA's int32 coordinates"));
+  const void* kern = nullptr;
+  if (!dispatch(p, [&](auto L) { kern = decltype(L)::kernel(); }))
+    return no(cat("no variant for dk = ", p.dk, ", dv = ", p.dv, ", block_n = ", p.block_n, ", stages = ",
+                  p.stages, " (compiled: dk/dv 128/128 with (block_n, stages) (128, 2), (64, 2), (64, 3); ",
+                  "192/128 with (128, 2), (64, 3))"));
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return no("no CUDA device");
+  }
+  if (major != 9 || minor != 0) return no(cat("needs compute capability 9.0 (Hopper), the device has ", major, ".", minor));
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kern) != cudaSuccess) {
+    cudaGetLastError();
+    return no("this build has no sm_90a code (NSA_CUDA_ARCHS must contain 90a)");
+  }
+  return true;
+}
+
+void cmp_attn_sm90(const CmpAttnSm90Params& p, cudaStream_t s) {
+  std::string why;
+  if (!cmp_attn_sm90_supported(p, &why)) throw ConfigError(why);
+  if (p.tiles == 0 || p.Hkv == 0) return;
+  dispatch(p, [&](auto L) { decltype(L)::run(p, s); });
+}
+
+}  // namespace nsa::cuda
