@@ -47,6 +47,8 @@ struct CmpAttnSm90Params {
   // ---- variant (the defaults are the measured best; docs/cuda_sm90.md) ----
   int block_n = 128;  // keys per tile: 64 or 128
   int stages = 2;     // K/V pipeline depth: 2 or 3
+  bool overlap = true;  // softmax of tile k under P V of tile k - 1 (FlashAttention-3's intra-warpgroup overlap)
+  bool persistent = true;  // one CTA per SM walking the work items, else one CTA per item
 };
 
 // Positions per tile (CTA): 128 rows = positions x the G heads of one KV group.
@@ -56,7 +58,7 @@ int cmp_attn_sm90_tile_positions(int G);
 // 9.0) and these parameters; otherwise false with the reason in *why.
 bool cmp_attn_sm90_supported(const CmpAttnSm90Params& p, std::string* why);
 
-// Launches the kernel on s (grid: tiles x Hkv CTAs of 384 threads). Throws ConfigError when
+// Launches the kernel on s (CTAs of 384 threads: one per SM, or one per (tile, group) item). Throws ConfigError when
 // unsupported (the reason of cmp_attn_sm90_supported), CudaError on a failed launch.
 void cmp_attn_sm90(const CmpAttnSm90Params& p, cudaStream_t s);
 

@@ -4,6 +4,7 @@
 //
 //   cmp_attn_sm90_check            the full set: correctness cases, then timings at 8k and 64k
 //   cmp_attn_sm90_check --quick    the small correctness cases only (for compute-sanitizer)
+//   --persistent 0|1               only the variants with a grid of one CTA per item (0) or per SM (1)
 //
 // O_cmp is compared as relative L2 and max |diff| over every element; lse as max |diff| over the
 // finite entries, and both must agree on which rows are -inf (no visible block). Outputs are
@@ -12,6 +13,7 @@
 // launch alone; TFLOP/s of the useful FLOPs, 2 (dk + dv) per (row, visible key).
 // Exit status: 0 when every case passes, 1 when one fails, 77 without a Hopper GPU.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -31,14 +33,23 @@ using namespace nsa::cuda;
 
 namespace {
 
-__global__ void fill_random(__nv_bfloat16* x, int64_t n, uint64_t seed) {
+// 16-bit element stores and loads of either precision (the buffers are raw uint16_t).
+__device__ __host__ inline uint16_t to_elem(float x, bool fp16) {
+  if (fp16) return __half_as_ushort(__float2half_rn(x));
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+__device__ __host__ inline float from_elem(uint16_t h, bool fp16) {
+  return fp16 ? __half2float(__ushort_as_half(h)) : __bfloat162float(__ushort_as_bfloat16(h));
+}
+
+__global__ void fill_random(uint16_t* x, int64_t n, uint64_t seed, bool fp16) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     uint64_t h = (uint64_t(i) + seed) * 0x9E3779B97F4A7C15ull;
     h ^= h >> 31, h *= 0xBF58476D1CE4E5B9ull, h ^= h >> 29;
     // Sum of 4 uniforms: mean 0, variance 1/3 * 4 / 4 ~ roughly normal, never exactly 0 en masse.
     float u = 0;
     for (int k = 0; k < 4; ++k) u += float((h >> (16 * k)) & 0xFFFF) / 65535.0f - 0.5f;
-    x[i] = __float2bfloat16(u * 1.7320508f);
+    x[i] = to_elem(u * 1.7320508f, fp16);
   }
 }
 
@@ -56,13 +67,13 @@ struct Cmp {  // accumulated on the device
   unsigned long long bad;  // non-finite O in a, or lse -inf/finite mismatch, or NaN lse
 };
 
-__global__ void compare(const __nv_bfloat16* a, const __nv_bfloat16* b, int64_t n, const float* la, const float* lb,
+__global__ void compare(const uint16_t* a, const uint16_t* b, bool fp16, int64_t n, const float* la, const float* lb,
                         int64_t nl, Cmp* out) {
   double d2 = 0, r2 = 0;
   float mo = 0, ml = 0;
   unsigned long long bad = 0;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const float x = __bfloat162float(a[i]), y = __bfloat162float(b[i]);
+    const float x = from_elem(a[i], fp16), y = from_elem(b[i], fp16);
     if (!isfinite(x) || !isfinite(y)) { ++bad; continue; }
     d2 += double(x - y) * double(x - y), r2 += double(y) * double(y);
     mo = fmaxf(mo, fabsf(x - y));
@@ -83,13 +94,14 @@ struct Case {
   std::vector<int> Ts;  // sequence lengths (packed)
   int Hq, Hkv, dk, dv;
   bool time;
+  bool fp16 = false;
 };
 
 struct Bufs {
   int64_t N = 0, Nc = 0;
   std::vector<int64_t> cu, cuc;
   int64_t *cu_d = nullptr, *cuc_d = nullptr;
-  __nv_bfloat16 *q = nullptr, *kc = nullptr, *vc = nullptr, *o_ref = nullptr, *o_new = nullptr;
+  uint16_t *q = nullptr, *kc = nullptr, *vc = nullptr, *o_ref = nullptr, *o_new = nullptr;  // elem
   float *lse_ref = nullptr, *lse_new = nullptr;
   int32_t* block_idx = nullptr;
 };
@@ -107,7 +119,7 @@ std::vector<int64_t> tile_prefix(const std::vector<int64_t>& cu, int BT) {
   return t;
 }
 
-// Double-precision O and lse of sampled rows from the device's own (bf16) inputs.
+// Double-precision O and lse of sampled rows from the device's own (rounded) inputs.
 bool sampled_double_check(const Case& c, const Bufs& B, const FwdParams& p, int samples, double* worst_o,
                           double* worst_l) {
   std::vector<uint16_t> kc(size_t(B.Nc) * c.Hkv * c.dk), vc(size_t(B.Nc) * c.Hkv * c.dv);
@@ -115,7 +127,7 @@ bool sampled_double_check(const Case& c, const Bufs& B, const FwdParams& p, int 
     NSA_CUDA_CHECK(cudaMemcpy(kc.data(), B.kc, kc.size() * 2, cudaMemcpyDeviceToHost));
     NSA_CUDA_CHECK(cudaMemcpy(vc.data(), B.vc, vc.size() * 2, cudaMemcpyDeviceToHost));
   }
-  auto f = [](uint16_t h) { uint32_t u = uint32_t(h) << 16; float x; std::memcpy(&x, &u, 4); return double(x); };
+  auto f = [&](uint16_t h) { return double(from_elem(h, c.fp16)); };
   uint64_t rng = 12345;
   *worst_o = 0, *worst_l = 0;
   bool ok = true;
@@ -171,7 +183,16 @@ float median(std::vector<float> v) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  bool quick = false;
+  int persistent_only = -1;  // --persistent 0|1: only the variants with that grid; default both
+  for (int a = 1; a < argc; ++a) {
+    if (std::strcmp(argv[a], "--quick") == 0) quick = true;
+    else if (std::strcmp(argv[a], "--persistent") == 0 && a + 1 < argc) persistent_only = std::atoi(argv[++a]);
+    else {
+      std::fprintf(stderr, "usage: %s [--quick] [--persistent 0|1]\n", argv[0]);
+      return 2;
+    }
+  }
   int ndev = 0;
   if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
     std::printf("SKIP: no CUDA device\n");
@@ -195,6 +216,8 @@ int main(int argc, char** argv) {
       {{777}, 16, 16, 128, 128, false},        // G = 1
       {{2049, 300}, 64, 16, 128, 128, false},  // G = 4
       {{4097}, 64, 4, 192, 128, false},
+      {{3000, 1100}, 64, 4, 128, 128, false, true},  // fp16
+      {{4097}, 64, 4, 192, 128, false, true},
   };
   if (!quick) {
     cases.push_back({{8192}, 64, 4, 128, 128, true});
@@ -202,8 +225,12 @@ int main(int argc, char** argv) {
     cases.push_back({{8192}, 64, 4, 192, 128, true});
     cases.push_back({{65536}, 64, 4, 192, 128, true});
   }
-  struct Var { int block_n, stages; };
-  const std::vector<Var> vars = {{128, 2}, {64, 2}, {64, 3}};
+  struct Var { int block_n, stages; bool overlap, persistent; };
+  std::vector<Var> vars;
+  for (const Var& v : std::vector<Var>{{128, 2, true, true},  {128, 2, true, false}, {128, 2, false, true},
+                                       {128, 2, false, false}, {64, 2, true, true},  {128, 3, true, true},
+                                       {64, 3, true, true}})
+    if (persistent_only < 0 || int(v.persistent) == persistent_only) vars.push_back(v);
   const int l = 32, d = 16, reps = 30;
 
   void* flush = nullptr;
@@ -237,9 +264,9 @@ int main(int argc, char** argv) {
     NSA_CUDA_CHECK(cudaMalloc(&B.lse_ref, nq * 4));
     NSA_CUDA_CHECK(cudaMalloc(&B.lse_new, nq * 4));
     NSA_CUDA_CHECK(cudaMalloc(&B.block_idx, B.N * c.Hkv * 16 * 4));
-    fill_random<<<1024, 256, 0, s>>>(B.q, nq * c.dk, 1);
-    fill_random<<<1024, 256, 0, s>>>(B.kc, B.Nc * c.Hkv * c.dk, 2ull << 40);
-    fill_random<<<1024, 256, 0, s>>>(B.vc, B.Nc * c.Hkv * c.dv, 3ull << 41);
+    fill_random<<<1024, 256, 0, s>>>(B.q, nq * c.dk, 1, c.fp16);
+    fill_random<<<1024, 256, 0, s>>>(B.kc, B.Nc * c.Hkv * c.dk, 2ull << 40, c.fp16);
+    fill_random<<<1024, 256, 0, s>>>(B.vc, B.Nc * c.Hkv * c.dv, 3ull << 41, c.fp16);
     NSA_CUDA_CHECK(cudaGetLastError());
 
     // Today's kernel: FwdParams as the Plan fills them, the FA kernel isolated from the score
@@ -258,7 +285,7 @@ int main(int argc, char** argv) {
     TileMap tm_sc{upload_i64(sc_tiles), sc_tiles.back(), 16 * score_warps / G};
     cudaGraph_t graph;
     NSA_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-    cmp_attn_v4(Precision::BF16, p, tm_fa, fa_warps, tm_sc, score_warps, s);
+    cmp_attn_v4(c.fp16 ? Precision::FP16 : Precision::BF16, p, tm_fa, fa_warps, tm_sc, score_warps, s);
     NSA_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
     size_t nroots = 1;
     cudaGraphNode_t root;
@@ -275,7 +302,7 @@ int main(int argc, char** argv) {
     // The new kernel's parameters.
     CmpAttnSm90Params q;
     q.B = p.B, q.N = p.N, q.Nc = p.Nc, q.Hq = c.Hq, q.Hkv = c.Hkv, q.G = G, q.dk = c.dk, q.dv = c.dv, q.l = l,
-    q.d = d, q.scale = p.scale, q.elem = Sm90Elem::BF16, q.cu_seqlens = B.cu_d, q.cu_cmp = B.cuc_d;
+    q.d = d, q.scale = p.scale, q.elem = c.fp16 ? Sm90Elem::FP16 : Sm90Elem::BF16, q.cu_seqlens = B.cu_d, q.cu_cmp = B.cuc_d;
     const std::vector<int64_t> new_tiles = tile_prefix(B.cu, cmp_attn_sm90_tile_positions(G));
     q.cu_tiles = upload_i64(new_tiles), q.tiles = new_tiles.back();
     q.q = B.q, q.kc = B.kc, q.vc = B.vc, q.o_cmp = B.o_new, q.lse_cmp = B.lse_new;
@@ -287,10 +314,10 @@ int main(int argc, char** argv) {
 
     std::string shape;
     for (int T : c.Ts) shape += (shape.empty() ? "" : "+") + std::to_string(T);
-    shape += " Hq=" + std::to_string(c.Hq) + " Hkv=" + std::to_string(c.Hkv) + " dk=" + std::to_string(c.dk) +
+    shape += std::string(c.fp16 ? " fp16" : "") + " Hq=" + std::to_string(c.Hq) + " Hkv=" + std::to_string(c.Hkv) + " dk=" + std::to_string(c.dk) +
              " dv=" + std::to_string(c.dv);
     auto poison = [&](void* o, float* lse) {
-      fill_u16<<<1024, 256, 0, s>>>(static_cast<uint16_t*>(o), no, 0x7FC1);  // bf16 NaN
+      fill_u16<<<1024, 256, 0, s>>>(static_cast<uint16_t*>(o), no, c.fp16 ? 0x7E01 : 0x7FC1);  // NaN
       fill_f32<<<1024, 256, 0, s>>>(lse, nq, NAN);
     };
     auto time_it = [&](auto&& launch) {
@@ -322,17 +349,18 @@ int main(int argc, char** argv) {
     }
 
     for (const Var& v : vars) {
-      q.block_n = v.block_n, q.stages = v.stages;
+      q.block_n = v.block_n, q.stages = v.stages, q.overlap = v.overlap, q.persistent = v.persistent;
       std::string why;
       if (!cmp_attn_sm90_supported(q, &why)) {
-        std::printf("%s  bn=%d st=%d: not compiled (%s)\n", shape.c_str(), v.block_n, v.stages, why.c_str());
+        std::printf("%s  bn=%d st=%d ov=%d ps=%d: not compiled\n", shape.c_str(), v.block_n, v.stages, int(v.overlap),
+                    int(v.persistent));
         continue;
       }
       poison(B.o_new, B.lse_new);
       cmp_attn_sm90(q, s);
       NSA_CUDA_CHECK(cudaStreamSynchronize(s));
       NSA_CUDA_CHECK(cudaMemsetAsync(cmp_d, 0, sizeof(Cmp), s));
-      compare<<<1024, 256, 0, s>>>(B.o_new, B.o_ref, no, B.lse_new, B.lse_ref, nq, cmp_d);
+      compare<<<1024, 256, 0, s>>>(B.o_new, B.o_ref, c.fp16, no, B.lse_new, B.lse_ref, nq, cmp_d);
       NSA_CUDA_CHECK(cudaGetLastError());
       Cmp r{};
       NSA_CUDA_CHECK(cudaMemcpyAsync(&r, cmp_d, sizeof(Cmp), cudaMemcpyDeviceToHost, s));
@@ -345,15 +373,15 @@ int main(int argc, char** argv) {
       // bf16 rounding of O (2^-8 relative) bounds the two kernels' difference: both round once.
       const bool ok = r.bad == 0 && rel < 8e-3 && ml < 1e-3 && samp_ok && so < 8e-3 && sl < 1e-3;
       failures += !ok;
-      std::printf("%-34s bn=%3d st=%d  vs cmp_fa_v4: O rel L2 %.2e max|d| %.2e, lse max|d| %.2e, bad %llu;"
+      std::printf("%-34s bn=%3d st=%d ov=%d ps=%d  vs cmp_fa_v4: O rel L2 %.2e max|d| %.2e, lse max|d| %.2e, bad %llu;"
                   "  vs double (48 rows): O rel L2 <= %.2e, lse |d| <= %.2e  %s\n",
-                  shape.c_str(), v.block_n, v.stages, rel, mo, ml, (unsigned long long)r.bad, so, sl,
+                  shape.c_str(), v.block_n, v.stages, int(v.overlap), int(v.persistent), rel, mo, ml, (unsigned long long)r.bad, so, sl,
                   ok ? "ok" : "FAIL");
       if (c.time) {
         const float ms = time_it([&] { cmp_attn_sm90(q, s); });
         char line[256];
-        std::snprintf(line, sizeof line, "%-34s sm90 bn=%3d st=%d %9.3f ms %7.1f TFLOP/s %5.1f%% of 781  %.2fx", shape.c_str(),
-                      v.block_n, v.stages, ms, useful / ms * 1e-9, useful / ms * 1e-9 / 781 * 100, ms_ref / ms);
+        std::snprintf(line, sizeof line, "%-34s sm90 bn=%3d st=%d ov=%d ps=%d %8.3f ms %7.1f TFLOP/s %5.1f%% of 781  %.2fx", shape.c_str(),
+                      v.block_n, v.stages, int(v.overlap), int(v.persistent), ms, useful / ms * 1e-9, useful / ms * 1e-9 / 781 * 100, ms_ref / ms);
         table.push_back(line);
       }
     }
