@@ -44,15 +44,18 @@ struct CmpAttnSm90Params {
   void* o_cmp = nullptr;     // [N, Hq, dv] elem   0 where no key is visible
   float* lse_cmp = nullptr;  // [N, Hq] fp32       natural log; -inf where no key is visible
 
-  // ---- variant (the defaults are the measured best; docs/cuda_sm90.md) ----
-  int block_n = 128;  // keys per tile: 64 or 128
-  int stages = 2;     // K/V pipeline depth: 2 or 3
+  // ---- variant (0 / true: the measured best, cmp_attn_sm90_resolve; docs/cuda_sm90.md) ----
+  int block_n = 0;    // keys per tile: 64 or 128; 0: 128 for dk = 128, 64 for dk = 192
+  int stages = 0;     // K/V pipeline depth: 2 or 3; 0: 2 for dk = 128, 3 for dk = 192
   bool overlap = true;  // softmax of tile k under P V of tile k - 1 (FlashAttention-3's intra-warpgroup overlap)
   bool persistent = true;  // one CTA per SM walking the work items, else one CTA per item
 };
 
-// Positions per tile (CTA): 128 rows = positions x the G heads of one KV group.
+// Positions per tile (work item): 128 rows = positions x the G heads of one KV group.
 int cmp_attn_sm90_tile_positions(int G);
+
+// p with block_n and stages filled in where 0 (the defaults above).
+CmpAttnSm90Params cmp_attn_sm90_resolve(const CmpAttnSm90Params& p);
 
 // True when this build has the kernel for the current device (sm_90a code, compute capability
 // 9.0) and these parameters; otherwise false with the reason in *why.
