@@ -239,13 +239,30 @@ __global__ void __launch_bounds__(kThreads, 1)
         const Item w = decode(i);
         const int qb = k % kQBufs, use = k / kQBufs;
         if (use > 0) Bar::wait(&sm.empty_q[qb], (use - 1) & 1);
+        if (p.q_async) {
+          // cp.async: every 16-byte copy of the tile in flight at once (one memory latency per
+          // item), rows past the sequence zero-filled (source size 0); then wait for all of them.
+          for (int c = qt; c < kRows * kChunks; c += 96) {
+            const int r = c / kChunks, e = (c % kChunks) * 8;
+            const int t = w.t0 + r / G;
+            const bool ok = t < w.T_b;
+            const T* src = q + ((w.row0 + (ok ? t : 0)) * p.Hq + w.g * G + r % G) * DK + e;
+            const uint32_t dst = cute::cast_smem_ptr_to_uint(&sQ(r, e, qb));
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0)
+                         : "memory");
+          }
+          asm volatile("cp.async.wait_all;\n" ::: "memory");
+        } else {
+          // Measured path: one 16-byte load and store at a time (the loads are not batched, so
+          // an item's Q costs about kRows * kChunks / 96 memory latencies).
 #pragma unroll 4
-        for (int c = qt; c < kRows * kChunks; c += 96) {
-          const int r = c / kChunks, e = (c % kChunks) * 8;
-          const int t = w.t0 + r / G;
-          uint4 v = make_uint4(0, 0, 0, 0);
-          if (t < w.T_b) v = *reinterpret_cast<const uint4*>(q + ((w.row0 + t) * p.Hq + w.g * G + r % G) * DK + e);
-          *reinterpret_cast<uint4*>(&sQ(r, e, qb)) = v;
+          for (int c = qt; c < kRows * kChunks; c += 96) {
+            const int r = c / kChunks, e = (c % kChunks) * 8;
+            const int t = w.t0 + r / G;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (t < w.T_b) v = *reinterpret_cast<const uint4*>(q + ((w.row0 + t) * p.Hq + w.g * G + r % G) * DK + e);
+            *reinterpret_cast<uint4*>(&sQ(r, e, qb)) = v;
+          }
         }
         cutlass::arch::fence_view_async_shared();
         Bar::arrive(&sm.full_q[qb]);

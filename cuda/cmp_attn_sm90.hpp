@@ -49,6 +49,9 @@ struct CmpAttnSm90Params {
   int stages = 0;     // K/V pipeline depth: 2 or 3; 0: 2 for dk = 128, 3 for dk = 192
   bool overlap = true;  // softmax of tile k under P V of tile k - 1 (FlashAttention-3's intra-warpgroup overlap)
   bool persistent = true;  // one CTA per SM walking the work items, else one CTA per item
+  // Q loaded with cp.async (all of an item's copies in flight) instead of one load at a time.
+  // EXPERIMENTAL: compiled, not yet run on a GPU (docs/cuda_sm90.md); off until measured.
+  bool q_async = false;
 };
 
 // Positions per tile (work item): 128 rows = positions x the G heads of one KV group.

@@ -225,11 +225,12 @@ int main(int argc, char** argv) {
     cases.push_back({{8192}, 64, 4, 192, 128, true});
     cases.push_back({{65536}, 64, 4, 192, 128, true});
   }
-  struct Var { int block_n, stages; bool overlap, persistent; };
+  struct Var { int block_n, stages; bool overlap, persistent, q_async = false; };
   std::vector<Var> vars;
   // block_n = stages = 0: the default of the head dims (cmp_attn_sm90_resolve); the rest compare.
+  // q_async (qa=1): the experimental Q loader, not yet measured when added.
   for (const Var& v : std::vector<Var>{{0, 0, true, true}, {0, 0, true, false}, {128, 2, false, true},
-                                       {128, 2, true, true}})
+                                       {128, 2, true, true}, {0, 0, true, true, true}, {0, 0, true, false, true}})
     if (persistent_only < 0 || int(v.persistent) == persistent_only) vars.push_back(v);
   const int l = 32, d = 16, reps = 30;
 
@@ -349,18 +350,18 @@ int main(int argc, char** argv) {
     }
 
     for (const Var& v : vars) {
-      q.block_n = v.block_n, q.stages = v.stages, q.overlap = v.overlap, q.persistent = v.persistent;
+      q.block_n = v.block_n, q.stages = v.stages, q.overlap = v.overlap, q.persistent = v.persistent, q.q_async = v.q_async;
       CmpAttnSm90Params dflt = q;
       dflt.block_n = dflt.stages = 0;
       dflt = cmp_attn_sm90_resolve(dflt);
       const CmpAttnSm90Params rq = cmp_attn_sm90_resolve(q);
-      if (v.block_n != 0 && v.overlap && v.persistent && rq.block_n == dflt.block_n && rq.stages == dflt.stages)
+      if (v.block_n != 0 && v.overlap && v.persistent && !v.q_async && rq.block_n == dflt.block_n && rq.stages == dflt.stages)
         continue;  // the default again
-      const Var shown{rq.block_n, rq.stages, v.overlap, v.persistent};
+      const Var shown{rq.block_n, rq.stages, v.overlap, v.persistent, v.q_async};
       std::string why;
       if (!cmp_attn_sm90_supported(q, &why)) {
-        std::printf("%s  bn=%d st=%d ov=%d ps=%d: not compiled\n", shape.c_str(), shown.block_n, shown.stages, int(v.overlap),
-                    int(v.persistent));
+        std::printf("%s  bn=%d st=%d ov=%d ps=%d qa=%d: not compiled\n", shape.c_str(), shown.block_n, shown.stages, int(v.overlap),
+                    int(v.persistent), int(v.q_async));
         continue;
       }
       poison(B.o_new, B.lse_new);
@@ -380,15 +381,15 @@ int main(int argc, char** argv) {
       // bf16 rounding of O (2^-8 relative) bounds the two kernels' difference: both round once.
       const bool ok = r.bad == 0 && rel < 8e-3 && ml < 1e-3 && samp_ok && so < 8e-3 && sl < 1e-3;
       failures += !ok;
-      std::printf("%-34s bn=%3d st=%d ov=%d ps=%d  vs cmp_fa_v4: O rel L2 %.2e max|d| %.2e, lse max|d| %.2e, bad %llu;"
+      std::printf("%-34s bn=%3d st=%d ov=%d ps=%d qa=%d  vs cmp_fa_v4: O rel L2 %.2e max|d| %.2e, lse max|d| %.2e, bad %llu;"
                   "  vs double (48 rows): O rel L2 <= %.2e, lse |d| <= %.2e  %s\n",
-                  shape.c_str(), shown.block_n, shown.stages, int(v.overlap), int(v.persistent), rel, mo, ml, (unsigned long long)r.bad, so, sl,
+                  shape.c_str(), shown.block_n, shown.stages, int(v.overlap), int(v.persistent), int(v.q_async), rel, mo, ml, (unsigned long long)r.bad, so, sl,
                   ok ? "ok" : "FAIL");
       if (c.time) {
         const float ms = time_it([&] { cmp_attn_sm90(q, s); });
         char line[256];
-        std::snprintf(line, sizeof line, "%-34s sm90 bn=%3d st=%d ov=%d ps=%d %8.3f ms %7.1f TFLOP/s %5.1f%% of 781  %.2fx", shape.c_str(),
-                      shown.block_n, shown.stages, int(v.overlap), int(v.persistent), ms, useful / ms * 1e-9, useful / ms * 1e-9 / 781 * 100, ms_ref / ms);
+        std::snprintf(line, sizeof line, "%-34s sm90 bn=%3d st=%d ov=%d ps=%d qa=%d %8.3f ms %7.1f TFLOP/s %5.1f%% of 781  %.2fx", shape.c_str(),
+                      shown.block_n, shown.stages, int(v.overlap), int(v.persistent), int(v.q_async), ms, useful / ms * 1e-9, useful / ms * 1e-9 / 781 * 100, ms_ref / ms);
         table.push_back(line);
       }
     }
