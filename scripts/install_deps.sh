@@ -28,11 +28,14 @@ fi
 # cutlass_library/source/include unpacked into .deps/cutlass/include (git-ignored), which CMake's
 # NSA_CUTLASS_DIR points at by default.
 CUTLASS_VERSION=4.2.0.0
-if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
+if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ] || [ -n "${CUDACXX:-}" ]; then
   if [ "$(cat .deps/cutlass/VERSION 2>/dev/null)" != "$CUTLASS_VERSION" ] || [ ! -f .deps/cutlass/include/cute/tensor.hpp ]; then
     echo "install_deps: CUTLASS $CUTLASS_VERSION headers -> .deps/cutlass/"
     tmp=$(mktemp -d)
-    python3 -m pip download -q --no-deps --only-binary=:all: "nvidia-cutlass==$CUTLASS_VERSION" -d "$tmp"
+    # pip from the project's venv (made above; Debian's python3 may have no pip module).
+    pip_py=python3
+    [ -x .venv/bin/python ] && pip_py=.venv/bin/python
+    "$pip_py" -m pip download -q --no-deps --only-binary=:all: "nvidia-cutlass==$CUTLASS_VERSION" -d "$tmp"
     rm -rf .deps/cutlass
     python3 - "$tmp" .deps/cutlass <<'PY'
 import glob, os, sys, zipfile
