@@ -2,18 +2,20 @@
 // (NSA-SPEC.md 3), FlashAttention-3's structure built from CuTe (CUTLASS 4.2). docs/cuda_sm90.md
 // says what was measured and why the shapes below.
 //
-// One CTA = 128 query rows x the keys of one KV group g: rows are positions x the G heads of the
-// group (row r: position t0 + r / G, head g G + r % G), so that every K/V tile loaded feeds all G
-// heads. 384 threads:
-//   warpgroup 0, the producer: one thread streams the K and V tiles of the group's compressed
-//     rows (kc [Nc, Hkv, dk], row stride Hkv dk) by TMA into a kStages-deep ring of swizzled
-//     shared memory, each stage guarded by mbarriers (full_k / full_v: bytes landed; empty: both
-//     consumer warpgroups done with it). It gives its registers back (setmaxnreg 24).
-//   warpgroups 1 and 2, the consumers (setmaxnreg 240), 64 rows each: S = Q K^T by wgmma with
+// Work item = 128 query rows x the keys of one KV group g: rows are positions x the G heads of
+// the group (row r: position t0 + r / G, head g G + r % G), so that every K/V tile loaded feeds all
+// G heads. A CTA (384 threads; one per SM when `persistent`, walking the items longest first):
+//   warpgroup 0, the producer (setmaxnreg 56): one thread of warp 0 streams the K and V tiles of
+//     the group's compressed rows (kc [Nc, Hkv, dk], row stride Hkv dk) by TMA into a
+//     kStages-deep ring of swizzled shared memory that runs on across items; each stage has
+//     mbarriers full_k / full_v (bytes landed) and empty_k / empty_v (both consumer warpgroups
+//     done with it). Warps 1-3 store each item's Q into one of kQBufs buffers (full_q / empty_q).
+//   warpgroups 1 and 2, the consumers (setmaxnreg 224), 64 rows each: S = Q K^T by wgmma with
 //     both operands in shared memory, the online softmax in registers (exp2 with the scale folded
 //     in, the running max per row), then O += P V by wgmma with P from registers (the fp32
 //     accumulator layout of S is the register-A layout of the second product, element for
-//     element) and V read MN-major from the same swizzled tile.
+//     element) and V read MN-major from the same swizzled tile; with kOverlap the softmax of one
+//     tile runs under the P V product of the previous one.
 // Row t sees compressed block i iff i d + l - 1 <= t, i.e. the first cmp_visible(t) rows of its
 // sequence; keys past a row's count (and rows of the next sequence, or the zero rows TMA fills
 // past Nc) are masked to -inf, so they add exactly 0. A row that sees no block gets O = 0 and
