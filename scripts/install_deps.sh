@@ -23,4 +23,34 @@ if [ -f notebooks/requirements.txt ]; then
     cp notebooks/requirements.txt .venv/.requirements.txt
   fi
 fi
+# CUTLASS / CuTe headers for the Hopper kernels (cuda/*_sm90.cu), only where the CUDA path can be
+# built: PyPI's nvidia-cutlass wheel (pinned; pure headers and Python, any platform), its
+# cutlass_library/source/include unpacked into .deps/cutlass/include (git-ignored), which CMake's
+# NSA_CUTLASS_DIR points at by default.
+CUTLASS_VERSION=4.2.0.0
+if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ] || [ -n "${CUDACXX:-}" ]; then
+  if [ "$(cat .deps/cutlass/VERSION 2>/dev/null)" != "$CUTLASS_VERSION" ] || [ ! -f .deps/cutlass/include/cute/tensor.hpp ]; then
+    echo "install_deps: CUTLASS $CUTLASS_VERSION headers -> .deps/cutlass/"
+    tmp=$(mktemp -d)
+    # pip from the project's venv (made above; Debian's python3 may have no pip module).
+    pip_py=python3
+    [ -x .venv/bin/python ] && pip_py=.venv/bin/python
+    "$pip_py" -m pip download -q --no-deps --only-binary=:all: "nvidia-cutlass==$CUTLASS_VERSION" -d "$tmp"
+    rm -rf .deps/cutlass
+    python3 - "$tmp" .deps/cutlass <<'PY'
+import glob, os, sys, zipfile
+whl = glob.glob(os.path.join(sys.argv[1], "nvidia_cutlass-*.whl"))[0]
+prefix = "cutlass_library/source/include/"
+with zipfile.ZipFile(whl) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            out = os.path.join(sys.argv[2], "include", name[len(prefix):])
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with z.open(name) as src, open(out, "wb") as dst:
+                dst.write(src.read())
+PY
+    echo "$CUTLASS_VERSION" > .deps/cutlass/VERSION
+    rm -rf "$tmp"
+  fi
+fi
 echo "install_deps: ok"
