@@ -74,7 +74,7 @@ void CacheSpec::validate() const {
 
 Cache::Cache(const CacheSpec& spec, int64_t sample, uint64_t seed)
     : spec_(spec), sets_(spec.sets()), sample_(sample), sectors_per_line_(spec.line_bytes / spec.sector_bytes),
-      rng_(mix(seed + 1)) {
+      sample_pow2_(sample > 0 && (sample & (sample - 1)) == 0), rng_(mix(seed + 1)) {
   spec_.validate();
   if (sample < 1 || sample > sets_)
     throw ConfigError(cat("cache sample = ", sample, ": expected 1 to the number of sets (", sets_, ")"));
@@ -83,13 +83,9 @@ Cache::Cache(const CacheSpec& spec, int64_t sample, uint64_t seed)
   set_misses_.assign(size_t(simulated), 0);
 }
 
-int64_t Cache::set_of(uint64_t line) const {
-  return int64_t((spec_.hashed_index ? mix(line) : line) % uint64_t(sets_));
-}
+uint64_t Cache::line_hash(uint64_t line) { return mix(line); }
 
-int Cache::access(uint64_t line, uint32_t mask, bool write) {
-  const int64_t set = set_of(line);
-  if (set % sample_) return 0;
+int Cache::access_in_set(int64_t set, uint64_t line, uint32_t mask, bool write) {
   const int64_t si = set / sample_;
   Way* w = &ways_[size_t(si * spec_.ways)];
   const int W = int(spec_.ways);
@@ -154,14 +150,10 @@ struct ReuseTracker::Map {
   std::unordered_map<uint64_t, int64_t> last;  // line -> time of its latest access
 };
 
-ReuseTracker::ReuseTracker(int64_t sample) : sample_(sample), last_(std::make_shared<Map>()) {
+ReuseTracker::ReuseTracker(int64_t sample)
+    : sample_(sample), pow2_(sample > 0 && (sample & (sample - 1)) == 0), last_(std::make_shared<Map>()) {
   if (sample < 1) throw ConfigError(cat("reuse-distance sample = ", sample, ": expected >= 1"));
   fen_.assign(1 << 16, 0);
-}
-
-bool ReuseTracker::tracked(uint64_t line) const {
-  // A hash independent of the cache's set index (another seed of the mix).
-  return sample_ == 1 || mix(line ^ 0x6a09e667f3bcc909ull) % uint64_t(sample_) == 0;
 }
 
 void ReuseTracker::fen_add(int64_t i, int64_t v) {
@@ -189,8 +181,7 @@ void ReuseTracker::compact() {
   now_ = int64_t(live.size());
 }
 
-int64_t ReuseTracker::access(uint64_t line) {
-  if (!tracked(line)) return -2;
+int64_t ReuseTracker::record(uint64_t line) {
   if (now_ == int64_t(fen_.size())) compact();
   auto [it, fresh] = last_->last.try_emplace(line, now_);
   int64_t d = -1;
@@ -238,11 +229,15 @@ void MemoryModel::access(uint64_t addr, int64_t bytes, Stream s, bool write) {
       write_sectors_[si] += n;
     else
       read_sectors_[si] += n;
-    const int miss = cache_.access(line, mask, write);
-    if (!write) miss_sectors_[si] += miss;
-    if (track_reuse_) {
-      const int64_t d = reuse_.access(line);
-      if (d != -2 && !write) hist_.add(d < 0 ? -1 : d * int64_t(L), double(reuse_.sample()));
+    const uint64_t h = Cache::line_hash(line);
+    const int64_t set = cache_.set_from_hash(line, h);
+    if (cache_.sampled_set(set)) {
+      const int miss = cache_.access_in_set(set, line, mask, write);
+      if (!write) miss_sectors_[si] += miss;
+    }
+    if (track_reuse_ && reuse_.tracked_hash(h)) {
+      const int64_t d = reuse_.record(line);
+      if (!write) hist_.add(d < 0 ? -1 : d * int64_t(L), double(reuse_.sample()));
     }
   }
 }

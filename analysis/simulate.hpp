@@ -57,11 +57,23 @@ class Cache {
   // other sets return at once and are not counted. K = 1 simulates every set.
   explicit Cache(const CacheSpec& spec, int64_t sample = 1, uint64_t seed = 0);
   // The set of a line (index function of the spec) and whether it is simulated.
-  int64_t set_of(uint64_t line) const;
-  bool simulated(uint64_t line) const { return set_of(line) % sample_ == 0; }
+  int64_t set_of(uint64_t line) const { return set_from_hash(line, line_hash(line)); }
+  bool simulated(uint64_t line) const { return sampled_set(set_of(line)); }
   // Reads or writes the sectors `mask` (bit i: sector i of the line) of `line`; returns the sectors
   // that missed (reads: fetched from memory; writes: allocated). Not-simulated lines: 0, uncounted.
-  int access(uint64_t line, uint32_t mask, bool write);
+  int access(uint64_t line, uint32_t mask, bool write) {
+    const int64_t set = set_of(line);
+    return sampled_set(set) ? access_in_set(set, line, mask, write) : 0;
+  }
+  // The same in pieces, for the replay's inner loop: the line's hash (shared with ReuseTracker),
+  // its set, whether the set is simulated, the access.
+  static uint64_t line_hash(uint64_t line);
+  int64_t set_from_hash(uint64_t line, uint64_t h) const {
+    // Lemire's multiply-shift range reduction of the hash's high half: no division per line.
+    return spec_.hashed_index ? int64_t(((h >> 32) * uint64_t(sets_)) >> 32) : int64_t(line % uint64_t(sets_));
+  }
+  bool sampled_set(int64_t set) const { return sample_pow2_ ? (set & (sample_ - 1)) == 0 : set % sample_ == 0; }
+  int access_in_set(int64_t set, uint64_t line, uint32_t mask, bool write);
   // The lines of the set holding `line`, most recently used first (LRU) / newest first (FIFO).
   std::vector<uint64_t> set_contents(uint64_t line) const;
   const CacheCounts& counts() const { return counts_; }
@@ -78,6 +90,7 @@ class Cache {
   };
   CacheSpec spec_;
   int64_t sets_, sample_, sectors_per_line_;
+  bool sample_pow2_;
   std::vector<Way> ways_;  // [simulated sets, ways]
   std::vector<int64_t> set_misses_;
   uint64_t clock_ = 0, rng_;
@@ -92,10 +105,14 @@ class Cache {
 class ReuseTracker {
  public:
   explicit ReuseTracker(int64_t sample = 1);
-  bool tracked(uint64_t line) const;
+  bool tracked(uint64_t line) const { return tracked_hash(Cache::line_hash(line)); }
+  // The low bits of the line's hash (the cache's set uses the high half).
+  bool tracked_hash(uint64_t h) const { return pow2_ ? (h & uint64_t(sample_ - 1)) == 0 : h % uint64_t(sample_) == 0; }
   // Records an access; returns the (scaled) distance in lines, or -1 for a cold access.
   // Untracked lines: returns -2 and records nothing.
-  int64_t access(uint64_t line);
+  int64_t access(uint64_t line) { return tracked(line) ? record(line) : -2; }
+  // Records an access of a line known to be tracked.
+  int64_t record(uint64_t line);
   int64_t sample() const { return sample_; }
 
  private:
@@ -103,6 +120,7 @@ class ReuseTracker {
   void fen_add(int64_t i, int64_t v);
   int64_t fen_sum(int64_t i) const;  // marks in [0, i]
   int64_t sample_, now_ = 0;
+  bool pow2_;
   std::vector<int64_t> fen_;
   struct Map;
   std::shared_ptr<Map> last_;
