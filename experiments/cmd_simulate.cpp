@@ -128,6 +128,7 @@ int cmd_simulate(const Args& args) {
 
   analysis::Selection sel;
   std::string source;
+  json jsel = json::object();  // what was replayed: a file, or the generator's settings
   if (vm.count("block-idx")) {
     const std::string path = vm["block-idx"].as<std::string>();
     Tensor<int32_t> bi = load_npy<int32_t>(path);
@@ -145,6 +146,7 @@ int cmd_simulate(const Args& args) {
     sel.block_idx = std::move(bi).reshaped({B * T, c.Hkv, c.slc_count});
     for (int64_t b = 0; b <= B; ++b) sel.cu_seqlens.push_back(b * T);
     source = path;
+    jsel = {{"kind", "file"}, {"path", path}, {"T", T}, {"batch", B}};
   }
   if (c.Hq % c.Hkv)
     throw ConfigError(cat("Hq = ", c.Hq, " is invalid: expected a multiple of Hkv = ", c.Hkv));
@@ -156,6 +158,7 @@ int cmd_simulate(const Args& args) {
     sp.seed = vm["selection-seed"].as<uint64_t>(), sp.corr_len = vm["corr-len"].as<double>();
     require_memory(double(sp.T * sp.B * c.Hkv * c.slc_count) * 4 * 2, "the selection");
     sel = analysis::draw_selection(c, sp);
+    jsel = {{"kind", sp.kind}, {"T", sp.T}, {"batch", sp.B}, {"seed", sp.seed}, {"corr_len", sp.corr_len}};
     source = cat("selection ", sp.kind, " (T = ", sp.T, ", batch ", sp.B, ", seed ", sp.seed,
                  sp.kind == "clustered" ? cat(", corr_len ", sp.corr_len) : std::string(), ")");
   } else {
@@ -309,6 +312,7 @@ int cmd_simulate(const Args& args) {
   }
   const analysis::GpuSpec& g = opt.gpu;
   json j = {{"source", source},
+            {"selection", jsel},
             {"config", config_json(c)},
             {"dtype", dtype},
             {"positions", int64_t(N)},
