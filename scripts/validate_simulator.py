@@ -5,6 +5,7 @@ selection kernel against `nsa simulate` on the same selection. The standard libr
   --device-args REPLAY_JSON NCU_CSV   prints the `nsa simulate` options of what the device reports:
                                       its L2 size, SM count, and the CTAs per SM Nsight Compute measured
                                       (the least of the launch__occupancy_limit_* metrics)
+  --half-l2 REPLAY_JSON               prints --l2-mb with half the device's L2
   --collect DIR --cases a,b --out F.json --table F.md
                                       the results file (records of measured and predicted bytes, the
                                       ratios) and a markdown table
@@ -118,7 +119,7 @@ def collect(args):
             rec["measured"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in meas.items()}
         except (OSError, ValueError, KeyError) as e:
             rec["error"] = f"measurement: {e}"
-        for kind in ("preset", "device"):
+        for kind in ("preset", "device", "half"):
             try:
                 rec[f"predicted_{kind}"] = predicted(os.path.join(args.collect, f"sim_{kind}_{case}", "simulate.json"))
             except (OSError, ValueError, KeyError, StopIteration) as e:
@@ -162,12 +163,13 @@ def make_table(res):
              "bytes in GB; predicted = `nsa simulate` with the device's L2, SMs and measured CTAs per SM",
              "",
              "| selection | T | DRAM read meas. | pred. | ratio | L2 read meas. | pred. | ratio | L2 hit % meas. | pred. "
-             "| kernel ms meas. | pred. (ceilings) | preset DRAM / L2 ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| kernel ms meas. | pred. (ceilings) | preset DRAM / L2 ratio | half-L2 DRAM ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["records"]:
         me, pr, pp = r.get("measured"), r.get("predicted_device"), r.get("predicted_preset")
+        ph = r.get("predicted_half")
         if not me or not pr:
-            lines.append(f"| {r['selection']} | {r['T']} | {r.get('error', 'missing')} |||||||||||")
+            lines.append(f"| {r['selection']} | {r['T']} | {r.get('error', 'missing')} ||||||||||||")
             continue
         ra = r["ratio_predicted_to_measured"]
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
@@ -178,7 +180,8 @@ def make_table(res):
             f"| {r['selection']} | {r['T']} | {gb(me['dram_read_bytes'])} | {gb(pr['hbm_read_bytes'])} | "
             f"{fmt(ra['dram_read'])} | {gb(me['l2_read_bytes'])} | {gb(pr['l2_read_bytes'])} | {fmt(ra['l2_read'])} | "
             f"{fmt(me['l2_sector_hit_rate_pct'])} | {100 * pr['sector_read_hit_rate']:.1f} | {fmt(me['median_ms'])} | "
-            f"{pr['predicted_ms']:.3f} | {preset} |")
+            f"{pr['predicted_ms']:.3f} | {preset} | "
+            f"{fmt(ph['hbm_read_bytes'] / me['dram_read_bytes']) if ph and me['dram_read_bytes'] else 'n/a'} |")
     ok = [v for r in res["records"] for v in r.get("within_15pct", {}).values()]
     lines += ["", f"{sum(ok)} of {len(ok)} byte predictions within {100 * res['tolerance']:.0f}% of the counters."]
     return "\n".join(lines) + "\n"
@@ -187,6 +190,7 @@ def make_table(res):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device-args", nargs=2, metavar=("REPLAY_JSON", "NCU_CSV"))
+    ap.add_argument("--half-l2", metavar="REPLAY_JSON")
     ap.add_argument("--collect", metavar="DIR")
     ap.add_argument("--cases")
     ap.add_argument("--command", default="scripts/validate_simulator.sh")
@@ -196,6 +200,11 @@ def main():
     a = ap.parse_args()
     if a.device_args:
         print(device_args(*a.device_args))
+    elif a.half_l2:
+        try:
+            print("--l2-mb", repr(json.load(open(a.half_l2))["l2_bytes"] / 2**21))
+        except (OSError, ValueError, KeyError):
+            print("--l2-mb 25")
     elif a.collect:
         if not a.cases or not a.out:
             ap.error("--collect needs --cases and --out")

@@ -6,8 +6,10 @@
 #   2. run today's selection kernel on each (nsa_slc_replay) under Nsight Compute, one launch, L2
 #      flushed by ncu's cache control: DRAM bytes read, L2 sectors read by the SMs, the hit rate, the
 #      kernel's duration and its occupancy limits; then 5 timed launches (L2 flushed) for its time;
-#   3. `nsa simulate` on the same block_idx twice, in parallel: with the h200 preset, and with what
-#      the device reports (its L2 size, SM count, and the CTAs per SM Nsight Compute measured);
+#   3. `nsa simulate` on the same block_idx three times, in parallel: with the h200 preset; with what
+#      the device reports (its L2 size, SM count, and the CTAs per SM Nsight Compute measured); and
+#      the same with half that L2 (Hopper's L2 is two partitions: if data were held in both, half
+#      the capacity would be what a kernel sees; the comparison says which fits the counters);
 #   4. scripts/validate_simulator.py: predicted against measured -> $OUT/validate_simulator.json
 #      (the results file to commit) and $OUT/validate_simulator.md (the table); the raw ncu CSVs,
 #      replay and simulate JSONs in $OUT/raw.tar.gz, the log in $OUT/validate.log.
@@ -89,6 +91,9 @@ for c in "${CASES[@]}"; do
   ARGS=$(python3 scripts/validate_simulator.py --device-args "$W/replay_$c.json" "$W/ncu_$c.csv" 2>>"$LOG")
   "$BIN/nsa" simulate --block-idx "$W/sel_$c/block_idx.npy" $SHAPE --gpu h200 $ARGS --out "$W/sim_device_$c" \
     >"$W/sim_device_$c.log" 2>&1 &
+  HALF=$(python3 scripts/validate_simulator.py --half-l2 "$W/replay_$c.json" 2>>"$LOG")
+  "$BIN/nsa" simulate --block-idx "$W/sel_$c/block_idx.npy" $SHAPE --gpu h200 $ARGS $HALF --out "$W/sim_half_$c" \
+    >"$W/sim_half_$c.log" 2>&1 &
 done
 wait
 cat "$W"/sim_*.log >>"$LOG"
@@ -102,7 +107,7 @@ python3 scripts/validate_simulator.py --collect "$W" --cases "$(IFS=,; echo "${C
 mkdir -p "$W/raw"
 for c in "${CASES[@]}"; do
   cp "$W/ncu_$c.csv" "$W/replay_$c.json" "$W/raw/" 2>/dev/null
-  for k in preset device; do cp "$W/sim_${k}_$c/simulate.json" "$W/raw/sim_${k}_$c.json" 2>/dev/null; done
+  for k in preset device half; do cp "$W/sim_${k}_$c/simulate.json" "$W/raw/sim_${k}_$c.json" 2>/dev/null; done
 done
 tar czf "$OUT/raw.tar.gz" -C "$W" raw
 rm -rf "$W"
