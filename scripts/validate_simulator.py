@@ -3,9 +3,9 @@
 selection kernel against `nsa simulate` on the same selection. The standard library only.
 
   --device-args REPLAY_JSON NCU_CSV   prints the `nsa simulate` options of what the device reports:
-                                      its L2 size, SM count, and the CTAs per SM Nsight Compute measured
-                                      (the least of the launch__occupancy_limit_* metrics)
-  --half-l2 REPLAY_JSON               prints --l2-mb with half the device's L2
+                                      its SM count and the CTAs per SM Nsight Compute measured (the
+                                      least of the launch__occupancy_limit_* metrics)
+  --l2-mb REPLAY_JSON [--half]        prints the device's L2 in MiB (or half of it); nothing if unknown
   --collect DIR --cases a,b --out F.json --table F.md
                                       the results file (records of measured and predicted bytes, the
                                       ratios) and a markdown table
@@ -49,7 +49,7 @@ def device_args(replay_path, ncu_path):
     args = []
     try:
         rep = json.load(open(replay_path))
-        args += ["--l2-mb", repr(rep["l2_bytes"] / 2**20), "--sms", str(rep["sms"])]
+        args += ["--sms", str(rep["sms"])]
         ctas = rep.get("ctas_per_sm_smem", 0)
     except (OSError, ValueError, KeyError):
         return ""
@@ -190,7 +190,8 @@ def make_table(res):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device-args", nargs=2, metavar=("REPLAY_JSON", "NCU_CSV"))
-    ap.add_argument("--half-l2", metavar="REPLAY_JSON")
+    ap.add_argument("--l2-mb", metavar="REPLAY_JSON")
+    ap.add_argument("--half", action="store_true")
     ap.add_argument("--collect", metavar="DIR")
     ap.add_argument("--cases")
     ap.add_argument("--command", default="scripts/validate_simulator.sh")
@@ -200,11 +201,11 @@ def main():
     a = ap.parse_args()
     if a.device_args:
         print(device_args(*a.device_args))
-    elif a.half_l2:
+    elif a.l2_mb:
         try:
-            print("--l2-mb", repr(json.load(open(a.half_l2))["l2_bytes"] / 2**21))
+            print(repr(json.load(open(a.l2_mb))["l2_bytes"] / 2**20 / (2 if a.half else 1)))
         except (OSError, ValueError, KeyError):
-            print("--l2-mb 25")
+            pass
     elif a.collect:
         if not a.cases or not a.out:
             ap.error("--collect needs --cases and --out")
