@@ -806,10 +806,7 @@ void dense_branch(const Ctx& x, Branch br, int pass, BranchResult& r, MemoryMode
 
 }  // namespace
 
-SimResult simulate(const Config& c, const Selection& sel, const SimOptions& opt) {
-  const auto t_start = std::chrono::steady_clock::now();
-  c.validate();
-  check_selection(c, sel, "block_idx");
+void check_options(const SimOptions& opt) {
   opt.gpu.l2.validate();
   const Schedule& s = opt.schedule;
   if (opt.dtype_bytes != 2 && opt.dtype_bytes != 4)
@@ -820,6 +817,18 @@ SimResult simulate(const Config& c, const Selection& sel, const SimOptions& opt)
   for (auto [name, v] : {std::pair{"tiles per CTA", s.tiles_per_cta}, {"chunk rows", s.chunk_rows},
                          {"block positions", s.block_positions}})
     if (v < 1) throw ConfigError(cat(name, " = ", v, ": expected >= 1"));
+  if ((s.sms > 0 ? s.sms : opt.gpu.sms) < 1) throw ConfigError("SMs = 0: give the GPU's SM count");
+  if (opt.sample < 0) throw ConfigError(cat("sample = ", opt.sample, ": expected >= 0 (0: automatic)"));
+  if (opt.reuse_sample < -1) throw ConfigError(cat("reuse-sample = ", opt.reuse_sample, ": expected >= -1"));
+  if (opt.branches.empty()) throw ConfigError("branches: expected at least one of cmp, slc, win");
+}
+
+SimResult simulate(const Config& c, const Selection& sel, const SimOptions& opt) {
+  const auto t_start = std::chrono::steady_clock::now();
+  c.validate();
+  check_selection(c, sel, "block_idx");
+  check_options(opt);
+  const Schedule& s = opt.schedule;
   const int64_t sms = s.sms > 0 ? s.sms : opt.gpu.sms;
   if (sms < 1) throw ConfigError(cat("SMs = ", sms, ": give the GPU's SM count"));
 

@@ -270,6 +270,9 @@ struct SimResult {
   double seconds = 0;
 };
 
+// Throws ConfigError naming the first bad field of the options (schedule, L2, dtype).
+void check_options(const SimOptions& opt);
+
 // Replays the selection through each asked branch's schedule, each branch from a cold L2 (every
 // kernel is measured alone, as Nsight Compute does with its cache control). Throws ConfigError or
 // InputError (check_selection) naming the problem.

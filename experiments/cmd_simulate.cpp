@@ -131,10 +131,23 @@ int cmd_simulate(const Args& args) {
   json jsel = json::object();  // what was replayed: a file, or the generator's settings
   if (vm.count("block-idx")) {
     const std::string path = vm["block-idx"].as<std::string>();
-    Tensor<int32_t> bi = load_npy<int32_t>(path);
-    const Shape sh = bi.shape();
-    if (sh.size() != 3 && sh.size() != 4)
-      throw InputError(cat(path, ": shape ", shape_str(sh), " is not [T, Hkv, n] or [B, T, Hkv, n]"));
+    // The header first: shape, dtype and the memory the run needs are checked before the data is
+    // read (the selection as int32, its per-block lists, the simulated L2, the reuse tracker).
+    Tensor<int32_t> bi;
+    Shape sh;
+    try {
+      const NpyHeader h = read_npy_header(path);
+      sh = h.shape;
+      if (sh.size() != 3 && sh.size() != 4)
+        throw InputError(cat(path, ": shape ", shape_str(sh), " is not [T, Hkv, n] or [B, T, Hkv, n]"));
+      if (h.dtype != DType::I32 && h.dtype != DType::I64)
+        throw InputError(cat(path, ": dtype ", dtype_name(h.dtype),
+                             " where an integer tensor (int32 or int64) is expected"));
+      require_memory(double(numel(sh)) * 4 * 3 + double(h.data_bytes), "simulate (the selection and its lists)");
+      bi = load_npy<int32_t>(path);
+    } catch (const InputError& e) {
+      throw InputError(cat("--block-idx ", e.what()));
+    }
     const int64_t B = sh.size() == 4 ? sh[0] : 1, T = sh[sh.size() - 3];
     c.Hkv = sh[sh.size() - 2];
     if (!vm["slc-count"].defaulted() && vm["slc-count"].as<int64_t>() != sh.back())
@@ -185,8 +198,6 @@ int cmd_simulate(const Args& args) {
   opt.dtype_bytes = eb;
   opt.sample = vm["sample"].as<int64_t>();
   opt.reuse_sample = vm["reuse-sample"].as<int64_t>();
-  if (opt.sample < 0) throw ConfigError(cat("sample = ", opt.sample, ": expected >= 0 (0: automatic)"));
-  if (opt.reuse_sample < -1) throw ConfigError(cat("reuse-sample = ", opt.reuse_sample, ": expected >= -1"));
   opt.branches.clear();
   for (const auto& b : parse_list<std::string>(vm["branches"].as<std::string>(), "branches"))
     opt.branches.push_back(parse_branch(b));
@@ -203,6 +214,9 @@ int cmd_simulate(const Args& args) {
   else
     kinds = {analysis::parse_schedule(sched)};
 
+  analysis::check_options(opt);
+  if (s.tile_heads > 0 && c.G() % s.tile_heads)
+    throw ConfigError(cat("tile heads = ", s.tile_heads, " must divide G = ", c.G()));
   OutputDir out(vm["out"].as<std::string>());
   json cfgj = resolved_config(cmd, vm);
   cfgj["config"] = config_json(c);
