@@ -283,11 +283,11 @@ GpuSpec gpu_preset(const std::string& name) {
   g.smem_reserved = 1024;
   const int64_t MiB = int64_t(1) << 20;
   if (name == "h200") {
-    g.l2.size_bytes = 50 * MiB, g.sms = 132, g.smem_per_sm = 233472;
+    g.l2.size_bytes = 60 * MiB, g.sms = 132, g.smem_per_sm = 233472;
     g.copy_bytes_per_s = 3.9e12, g.l2_bytes_per_s = 16e12, g.matrix_flops_per_s = 781e12;
-    g.source = "H200 SXM: GH100 with 132 SMs and the L2 the runtime reports for GH100 boards (50 MiB of the die's "
-               "60 MB enabled); ceilings measured on our H200 (NSA-SPEC.md 10: copy 3.9 TB/s, L2 reads 16 TB/s, "
-               "bf16 matrix 781 TFLOP/s)";
+    g.source = "H200 SXM: GH100 with 132 SMs and all six HBM3e stacks, so all 12 memory controllers and the "
+               "L2 slices behind them: 60 MB (the H100 SXM enables 5 stacks and 50 MB); ceilings measured on "
+               "our H200 (NSA-SPEC.md 10: copy 3.9 TB/s, L2 reads 16 TB/s, bf16 matrix 781 TFLOP/s)";
   } else if (name == "h100") {
     g.l2.size_bytes = 50 * MiB, g.sms = 132, g.smem_per_sm = 233472;
     g.copy_bytes_per_s = 2.8e12, g.l2_bytes_per_s = 14.0e12, g.matrix_flops_per_s = 760e12;
