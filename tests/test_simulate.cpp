@@ -326,6 +326,13 @@ TEST_CASE("simulate: per-head tiles load G times the K/V of group-centric ones; 
   o.schedule.tile_heads = 1;
   const double head = kv_l2(branch(an::simulate(c, s, o), an::Branch::Slc));
   CHECK(head == 4 * group);
+  // A CTA's two tiles sharing one union: the requests of tiles of 2 x 4 positions.
+  o.schedule.tile_heads = 0, o.schedule.cta_union = true;
+  CHECK(kv_l2(branch(an::simulate(c, s, o), an::Branch::Slc)) == query_centric_kv_bytes(c, s, 8, 4, 2));
+  // The CTA order changes what the L2 sees, not what the tiles ask for.
+  o.schedule.cta_union = false, o.schedule.order = an::TileOrder::PositionMajor;
+  CHECK(kv_l2(branch(an::simulate(c, s, o), an::Branch::Slc)) == group);
+  o.schedule.order = an::TileOrder::GroupMajor;
   // An L2 of one line and one tile at a time: K and V rows alternate, so every K/V request misses.
   o.schedule.tile_heads = 0, o.schedule.sms = 1, o.schedule.ctas_per_sm = 1, o.schedule.tiles_per_cta = 1;
   o.gpu = gpu_with(128, 1);
