@@ -174,6 +174,29 @@ TEST_CASE("simulate: reuse distances by definition, and fully associative LRU hi
   CHECK(cache.counts().read_miss_sectors == 4 * predicted_misses);
 }
 
+TEST_CASE("simulate: sampled reuse distances follow the exact distribution") {
+  // 400k accesses, 70% to 2,000 hot lines and 30% to 60,000 cold ones: two modes of distance.
+  auto cdf = [](int64_t R) {
+    an::ReuseTracker rt(R);
+    Rng rng(21);
+    std::vector<double> below = {0, 0, 0, 0};  // distance < 1k, 4k, 16k, 64k lines
+    double n = 0;
+    for (int i = 0; i < 400000; ++i) {
+      const uint64_t line = rng.uniform() < 0.7 ? rng.below(2000) : 100000 + rng.below(60000);
+      const int64_t d = rt.access(line);
+      if (d == -2) continue;
+      n += 1;
+      for (int k = 0; k < 4; ++k) below[size_t(k)] += d >= 0 && d < (int64_t(1000) << (2 * k));
+    }
+    for (double& b : below) b /= n;
+    return below;
+  };
+  const auto exact = cdf(1), s16 = cdf(16);
+  for (size_t k = 0; k < 4; ++k) CHECK(std::abs(s16[k] - exact[k]) < 0.02);
+  CHECK(exact[0] < 0.5);  // the two modes are apart: the test would see a wrong scale
+  CHECK(exact[1] > 0.6);
+}
+
 TEST_CASE("simulate: set sampling estimates HBM bytes within its stated standard error") {
   an::CacheSpec l2 = tiny(512, 8);  // 512 KiB, hashed
   l2.hashed_index = true;
