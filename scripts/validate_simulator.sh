@@ -15,7 +15,8 @@
 #      replay and simulate JSONs in $OUT/raw.tar.gz, the log in $OUT/validate.log.
 # Binaries: $BIN/nsa and $BIN/nsa_slc_replay (BIN=.bin, where scripts/device.sh puts nsa). A missing
 # nsa_slc_replay is built from build-gpu (device.sh's build tree); BUILD=1 configures and builds
-# both from scratch (paper head dims only, a few minutes on 16 cores).
+# both from scratch (paper head dims only, a few minutes on 16 cores, with the .carry/ of
+# scripts/device_prepare.sh); BUILD_ONLY=1 stops after the build (a device call of its own).
 # usage: OUT=dir bash scripts/validate_simulator.sh   (TS=8192,32768,65536 SELS=random,clustered)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,7 @@ if [ ! -x "$BIN/nsa_slc_replay" ]; then
     cp build-gpu/experiments/nsa_slc_replay "$BIN/" || { say "could not build nsa_slc_replay (BUILD=1 builds all)"; exit 1; }
 fi
 [ -x "$BIN/nsa" ] || { say "no $BIN/nsa (run scripts/device.sh's build, or BUILD=1)"; exit 1; }
+[ "${BUILD_ONLY:-0}" = 1 ] && { say "built: $BIN/nsa, $BIN/nsa_slc_replay"; exit 0; }
 command -v ncu >/dev/null || { say "ncu (Nsight Compute) is not on PATH"; exit 1; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv; ncu --version | tail -1; } >>"$LOG" 2>&1
 
