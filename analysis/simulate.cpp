@@ -848,6 +848,8 @@ SimResult simulate(const Config& c, const Selection& sel, const SimOptions& opt)
   for (int64_t b = 0; b < x.B; ++b)
     for (int64_t t = 0; t < x.cu[size_t(b) + 1] - x.cu[size_t(b)]; t += 64)
       lines += 64.0 * double(slc_tokens(c, t)) * double(c.Hkv) * row_lines;
+  // Per-head tiles ask for the K/V rows once per slice of heads.
+  if (s.kind == ScheduleKind::QueryCentric && s.tile_heads > 0) lines *= double(c.G() / s.tile_heads);
   auto pow2_at_least = [](double v) {
     int64_t k = 1;
     while (double(k) < v) k *= 2;
