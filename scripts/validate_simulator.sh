@@ -45,6 +45,11 @@ if [ ! -x "$BIN/nsa_slc_replay" ]; then
     cp build-gpu/experiments/nsa_slc_replay "$BIN/" || { say "could not build nsa_slc_replay (BUILD=1 builds all)"; exit 1; }
 fi
 [ -x "$BIN/nsa" ] || { say "no $BIN/nsa (run scripts/device.sh's build, or BUILD=1)"; exit 1; }
+if ! "$BIN/nsa" simulate --help >/dev/null 2>&1; then  # an nsa built before `simulate` existed
+  say "rebuild nsa (build-gpu): $BIN/nsa has no simulate subcommand"
+  cmake --build build-gpu -j "$(nproc)" --target nsa >>"$LOG" 2>&1 && cp build-gpu/experiments/nsa "$BIN/" ||
+    { say "could not rebuild nsa (BUILD=1 builds all)"; exit 1; }
+fi
 [ "${BUILD_ONLY:-0}" = 1 ] && { say "built: $BIN/nsa, $BIN/nsa_slc_replay"; exit 0; }
 command -v ncu >/dev/null || { say "ncu (Nsight Compute) is not on PATH"; exit 1; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv; ncu --version | tail -1; } >>"$LOG" 2>&1
