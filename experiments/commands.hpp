@@ -23,6 +23,7 @@ int cmd_train(const Args& args);     // cmd_train.cpp
 int cmd_recall(const Args& args);    // cmd_recall.cpp
 int cmd_locality(const Args& args);  // cmd_locality.cpp
 int cmd_traffic(const Args& args);   // cmd_traffic.cpp
+int cmd_simulate(const Args& args);  // cmd_simulate.cpp
 
 // Throws ConfigError unless --device is cpu (for commands without a CUDA path).
 void require_cpu_device(const boost::program_options::variables_map& vm, const char* cmd);

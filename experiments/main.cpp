@@ -33,6 +33,8 @@ const Subcommand kSubcommands[] = {
      nsa::cli::cmd_locality},
     {"traffic", "memory traffic and roofline model: tokens, bytes, FLOPs per branch, decode and prefill",
      nsa::cli::cmd_traffic},
+    {"simulate", "trace-driven memory simulation of a selection: L2 and HBM bytes per branch, reuse, predicted time",
+     nsa::cli::cmd_simulate},
 };
 
 void print_help() {

@@ -39,6 +39,7 @@ class_missing_file() {
   bad 1 "missing.npy: no such file or folder" compare w/q.npy missing.npy
   bad 1 "nodir: no such file or folder" compare nodir w
   bad 1 "compare a file with a file or a folder with a folder: w/q.npy and w" compare w/q.npy w
+  bad 1 "--block-idx missing.npy: cannot open file (No such file or directory)" simulate --block-idx missing.npy --out o
 }
 
 class_not_npy() {
@@ -50,6 +51,7 @@ class_not_npy() {
   cp w/q.npy v9.npy && printf '\x09' | dd of=v9.npy bs=1 seek=6 conv=notrunc status=none
   bad 1 "--q v9.npy: unsupported .npy format version 9; expected 1, 2 or 3" forward --q v9.npy --k w/k.npy --v w/v.npy --out o
   bad 1 "w/config.json: not a .npy file" compare w/config.json w/q.npy
+  bad 1 "--block-idx w/config.json: not a .npy file" simulate --block-idx w/config.json --out o
 }
 
 class_truncated() {
@@ -94,6 +96,7 @@ class_dtype() {
   mknpy cuf.npy '<f8' False '(2,)' 16
   bad 1 "--cu-seqlens cuf.npy: dtype float64 where an integer tensor (int32 or int64) is expected" forward $IN --cu-seqlens cuf.npy --out o
   bad 1 "c8.npy: unsupported dtype '<c8'" compare c8.npy c8.npy
+  bad 1 "--block-idx w/q.npy: dtype float32 where an integer tensor (int32 or int64) is expected" simulate --block-idx w/q.npy --out o
   # float16 is accepted.
   mknpy f2.npy '<f2' False '(64, 4, 16)' 8192
   rm -rf o && ok "$NSA" forward --q f2.npy --k w/k.npy --v w/v.npy --out o
@@ -121,6 +124,8 @@ class_shape_mismatch() {
   bad 1 "--k-cmp w32/k.npy: shape [32, 2, 16], expected [N = 64, Hkv, dk] like --q" forward $IN --k-cmp w32/k.npy --out o
   bad 1 "--v w32/v.npy: shape [32, 2, 8], expected [N = 64, Hkv, dv] like --q" full --q w/q.npy --k w/k.npy --v w32/v.npy --out o
   bad 1 "--k-win w32/k.npy: shape [32, 2, 16], expected [N = 64, Hkv, dk] like --q" decode $IN --k-win w32/k.npy --out o
+  mknpy bi2.npy '<i4' False '(64, 4)' 1024
+  bad 1 "--block-idx bi2.npy: shape [64, 4] is not [T, Hkv, n] or [B, T, Hkv, n]" simulate --block-idx bi2.npy --out o
   bad 1 "--k w/v.npy: shape [64, 2, 8], expected [64, 2, 16] ([N, Hkv, dk], N as in q)" forward --q w/q.npy --k w/v.npy --v w/v.npy --out o
   bad 1 "--v-slc w/k.npy: shape [64, 2, 16], expected [64, 2, 8] ([N, Hkv, dv] like v)" forward $IN --v-slc w/k.npy --out o
   bad 1 "--gates w/q.npy: shape [64, 4, 16], expected [64, 4, 3] ([N, Hq, 3] in the order cmp, slc, win)" forward $IN --gates w/q.npy --out o
@@ -159,6 +164,8 @@ class_heads_not_divisible() {
   bad 1 "head counts: --q w3/q.npy has Hq = 3 query heads, --k w/k.npy has Hkv = 2" full --q w3/q.npy --k w/k.npy --v w/v.npy --out o
   bad 1 "head counts: --q w/q.npy has Hq = 4 query heads, --k w3/k.npy has Hkv = 3" decode --q w/q.npy --k w3/k.npy --v w3/v.npy --out o
   bad 1 "Hq = 6 is invalid: expected a multiple of Hkv = 4" gen --Hq 6 --Hkv 4 --out o
+  bad 1 "Hq = 6 is invalid: expected a multiple of Hkv = 4" simulate --selection random --Hq 6 --Hkv 4 --out o
+  bad 1 "tile heads = 5 must divide G = 16" simulate --selection random --T 64 --tile-heads 5 --out o
   bad 1 "Hq (query heads) = 5 is invalid: expected a multiple of Hkv = 2 (GQA groups)" bench --T 64 --Hq 5 --Hkv 2 --out o
   mknpy q0.npy '<f4' False '(64, 0, 16)' 0
   bad 1 "--q q0.npy: shape [64, 0, 16] has Hq = 0 heads of dk = 16; expected Hq >= 1 and dk >= 1" forward --q q0.npy --k w/k.npy --v w/v.npy --out o
@@ -259,6 +266,17 @@ class_invalid_config() {
   bad 1 "metric = 'l1' is not one of: allclose, rel_l2" compare w/q.npy w/q.npy --metric l1
   bad 2 "give two paths: A (to check) and B (the reference)" compare w/q.npy
   bad 2 "too many positional options" compare w/q.npy w/q.npy w/q.npy
+  # simulate.
+  bad 1 "T = 0 is invalid: expected >= 1" simulate --selection random --T 0 --out o
+  bad 1 "corr_len = 0 is invalid" simulate --selection clustered --T 64 --corr-len 0 --out o
+  bad 1 "sample = -1: expected >= 0 (0: automatic)" simulate --selection random --T 64 --sample -1 --out o
+  bad 1 "tiles per CTA = 0: expected >= 1" simulate --selection random --T 64 --tiles-per-cta 0 --out o
+  bad 1 "copy-tbs = -1: expected a number > 0" simulate --selection random --T 64 --copy-tbs -1 --out o
+  bad 1 "cache policy = 'plru' is not one of: lru, fifo, random" simulate --selection random --T 64 --l2-policy plru --out o
+  bad 1 "branch = 'full' is not one of: cmp, slc, win" simulate --selection random --T 64 --branches slc,full --out o
+  bad 1 "slc_count (n) = 2 is invalid" simulate --selection random --T 64 --slc-count 2 --out o
+  bad 2 "give one of --block-idx FILE or --selection" simulate --out o
+  bad 2 "--generate-only draws a selection: give --selection" simulate --block-idx w/q.npy --generate-only --out o
 }
 
 class_memory() {
@@ -283,6 +301,9 @@ class_memory() {
   bad 1 "not enough memory: this run needs" forward $IN --cmp-len 100000000 --out o
   contains err.txt "inputs 550 GB"
   bad 1 "not enough memory: this run needs" bench --T 10000000 --out o
+  bad 1 "not enough memory: this run needs" simulate --selection random --T 10000000000 --out o
+  mknpy bbi.npy '<i4' False '(1000000000, 4, 16)' 256000000000
+  bad 1 "not enough memory: this run needs" simulate --block-idx bbi.npy --out o
   # NSA_MAX_MEMORY caps what nsa may plan to use: a small run refused below its estimate.
   NSA_MAX_MEMORY=100000 bad 1 "are available (the environment variable NSA_MAX_MEMORY)" forward $IN --out o
   NSA_MAX_MEMORY=lots bad 1 "NSA_MAX_MEMORY = 'lots' is invalid: expected a number of bytes" forward $IN --out o

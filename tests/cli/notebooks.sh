@@ -9,8 +9,8 @@ if [ ! -x "$ROOT/.venv/bin/python" ]; then
 fi
 export NSA
 ok "$ROOT/scripts/notebooks.sh" --quick "$WORK/nb"
-contains out.txt "7 notebooks executed"
-for f in needle_grid trainability recall_mass selection_heatmap locality traffic_roofline; do
+contains out.txt "8 notebooks executed"
+for f in needle_grid trainability recall_mass selection_heatmap locality traffic_roofline simulate_traffic; do
   [ -s "$WORK/nb/data/figures/$f.png" ] || fail "figure $f.png was not drawn"
 done
 # No GPU results are committed in a fresh clone: the notebook says so instead of plotting.
