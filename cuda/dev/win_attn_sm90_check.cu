@@ -176,6 +176,8 @@ int main(int argc, char** argv) {
         {{8192}, 64, 4, 128, 128, 512, true},
         {{65536}, 64, 4, 128, 128, 512, true},
         {{65536}, 64, 4, 192, 128, 512, true},
+        {{65536}, 64, 16, 128, 128, 512, true},   // G = 4
+        {{65536}, 16, 16, 128, 128, 512, true},   // G = 1
     };
   }
   struct Var { int block_n, stages; bool persistent; };
