@@ -20,8 +20,7 @@
 //     online softmax in registers, O += P V (wgmma RS, P from registers), the softmax of tile k
 //     under the P V product of tile k - 1 (FlashAttention-3's intra-warpgroup overlap). The
 //     epilogue's loads (gates, O_cmp, O_slc of the thread's first row) are issued under the last
-//     P V product (the second row's too at block_n = 64), and the next item's first S product
-//     is issued before the epilogue, which then runs under it: o = g_cmp O_cmp + g_slc O_slc
+//     P V product, the second row's under the first row's stores; o = g_cmp O_cmp + g_slc O_slc
 //     + g_win O_win, lse_win, and O_win where asked, stored from registers.
 #include "win_attn_sm90.hpp"
 
@@ -293,7 +292,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t* o = static_cast<uint32_t*>(p.o);
     uint32_t* owin = static_cast<uint32_t*>(p.o_win);
     int it = 0, k = 0;  // tiles and items consumed so far (the rings' positions)
-    bool s0_issued = false;  // the item's first S product was issued under the previous epilogue
 
     for (int64_t i = blockIdx.x; i < items; i += gridDim.x, ++k) {
       const Item w = decode(i);
@@ -305,6 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int qb = k % kQBufs;
       float mA = -INFINITY, mB = -INFINITY, lA = 0.f, lB = 0.f;  // running max (raw score), sum
       clear(tOrO);
+      Bar::wait(&sm.full_q[qb], (k / kQBufs) & 1);
 
       // Masks tile kt outside each row's window, updates the running max and sum, turns S into
       // exp2(s sl2 - max sl2) in place; returns the factors that rescale O to the new max.
@@ -363,13 +362,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       {
         const int st = it % kStages, parity = (it / kStages) & 1;
-        if (!s0_issued) {
-          Bar::wait(&sm.full_q[qb], (k / kQBufs) & 1);
-          FullBar::wait(&sm.full_k[st], parity);
-          wg_issue<true, false>(mma_qk, tQ, tSrK(_, _, _, st), tSrS);
-        }
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tSrS);
+        FullBar::wait(&sm.full_k[st], parity);
+        wg_gemm<true, false>(mma_qk, tQ, tSrK(_, _, _, st), tSrS);
         Bar::arrive(&sm.empty_k[st]);
         if (w.ntiles == 1) Bar::arrive(&sm.empty_q[qb]);
         rescale_and_convert(softmax(0));
@@ -392,31 +386,27 @@ __global__ void __launch_bounds__(kThreads, 1)
         Bar::arrive(&sm.empty_v[sp]);
         rescale_and_convert(al);
       }
-      // The last P V product, and under it the epilogue's loads: the gates, O_cmp and O_slc of
-      // the thread's rows (element pairs 8 j + c_lane; in L2 since the Q warps prefetched them).
-      // At block_n = 64 both rows' loads go under the product; at 128 (P holds twice the
-      // registers while the product reads it) row B's would spill, so they are issued after it,
-      // under row A's arithmetic and stores.
-      constexpr bool kBothEarly = kN <= 64;
+      // The last P V product, and under it the epilogue's loads of row A: its gates, O_cmp and
+      // O_slc (element pairs 8 j + c_lane; in L2 since the Q warps prefetched them). Row B's are
+      // issued after the product, under row A's arithmetic and stores (both rows' loads under
+      // the product would spill at block_n = 128).
       const int hA = w.g * G + rA % G, hB = w.g * G + rB % G;
       const int64_t thA = (w.row0 + tA) * p.Hq + hA, thB = (w.row0 + tB) * p.Hq + hB;
-      constexpr int kBufs = kBothEarly ? 2 : 1;
-      uint32_t xc[kBufs][DV / 8], xs[kBufs][DV / 8];
-      float gt[kBufs][3];
-      auto load_row = [&](auto buf, bool ok, int64_t th) {
+      uint32_t xc[DV / 8], xs[DV / 8];
+      float g0 = 0, g1 = 0, g2 = 0;
+      auto load_row = [&](bool ok, int64_t th) {
         if (!ok) return;
-        gt[buf()][0] = p.gates[th * 3], gt[buf()][1] = p.gates[th * 3 + 1], gt[buf()][2] = p.gates[th * 3 + 2];
+        g0 = p.gates[th * 3], g1 = p.gates[th * 3 + 1], g2 = p.gates[th * 3 + 2];
         const uint32_t* pc = ocmp + (th * DV + c_lane) / 2;
         const uint32_t* ps = oslc + (th * DV + c_lane) / 2;
         CUTE_UNROLL
-        for (int j = 0; j < DV / 8; ++j) xc[buf()][j] = __ldg(pc + 4 * j), xs[buf()][j] = __ldg(ps + 4 * j);
+        for (int j = 0; j < DV / 8; ++j) xc[j] = __ldg(pc + 4 * j), xs[j] = __ldg(ps + 4 * j);
       };
       {
         const int sl = (it + w.ntiles - 1) % kStages;
         FullBar::wait(&sm.full_v[sl], ((it + w.ntiles - 1) / kStages) & 1);
         wg_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, sl), tOrO);
-        load_row(Int<0>{}, okA, thA);
-        if constexpr (kBothEarly) load_row(Int<kBufs - 1>{}, okB, thB);
+        load_row(okA, thA);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
         warpgroup_fence_operand(tOrP);
@@ -424,40 +414,27 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       it += w.ntiles;
 
-      // The next item's first S product, issued now so that the tensor cores have it to do
-      // while this item's epilogue (loads, arithmetic, stores) runs on the other units.
-      s0_issued = false;
-      if (i + gridDim.x < items) {
-        const int qn = (k + 1) % kQBufs, st = it % kStages;
-        Bar::wait(&sm.full_q[qn], ((k + 1) / kQBufs) & 1);
-        FullBar::wait(&sm.full_k[st], (it / kStages) & 1);
-        auto tQn = tSrQ(_, _, _, qn);
-        wg_issue<true, false>(mma_qk, tQn, tSrK(_, _, _, st), tSrS);
-        s0_issued = true;
-      }
-
       // Epilogue: O_win = O / l (fp32, rounded only where stored), o = Eq. 5, lse in fp32.
       lA += __shfl_xor_sync(0xffffffffu, lA, 1);
       lA += __shfl_xor_sync(0xffffffffu, lA, 2);
       lB += __shfl_xor_sync(0xffffffffu, lB, 1);
       lB += __shfl_xor_sync(0xffffffffu, lB, 2);
-      // Row half (Int<0>: A, Int<1>: B; static indices) from load buffer buf.
-      auto store_row = [&](auto half, auto buf, int64_t th, float m, float l) {
+      // Row half (0: A, 1: B) from the loaded xc, xs, g0..g2.
+      auto store_row = [&](auto half, int64_t th, float m, float l) {  // half: Int<0> or Int<1>, static indices
         const float inv = l > 0.f ? 1.f / l : 0.f;
         const int64_t e = (th * DV + c_lane) / 2;
-        const float g0 = gt[buf()][0], g1 = gt[buf()][1], g2 = gt[buf()][2];
         CUTE_UNROLL
         for (int j = 0; j < DV / 8; ++j) {
           const float w0 = tOrO(2 * half() + 4 * j) * inv, w1 = tOrO(2 * half() + 1 + 4 * j) * inv;
           if (owin) owin[e + 4 * j] = pack2<T>(w0, w1);
-          const float2 c2 = unpack2<T>(xc[buf()][j]), s2 = unpack2<T>(xs[buf()][j]);
+          const float2 c2 = unpack2<T>(xc[j]), s2 = unpack2<T>(xs[j]);
           o[e + 4 * j] = pack2<T>(g0 * c2.x + g1 * s2.x + g2 * w0, g0 * c2.y + g1 * s2.y + g2 * w1);
         }
         if ((lane & 3) == 0) p.lse_win[th] = l > 0.f ? (m * sl2 + log2f(l)) * kLn2F : -INFINITY;
       };
-      if (okA) store_row(Int<0>{}, Int<0>{}, thA, mA, lA);
-      if constexpr (!kBothEarly) load_row(Int<0>{}, okB, thB);
-      if (okB) store_row(Int<1>{}, Int<kBufs - 1>{}, thB, mB, lB);
+      if (okA) store_row(Int<0>{}, thA, mA, lA);
+      load_row(okB, thB);
+      if (okB) store_row(Int<1>{}, thB, mB, lB);
     }
   }
 #endif
