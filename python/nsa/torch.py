@@ -72,7 +72,7 @@ def _cuda_attention(q, k, v, gates, phi, kw) -> torch.Tensor:
     if batched and kw["cu_seqlens"] is not None:
         raise ValueError(f"cu_seqlens is for packed [N, H, D] inputs, but q is a batch {list(q.shape)}")
     B, T = (q.shape[0], q.shape[1]) if batched else (0, q.shape[0])
-    flat = lambda x: x.reshape(-1, *x.shape[-2:]).contiguous()
+    flat = lambda x: x.detach().reshape(-1, *x.shape[-2:]).contiguous()  # DLPack refuses tensors needing grad
     q3, k3, v3 = flat(q), flat(k), flat(v)
     N, Hq, Hkv, dv = q3.shape[0], q3.shape[1], k3.shape[1], v3.shape[2]
     g = torch.ones(N, Hq, 3, dtype=torch.float32, device=q.device) if gates is None \
