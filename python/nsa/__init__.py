@@ -294,6 +294,8 @@ def backward(q, k, v, do, *, k_cmp=None, v_cmp=None, k_slc=None, v_slc=None, k_w
     settings = _settings(cmp_len, cmp_stride, slc_len, slc_count, window, init_blocks, local_blocks, compress,
                          cmp_hidden, cmp_act, scale)
     tensors = _split_kwargs(k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, gate_x, gate_w, gate_b, gate_w0, gate_b0)
+    if do is None:
+        raise TypeError("do: required (dL/do, shaped like the output o)")
     tensors["do"] = do
     call = _Call(q, k, v, tensors, _load_params(compress_params, compress), cu_seqlens, extra_per_token=("do",))
     dO = call.arrays.pop("do")
@@ -479,3 +481,11 @@ def decode_step(cache: DecodeCache, q, k, v, *, seqs=None, **tensors) -> Result:
 
 
 from . import testing  # noqa: E402  (uses the names above)
+
+
+def __getattr__(name: str) -> Any:
+    # nsa.torch on first use, so that `import nsa` does not import PyTorch.
+    if name == "torch":
+        import importlib
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module 'nsa' has no attribute '{name}'")

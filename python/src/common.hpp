@@ -49,7 +49,7 @@ Tensor<S> to_tensor(const AnyArray& a, const std::string& name) {
     if (shape[i] > 1 && a.stride(i) != expect) contiguous = false;
     expect *= shape[i];
   }
-  if (!contiguous) throw InputError(cat(name, ": not C-contiguous (strides in elements differ from a row-major copy)"));
+  if (!contiguous && nsa::numel(shape) > 0) throw InputError(cat(name, ": not C-contiguous (strides in elements differ from a row-major copy)"));
   Tensor<S> t(shape);
   if (t.numel()) std::memcpy(t.data(), a.data(), size_t(t.numel()) * sizeof(S));
   return t;

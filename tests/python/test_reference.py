@@ -247,3 +247,21 @@ def test_bad_cu_seqlens_and_params():
         nsa.backward(w["q"], w["k"], w["v"], np.zeros((40, 4, 16)), **SMALL)
     with pytest.raises(ValueError, match="metric = 'max' is not one of: allclose, rel_l2"):
         nsa.compare(w["q"], w["q"], metric="max")
+
+
+def test_edge_cases_do_not_crash():
+    z = np.zeros
+    r = nsa.forward(z((0, 4, 16)), z((0, 2, 16)), z((0, 2, 8)), **SMALL)  # no tokens: empty outputs
+    assert r.o.shape == (0, 4, 8) and r.block_idx.shape == (0, 2, 4)
+    r = nsa.forward(z((1, 4, 16)), z((1, 2, 16)), z((1, 2, 8)), **SMALL)  # one token: no compressed block
+    assert r.k_cmp_compressed.shape == (0, 2, 16) and np.all(r.lse_cmp == -np.inf)
+    with pytest.raises(TypeError, match=re.escape("do: required (dL/do, shaped like the output o)")):
+        nsa.backward(z((5, 4, 16)), z((5, 2, 16)), z((5, 2, 8)), None, **SMALL)
+    with pytest.raises(ValueError, match=re.escape("q: shape [5, 0, 16] has Hq = 0 heads")):
+        nsa.forward(z((5, 0, 16)), z((5, 2, 16)), z((5, 2, 8)), **SMALL)
+    with pytest.raises(TypeError, match="cu_seqlens: float64 of rank 1, expected int"):
+        nsa.forward(z((5, 4, 16)), z((5, 2, 16)), z((5, 2, 8)), cu_seqlens=[0.5, 5], **SMALL)
+    with pytest.raises(ValueError, match=re.escape("batch = 0 is invalid: expected >= 1")):
+        nsa.DecodeCache(0, 10, Hq=4, Hkv=2, dk=16, dv=8)
+    rep = nsa.compare(z(3), z(4))
+    assert not rep and str(rep) == "FAIL array  shape [3] vs [4]\nFAIL"
