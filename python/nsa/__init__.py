@@ -81,6 +81,18 @@ def _device_name(x: Any) -> str:
     return str(x.device) if _is_torch(x) else "cpu"
 
 
+def _foreign_to_numpy(x: Any) -> Any:
+    """Another framework's CPU array (JAX, CuPy's host arrays, ...) as a NumPy view through DLPack;
+    PyTorch tensors and NumPy arrays are returned as they are."""
+    if x is None or isinstance(x, np.ndarray) or _is_torch(x) or not hasattr(x, "__dlpack__"):
+        return x
+    try:
+        return np.from_dlpack(x)
+    except (BufferError, RuntimeError, TypeError) as e:
+        raise TypeError(f"a {type(x).__name__} that NumPy cannot take through DLPack ({e}); give NumPy arrays or "
+                        "PyTorch tensors (CUDA arrays of other frameworks: convert with torch.from_dlpack)") from None
+
+
 class _Kind:
     """What the inputs are (decided by q): NumPy or PyTorch, which device, which dtype."""
 
@@ -175,8 +187,10 @@ class _Call:
     """One call's inputs, checked and packed to [N, H, D] with cu_seqlens, as `nsa`'s load_workload."""
 
     def __init__(self, q, k, v, tensors: Dict[str, Any], params: Dict[str, Any], cu_seqlens, extra_per_token=()):
-        self.kind = kind = _Kind(q)
         named = dict(q=q, k=k, v=v, **{n: t for n, t in tensors.items() if t is not None})
+        named = {n: _foreign_to_numpy(x) for n, x in named.items()}
+        q = named["q"]
+        self.kind = kind = _Kind(q)
         for name, x in named.items():
             if name == "q":
                 continue

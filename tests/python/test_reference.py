@@ -265,3 +265,24 @@ def test_edge_cases_do_not_crash():
         nsa.DecodeCache(0, 10, Hq=4, Hkv=2, dk=16, dv=8)
     rep = nsa.compare(z(3), z(4))
     assert not rep and str(rep) == "FAIL array  shape [3] vs [4]\nFAIL"
+
+
+class _Foreign:
+    """A minimal DLPack producer standing for another framework's CPU array (JAX, CuPy host arrays)."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def __dlpack__(self, **kw):
+        return self.a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+
+def test_other_frameworks_through_dlpack():
+    w = workload(T=50)
+    a = nsa.forward(*(_Foreign(w[n]) for n in ("q", "k", "v")), gates=_Foreign(w["gates"]), **SMALL)
+    b = nsa.forward(w["q"], w["k"], w["v"], gates=w["gates"], **SMALL)
+    assert isinstance(a.o, np.ndarray)
+    assert_same({n: b[n] for n in b}, a)
