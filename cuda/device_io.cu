@@ -13,6 +13,9 @@ void Plan::bind_device(const DeviceIO& io) {
   if (I.has_bwd) throw ConfigError("bind_device: the plan was made with Options::backward; bind a forward plan");
   if (I.gate_source == Impl::GateSource::Mlp)
     throw ConfigError("bind_device: the plan computes its gates from the gate MLP; give the gates instead");
+  // The caller's runtime (PyTorch's) keeps its own current device; this library's is set here so
+  // that run() launches on the plan's device whichever device was used last.
+  NSA_CUDA_CHECK(cudaSetDevice(I.opt.device));
   p.q = io.q;
   p.k_cmp = p.k_slc = p.k_win = io.k;
   p.v_cmp = p.v_slc = p.v_win = io.v;
