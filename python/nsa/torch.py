@@ -60,12 +60,14 @@ def _cuda_attention(q, k, v, gates, phi, kw) -> torch.Tensor:
     pe and biases in fp32, its weight matrices in q's dtype, as the plan stores them."""
     nsa._require_cuda("torch.attention")
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"q: dtype {q.dtype} on {q.device}; the CUDA path takes bfloat16, float16 or float32 tensors")
+        raise TypeError(f"q: dtype {nsa._dtype_name(q)} on {q.device}; the CUDA path takes bfloat16, float16 or "
+                        "float32 tensors")
     for name, x in (("k", k), ("v", v)):
         if x.device != q.device:
             raise ValueError(f"{name}: on {x.device}, but q is on {q.device}; every input must be on q's device")
         if x.dtype != q.dtype:
-            raise TypeError(f"{name}: dtype {x.dtype}, but q is {q.dtype}; give every input q's dtype")
+            raise TypeError(f"{name}: dtype {nsa._dtype_name(x)}, but q is {nsa._dtype_name(q)}; give every input "
+                            "q's dtype")
     batched = q.dim() == 4
     if q.dim() not in (3, 4):
         raise ValueError(f"q: rank {q.dim()} (shape {list(q.shape)}), expected [T, Hq, dk] or [B, T, Hq, dk]")
