@@ -170,6 +170,31 @@ class Plan {
   void set_deterministic(bool on);
   int bwd_kernel() const;         // the backward version in use
 
+  // ---- Device-resident inputs and output (the Python binding's CUDA tensors; cuda/device_io.cu) ----
+  // Caller-owned device memory on the plan's device, C-contiguous, in the host inputs' layouts.
+  struct DevicePhi {            // phi's parameters, shaped as ref::PhiParams (unused for mean)
+    const float* pe = nullptr;  // [Hkv, l, D]     fp32
+    const void* w = nullptr;    // [Hkv, D, l*D]   elem   linear
+    const float* b = nullptr;   // [Hkv, D]        fp32
+    const void* w1 = nullptr;   // [Hkv, h_c, l*D] elem   mlp
+    const float* b1 = nullptr;  // [Hkv, h_c]      fp32
+    const void* w2 = nullptr;   // [Hkv, D, h_c]   elem
+    const float* b2 = nullptr;  // [Hkv, D]        fp32
+  };
+  struct DeviceIO {
+    const void* q = nullptr;       // [N, Hq, dk]  elements of Options::dtype
+    const void* k = nullptr;       // [N, Hkv, dk] elem, read by all three branches
+    const void* v = nullptr;       // [N, Hkv, dv] elem
+    const float* gates = nullptr;  // [N, Hq, 3]   fp32 in [0, 1]
+    void* o = nullptr;             // [N, Hq, dv]  elem, written by run
+    DevicePhi phi_k, phi_v;
+  };
+  // Points the plan at caller-owned memory instead of its own input buffers: the next runs read
+  // q, k, v, the gates and phi's parameters from there and write o there, with no copy and no
+  // synchronisation, so that run(stream) can be captured in a CUDA graph. The memory must outlive
+  // those runs; a bound plan is not uploaded to again (upload() would write into it).
+  void bind_device(const DeviceIO& io);
+
   int kernel() const;             // the version in use
   const Config& config() const;
   size_t device_bytes() const;    // bytes allocated on the device

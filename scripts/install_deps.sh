@@ -53,4 +53,20 @@ PY
     rm -rf "$tmp"
   fi
 fi
+# The Python package's build and test dependencies (nanobind, scikit-build-core, NumPy, pytest,
+# PyTorch), pinned, into a virtual environment outside the clone (scripts/python_env.sh).
+# NSA_NO_PYTHON=1 skips it (the Python tests then do not run).
+if [ "${NSA_NO_PYTHON:-0}" != 1 ]; then
+  . scripts/python_env.sh
+  pyenv=$(nsa_pyenv)
+  if [ ! -x "$pyenv/bin/python" ] || ! cmp -s python/requirements.txt "$pyenv/.requirements.txt"; then
+    echo "install_deps: Python packages of the nsa package (PyTorch included, ~5 GB) -> $pyenv"
+    t_py=$SECONDS
+    rm -rf "$pyenv"
+    python3 -m venv "$pyenv"
+    "$pyenv/bin/python" -m pip install -q -r python/requirements.txt
+    cp python/requirements.txt "$pyenv/.requirements.txt"
+    echo "install_deps: Python environment in $(( SECONDS - t_py )) s"
+  fi
+fi
 echo "install_deps: ok"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every test, from a fresh clone: installs what is missing, then
-#   1. builds (with the CUDA path if nvcc is found; GPU tests then skip visibly) and runs ctest;
+#   1. builds (with the CUDA path if nvcc is found; GPU tests then skip visibly) and runs ctest,
+#      the Python package's tests (tests/python, pytest) among them: the extension is built in the
+#      same build folder from the same libraries, against the environment of scripts/python_env.sh;
 #   2. builds the CPU code with AddressSanitizer + UndefinedBehaviorSanitizer (preset asan,
 #      build-asan/) and runs the same CPU tests there, the command-line tests included;
 #   3. fuzzes the .npy reader for FUZZ_SECONDS (default 60) seconds (scripts/fuzz.sh).
@@ -14,7 +16,12 @@ jobs=$(nproc)
 step() { echo "== test.sh: $1 ($(( SECONDS - t0 )) s)"; }
 
 t0=$SECONDS
-cmake --preset default >/dev/null
+python_args=()
+if [ "${NSA_NO_PYTHON:-0}" != 1 ]; then
+  . scripts/python_env.sh
+  python_args=(-DNSA_PYTHON=ON "-DPython_EXECUTABLE=$(nsa_pyenv)/bin/python")
+fi
+cmake --preset default "${python_args[@]}" >/dev/null
 cmake --build --preset default -j "$jobs"
 ctest --preset default -j "$jobs"
 step "build and tests"
