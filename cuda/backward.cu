@@ -1,4 +1,4 @@
-// The NSA backward pass on the device (NSA-SPEC.md 7): the backward state of a Plan, the choice of
+// The NSA backward pass on the device (docs/spec.md 7): the backward state of a Plan, the choice of
 // backward version, and the stages in order:
 //   delta+dgates   dL/dg_c = <dL/do, O_c> and D_c = g_c dL/dg_c (gate_bwd.cu)
 //   gate_mlp       through the sigmoid and the gate MLP, when the gates are computed

@@ -1,4 +1,4 @@
-// Kernel templates of the backward pass (NSA-SPEC.md 7), shared by the branches and specialised
+// Kernel templates of the backward pass (docs/spec.md 7), shared by the branches and specialised
 // in cmp_bwd.cu, select_bwd.cu and window_bwd.cu, which differ only in the keys a query sees.
 //
 // Per branch c, with the forward's lse and branch output kept (no softmax is redone):

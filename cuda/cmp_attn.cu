@@ -88,13 +88,8 @@ __global__ void cmp_attn_v0_kernel(FwdParams p) {
   if (threadIdx.x == 0) select_serial(P, t, p, p.block_idx + (row * p.Hkv + g) * p.n);
 }
 
-// ============================== v1: tensor cores ==============================
-// One CTA per (tile of BT positions, KV group): R = 16 * nwarps rows, row r = (position r / G,
-// head r % G), so each warp's 16 rows are the m16 of its mma tiles and hold all G heads of
-// 16 / G positions (G <= 16). Compressed keys stream through shared memory in tiles of 64,
-// double-buffered with cp.async. Shared memory (bytes):
-//   sQ [R, DK] elem | sK [2][64, DK] elem | sV [2][64, DV] elem | sCs [BT][64] f32 column sums
-//   over the group's heads | sBlk [BT][NB] f32 group scores (Eq. 10) | sList [BT][n] int top-n
+// ============================== mma: tensor cores (mma.sync) ==============================
+// Compressed keys stream through shared memory in tiles of 64.
 constexpr int kKeys = 64;
 
 // Eq. 10 before Eq. 9 (both are sums): column sums of p over the G rows of each position, into
@@ -128,401 +123,8 @@ __device__ __forceinline__ void column_sums(const float (&s)[8][4], float* sCs, 
     }
 }
 
-struct CmpSmem {
-  size_t q, k, v, cs, blk, list, total;
-  __host__ __device__ CmpSmem(int R, int BT, int DK, int DV, int NB, int n, int esize, int stages = 2) {
-    q = 0;
-    k = q + size_t(R) * DK * esize;
-    v = k + size_t(stages) * kKeys * DK * esize;
-    cs = v + size_t(stages) * kKeys * DV * esize;
-    blk = cs + size_t(BT) * kKeys * 4;
-    list = blk + size_t(BT) * NB * 4;
-    total = list + size_t(BT) * n * 4;
-  }
-};
-
-template <class T, int DK, int DV>
-__global__ void __launch_bounds__(128) cmp_attn_v1_kernel(FwdParams p, TileMap tm) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int nw = blockDim.x / 32, R = 16 * nw, G = p.G, BT = R / G;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const CmpSmem L(R, BT, DK, DV, p.NB, p.n, sizeof(T));
-  T* sQ = reinterpret_cast<T*>(smem + L.q);
-  T* sK = reinterpret_cast<T*>(smem + L.k);
-  T* sV = reinterpret_cast<T*>(smem + L.v);
-  float* sCs = reinterpret_cast<float*>(smem + L.cs);
-  float* sBlk = reinterpret_cast<float*>(smem + L.blk);
-  int* sList = reinterpret_cast<int*>(smem + L.list);
-
-  // Longest tiles first: later positions see more compressed keys.
-  const int64_t x = tm.total - 1 - blockIdx.x;
-  const int g = blockIdx.y;
-  const int b = find_seq(tm.cu_tiles, p.B, x);
-  const int t0 = int(x - tm.cu_tiles[b]) * BT;
-  const int64_t row0 = p.cu_seqlens[b], cmp0 = p.cu_cmp[b];
-  const int T_b = int(p.cu_seqlens[b + 1] - row0);
-  const int t_last = min(t0 + BT, T_b) - 1;
-  const int nv_max = cmp_visible(t_last, p.l, p.d);
-  const int nb_tile = slc_valid(t_last, p.ls);  // blocks any position of the tile can select
-
-  const T* q = static_cast<const T*>(p.q);
-  const T* kc = static_cast<const T*>(p.kc);
-  const T* vc = static_cast<const T*>(p.vc);
-  auto q_row = [&](int r) -> const T* {
-    const int pos = r / G, t = t0 + pos;
-    return pos < BT && t < T_b ? q + ((row0 + t) * p.Hq + g * G + r % G) * DK : nullptr;
-  };
-  const int Hkv = p.Hkv;
-  auto k_src = [=](int ci) -> const T* { return ci < nv_max ? kc + ((cmp0 + ci) * Hkv + g) * DK : nullptr; };
-  auto v_src = [=](int ci) -> const T* { return ci < nv_max ? vc + ((cmp0 + ci) * Hkv + g) * DV : nullptr; };
-  auto load_k = [&](int kt) {
-    load_tile_async<DK>(sK + (kt & 1) * kKeys * DK, kKeys, [&](int i) { return k_src(kt * kKeys + i); }, kc, tid,
-                        int(blockDim.x));
-  };
-  auto load_v = [&](int kt) {
-    load_tile_async<DV>(sV + (kt & 1) * kKeys * DV, kKeys, [&](int i) { return v_src(kt * kKeys + i); }, vc, tid,
-                        int(blockDim.x));
-  };
-
-  load_tile_async<DK>(sQ, R, q_row, q, tid, int(blockDim.x));
-  const int ntiles = (nv_max + kKeys - 1) / kKeys;
-  if (ntiles > 0) load_k(0);
-  cp_async_commit();
-  for (int e = tid; e < BT * nb_tile; e += blockDim.x) sBlk[(e / nb_tile) * p.NB + e % nb_tile] = 0;
-  cp_async_wait<0>();
-  __syncthreads();
-
-  // This thread's two rows (mma D layout): A = 16 warp + lane / 4, B = A + 8.
-  const int rA = 16 * warp + (lane >> 2), rB = rA + 8;
-  const int posA = rA / G, posB = rB / G;
-  const int tA = t0 + posA, tB = t0 + posB;
-  const bool okA = posA < BT && tA < T_b, okB = posB < BT && tB < T_b;
-  const int nvA = okA ? cmp_visible(tA, p.l, p.d) : 0, nvB = okB ? cmp_visible(tB, p.l, p.d) : 0;
-  int nv_w = max(nvA, nvB);  // keys any row of this warp sees
-  for (int o = 16; o > 0; o /= 2) nv_w = max(nv_w, __shfl_xor_sync(0xffffffffu, nv_w, o));
-  const float sl2 = p.scale * kLog2e;  // scores in the log2 domain: exp(s x) = exp2(s log2e x)
-
-  uint32_t qa[DK / 16][4];
-  load_q_smem<DK>(qa, sQ, 16 * warp, lane);
-
-  // ---- pass 1: row max and sum of exp, i.e. lse ----
-  float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
-  for (int kt = 0; kt < ntiles; ++kt) {
-    const bool more = kt + 1 < ntiles;
-    if (more) load_k(kt + 1);
-    cp_async_commit();
-    if (more) cp_async_wait<1>();
-    else cp_async_wait<0>();
-    __syncthreads();
-    if (kt * kKeys < nv_w) {
-      float s[8][4];
-      qk_tile<T, DK, kKeys>(s, qa, sK + (kt & 1) * kKeys * DK, lane);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
-          s[nt][e] = ci < nvA ? s[nt][e] * sl2 : -INFINITY;
-          s[nt][2 + e] = ci < nvB ? s[nt][2 + e] * sl2 : -INFINITY;
-        }
-      softmax_step_masked(s, mA, mB, lA, lB);  // p is not needed in pass 1
-    }
-    __syncthreads();
-  }
-  quad_sum(lA, lB);
-  const float lseA = lA > 0 ? mA + log2f(lA) : -INFINITY;  // log2 domain
-  const float lseB = lB > 0 ? mB + log2f(lB) : -INFINITY;
-
-  // ---- pass 2: p = exp2(x - lse); O = p V; column sums of p over the group's heads -> Eq. 9 ----
-  float oacc[DV / 8][4];
-#pragma unroll
-  for (int nd = 0; nd < DV / 8; ++nd) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0;
-  if (ntiles > 0) {
-    load_k(0);
-    load_v(0);
-  }
-  cp_async_commit();
-  for (int kt = 0; kt < ntiles; ++kt) {
-    const bool more = kt + 1 < ntiles;
-    if (more) {
-      load_k(kt + 1);
-      load_v(kt + 1);
-    }
-    cp_async_commit();
-    if (more) cp_async_wait<1>();
-    else cp_async_wait<0>();
-    __syncthreads();
-    const bool active = kt * kKeys < nv_w;
-    float s[8][4];
-    if (active) {
-      qk_tile<T, DK, kKeys>(s, qa, sK + (kt & 1) * kKeys * DK, lane);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
-          s[nt][e] = ci < nvA ? exp2f(s[nt][e] * sl2 - lseA) : 0.0f;
-          s[nt][2 + e] = ci < nvB ? exp2f(s[nt][2 + e] * sl2 - lseB) : 0.0f;
-        }
-      pv_tile<T, DV, kKeys>(oacc, s, sV + (kt & 1) * kKeys * DV, lane);
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0;
-    }
-    column_sums(s, sCs, kKeys, posA, posB, G, lane);  // Eq. 10, into the CTA's sCs
-    __syncthreads();
-    // Eq. 9: selection block j gathers the tile's compressed blocks i that overlap it. One thread
-    // per (position, j) adds them in ascending i onto the running score, so every score is the
-    // same sequential sum whatever the tiling (exactly equal inputs give exactly equal scores,
-    // which the tie rule relies on).
-    {
-      const int i0 = kt * kKeys, iend = min(i0 + kKeys, nv_max);
-      const int jlo = i0 * p.d / p.ls, jhi = ((iend - 1) * p.d + p.l - 1) / p.ls, nj = jhi - jlo + 1;
-      for (int e = tid; e < BT * nj; e += blockDim.x) {
-        const int pos = e / nj, j = jlo + e % nj;
-        const int lo_num = j * p.ls - p.l + 1;  // i d + l > j l'
-        const int ia = max(i0, lo_num > 0 ? (lo_num + p.d - 1) / p.d : 0);
-        const int ib = min(iend - 1, ((j + 1) * p.ls - 1) / p.d);  // i d < (j+1) l'
-        float acc = sBlk[pos * p.NB + j];
-        for (int i = ia; i <= ib; ++i) acc += sCs[pos * kKeys + (i - i0)] * overlap_weight(i, j, p.l, p.d, p.ls);
-        sBlk[pos * p.NB + j] = acc;
-      }
-    }
-    __syncthreads();
-  }
-
-  // ---- outputs of the branch: O (already normalised), lse ----
-  const int hA = g * G + rA % G, hB = g * G + rB % G;
-  store_rows<T, DV>(static_cast<T*>(p.o_cmp), ((row0 + tA) * p.Hq + hA) * DV, ((row0 + tB) * p.Hq + hB) * DV, okA,
-                   okB, oacc, 1.0f, 1.0f, lane);
-  if ((lane & 3) == 0) {
-    if (okA) p.lse_cmp[(row0 + tA) * p.Hq + hA] = lseA * kLn2;
-    if (okB) p.lse_cmp[(row0 + tB) * p.Hq + hB] = lseB * kLn2;
-  }
-
-  // ---- Eq. 11: one warp per position ----
-  for (int pos = warp; pos < BT; pos += nw) {
-    const int t = t0 + pos;
-    if (t >= T_b) break;
-    const float* P = sBlk + pos * p.NB;
-    const int64_t gr = (row0 + t) * p.Hkv + g;
-    if (p.block_scores) {
-      const int valid = slc_valid(t, p.ls);
-      for (int j = lane; j < p.NB; j += 32) p.block_scores[gr * p.NB + j] = j < valid ? P[j] : 0.0f;
-    }
-    select_warp(P, t, p, sList + pos * p.n, p.block_idx + gr * p.n, lane);
-  }
-}
-
-
-// ============================== v2: v1 with the tile latency hidden ==============================
-// Measured on the H100 (T = 64k, G = 16): v1 spends ~15k cycles per 64-key tile and CTA, several
-// times its MMAs: it waits on each tile with only one prefetch in flight and three CTA barriers
-// per tile. v2 keeps v1's algorithm and numerics and changes the schedule:
-//   - 8 warps x 16 rows = 128 rows per CTA (BT = 128 / G positions), so each K/V tile brought on
-//     chip serves twice the rows;
-//   - 3 shared-memory stages: the tile a prefetch overwrites was read in the previous iteration,
-//     before this iteration's barrier, so one barrier per tile suffices;
-//   - Eq. 9 mapped by each warp for its own positions (G <= 16 keeps all heads of a position in
-//     one warp): no barrier between the column sums and the mapping, a warp skips the tiles none
-//     of its rows sees, and the top-n follows in the same warp without a CTA barrier.
-//
-// v3 is v2 with kLean: the measured v2 (ncu, T = 16k) issues ~15 instructions per mma, its warps
-// stalled on dependent arithmetic with 2 warps per scheduler. kLean trims the per-element work:
-// tiles every row of the warp sees in full skip the masks and take exp2 as one multiply-add and
-// one MUFU (ex2.approx.ftz); tiles are copied from a row base and stride.
-constexpr int kStages2 = 3;
-
-template <class T, int DK, int DV, bool kLean>
-__global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMap tm) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int nw = blockDim.x / 32, R = 16 * nw, G = p.G, BT = R / G;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const CmpSmem L(R, BT, DK, DV, p.NB, p.n, sizeof(T), kStages2);
-  T* sQ = reinterpret_cast<T*>(smem + L.q);
-  T* sK = reinterpret_cast<T*>(smem + L.k);
-  T* sV = reinterpret_cast<T*>(smem + L.v);
-  float* sCs = reinterpret_cast<float*>(smem + L.cs);
-  float* sBlk = reinterpret_cast<float*>(smem + L.blk);
-  int* sList = reinterpret_cast<int*>(smem + L.list);
-
-  const int64_t x = tm.total - 1 - blockIdx.x;  // longest tiles first
-  const int g = blockIdx.y;
-  const int b = find_seq(tm.cu_tiles, p.B, x);
-  const int t0 = int(x - tm.cu_tiles[b]) * BT;
-  const int64_t row0 = p.cu_seqlens[b], cmp0 = p.cu_cmp[b];
-  const int T_b = int(p.cu_seqlens[b + 1] - row0);
-  const int t_last = min(t0 + BT, T_b) - 1;
-  const int nv_max = cmp_visible(t_last, p.l, p.d);
-  const int nb_tile = slc_valid(t_last, p.ls);
-  const int ntiles = (nv_max + kKeys - 1) / kKeys;
-
-  const T* q = static_cast<const T*>(p.q);
-  const T* kc = static_cast<const T*>(p.kc);
-  const T* vc = static_cast<const T*>(p.vc);
-  const int Hkv = p.Hkv;
-  auto q_row = [&](int r) -> const T* {
-    const int t = t0 + r / G;
-    return t < T_b ? q + ((row0 + t) * p.Hq + g * G + r % G) * DK : nullptr;
-  };
-  auto k_src = [=](int ci) -> const T* { return ci < nv_max ? kc + ((cmp0 + ci) * Hkv + g) * DK : nullptr; };
-  auto v_src = [=](int ci) -> const T* { return ci < nv_max ? vc + ((cmp0 + ci) * Hkv + g) * DV : nullptr; };
-  auto load_k = [&](int kt) {
-    if constexpr (kLean)
-      load_rows_async<DK>(sK + (kt % kStages2) * kKeys * DK, kKeys, kc + ((cmp0 + kt * kKeys) * Hkv + g) * DK,
-                          int64_t(Hkv) * DK, nv_max - kt * kKeys, tid, int(blockDim.x));
-    else
-      load_tile_async<DK>(sK + (kt % kStages2) * kKeys * DK, kKeys, [&](int i) { return k_src(kt * kKeys + i); },
-                          kc, tid, int(blockDim.x));
-  };
-  auto load_v = [&](int kt) {
-    if constexpr (kLean)
-      load_rows_async<DV>(sV + (kt % kStages2) * kKeys * DV, kKeys, vc + ((cmp0 + kt * kKeys) * Hkv + g) * DV,
-                          int64_t(Hkv) * DV, nv_max - kt * kKeys, tid, int(blockDim.x));
-    else
-      load_tile_async<DV>(sV + (kt % kStages2) * kKeys * DV, kKeys, [&](int i) { return v_src(kt * kKeys + i); },
-                          vc, tid, int(blockDim.x));
-  };
-
-  // The warp's positions [wp0, wp0 + wpn) of the tile; only this warp touches their scores.
-  const int wp0 = 16 * warp / G, wpn = 16 / G;
-  for (int e = lane; e < wpn * nb_tile; e += 32) sBlk[(wp0 + e / nb_tile) * p.NB + e % nb_tile] = 0;
-
-  load_tile_async<DK>(sQ, R, q_row, q, tid, int(blockDim.x));
-  if (ntiles > 0) load_k(0);
-  cp_async_commit();
-  if (ntiles > 1) load_k(1);
-  cp_async_commit();
-  cp_async_wait<1>();
-  __syncthreads();
-
-  const int rA = 16 * warp + (lane >> 2), rB = rA + 8;
-  const int posA = rA / G, posB = rB / G;
-  const int tA = t0 + posA, tB = t0 + posB;
-  const bool okA = tA < T_b, okB = tB < T_b;
-  const int nvA = okA ? cmp_visible(tA, p.l, p.d) : 0, nvB = okB ? cmp_visible(tB, p.l, p.d) : 0;
-  int nv_w = max(nvA, nvB), nv_min = min(nvA, nvB);  // keys some / every row of the warp sees
-  for (int o = 16; o > 0; o /= 2) {
-    nv_w = max(nv_w, __shfl_xor_sync(0xffffffffu, nv_w, o));
-    nv_min = min(nv_min, __shfl_xor_sync(0xffffffffu, nv_min, o));
-  }
-  const float sl2 = p.scale * kLog2e;
-  const float inv_d = 1.0f / float(p.d);
-
-  uint32_t qa[DK / 16][4];
-  load_q_smem<DK>(qa, sQ, 16 * warp, lane);
-
-  // ---- pass 1: lse ----
-  float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
-  for (int kt = 0; kt < ntiles; ++kt) {
-    if (kt > 0) {
-      cp_async_wait<1>();
-      __syncthreads();  // tile kt landed for every thread; every warp is done with tile kt - 1
-    }
-    if (kt + 2 < ntiles) load_k(kt + 2);  // into the buffer of tile kt - 1
-    cp_async_commit();
-    if (kt * kKeys >= nv_w) continue;
-    float s[8][4];
-    qk_tile<T, DK, kKeys>(s, qa, sK + (kt % kStages2) * kKeys * DK, lane);
-    if (kLean && (kt + 1) * kKeys <= nv_min) {
-      // Every row sees the whole tile: no masks, and the scale folded into one multiply-add.
-      softmax_step_full(s, sl2, mA, mB, lA, lB);
-      continue;
-    }
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
-        s[nt][e] = ci < nvA ? s[nt][e] * sl2 : -INFINITY;
-        s[nt][2 + e] = ci < nvB ? s[nt][2 + e] * sl2 : -INFINITY;
-      }
-    softmax_step_masked(s, mA, mB, lA, lB);  // p is not needed in pass 1
-  }
-  quad_sum(lA, lB);
-  const float lseA = lA > 0 ? mA + log2f(lA) : -INFINITY;
-  const float lseB = lB > 0 ? mB + log2f(lB) : -INFINITY;
-
-  // ---- pass 2: p, O = p V, Eq. 10 then Eq. 9 per warp ----
-  float oacc[DV / 8][4];
-#pragma unroll
-  for (int nd = 0; nd < DV / 8; ++nd) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0;
-  __syncthreads();  // every warp is done with pass 1's buffers
-  if (ntiles > 0) load_k(0), load_v(0);
-  cp_async_commit();
-  if (ntiles > 1) load_k(1), load_v(1);
-  cp_async_commit();
-  for (int kt = 0; kt < ntiles; ++kt) {
-    cp_async_wait<1>();
-    __syncthreads();
-    if (kt + 2 < ntiles) load_k(kt + 2), load_v(kt + 2);
-    cp_async_commit();
-    if (kt * kKeys >= nv_w) continue;  // p = 0 for all the warp's rows: nothing to add anywhere
-    float s[8][4];
-    qk_tile<T, DK, kKeys>(s, qa, sK + (kt % kStages2) * kKeys * DK, lane);
-    if (kLean && (kt + 1) * kKeys <= nv_min) {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[nt][e] = fast_exp2(fmaf(s[nt][e], sl2, -lseA));
-          s[nt][2 + e] = fast_exp2(fmaf(s[nt][2 + e], sl2, -lseB));
-        }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
-          s[nt][e] = ci < nvA ? exp2f(s[nt][e] * sl2 - lseA) : 0.0f;
-          s[nt][2 + e] = ci < nvB ? exp2f(s[nt][2 + e] * sl2 - lseB) : 0.0f;
-        }
-    }
-    const T* sVt = sV + (kt % kStages2) * kKeys * DV;
-    pv_tile<T, DV, kKeys>(oacc, s, sVt, lane);
-    column_sums(s, sCs, kKeys, posA, posB, G, lane);  // Eq. 10, into this warp's rows of sCs
-    __syncwarp();
-    // Eq. 9 for the warp's positions, one lane per (position, block), ascending i onto the
-    // running score as in v1.
-    {
-      const int i0 = kt * kKeys, iend = min(i0 + kKeys, nv_w);
-      const int jlo = i0 * p.d / p.ls, jhi = ((iend - 1) * p.d + p.l - 1) / p.ls, nj = jhi - jlo + 1;
-      for (int e = lane; e < wpn * nj; e += 32) {
-        const int pos = wp0 + e / nj, j = jlo + e % nj;
-        const int lo_num = j * p.ls - p.l + 1;
-        const int ia = max(i0, lo_num > 0 ? (lo_num + p.d - 1) / p.d : 0);
-        const int ib = min(iend - 1, ((j + 1) * p.ls - 1) / p.d);
-        float acc = sBlk[pos * p.NB + j];
-        for (int i = ia; i <= ib; ++i) {
-          const int ov = min(i * p.d + p.l, (j + 1) * p.ls) - max(i * p.d, j * p.ls);
-          acc += sCs[pos * kKeys + (i - i0)] * (float(ov) * inv_d);
-        }
-        sBlk[pos * p.NB + j] = acc;
-      }
-    }
-    __syncwarp();  // the next tile's column sums overwrite sCs
-  }
-
-  const int hA = g * G + rA % G, hB = g * G + rB % G;
-  store_rows<T, DV>(static_cast<T*>(p.o_cmp), ((row0 + tA) * p.Hq + hA) * DV, ((row0 + tB) * p.Hq + hB) * DV, okA,
-                   okB, oacc, 1.0f, 1.0f, lane);
-  if ((lane & 3) == 0) {
-    if (okA) p.lse_cmp[(row0 + tA) * p.Hq + hA] = lseA * kLn2;
-    if (okB) p.lse_cmp[(row0 + tB) * p.Hq + hB] = lseB * kLn2;
-  }
-  // ---- Eq. 11 for the warp's positions ----
-  for (int pos = wp0; pos < wp0 + wpn; ++pos) {
-    const int t = t0 + pos;
-    if (t >= T_b) break;
-    const float* P = sBlk + pos * p.NB;
-    const int64_t gr = (row0 + t) * p.Hkv + g;
-    if (p.block_scores) {
-      const int valid = slc_valid(t, p.ls);
-      for (int j = lane; j < p.NB; j += 32) p.block_scores[gr * p.NB + j] = j < valid ? P[j] : 0.0f;
-    }
-    select_warp(P, t, p, sList + pos * p.n, p.block_idx + gr * p.n, lane);
-  }
-}
+// Shared-memory stages of the topn (score) kernel's key tiles.
+constexpr int kScoreStages = 3;
 
 // ============================== v4: the branch in two kernels ==============================
 // v3 makes two passes over the compressed keys in one kernel, so its 8 warps hold Q, O and the
@@ -671,7 +273,7 @@ struct ScoreSmem {
   size_t k, cs, blk, list, cand, total;
   __host__ __device__ ScoreSmem(int BT, int nwarps, int DK, int NB, int n, int esize) {
     k = 0;
-    cs = k + size_t(kStages2) * kKeys * DK * esize;
+    cs = k + size_t(kScoreStages) * kKeys * DK * esize;
     blk = cs + (size_t(BT) * kCs * 4 + 15) / 16 * 16;
     list = blk + size_t(BT) * NB * 4;
     cand = list + size_t(BT) * n * 4;
@@ -757,7 +359,7 @@ __global__ void __launch_bounds__(256, 2) cmp_score_v4_kernel(FwdParams p, TileM
   const int Hkv = p.Hkv;
   const T* kc = static_cast<const T*>(p.kc);
   auto load_k = [&](int kt) {  // only for kt < ntiles
-    load_rows_async<DK>(sK + (kt % kStages2) * kKeys * DK, kKeys, kc + ((cmp0 + kt * kKeys) * Hkv + g) * DK,
+    load_rows_async<DK>(sK + (kt % kScoreStages) * kKeys * DK, kKeys, kc + ((cmp0 + kt * kKeys) * Hkv + g) * DK,
                         int64_t(Hkv) * DK, nv_max - kt * kKeys, tid, int(blockDim.x));
   };
   if (ntiles > 0) load_k(0);
@@ -787,7 +389,7 @@ __global__ void __launch_bounds__(256, 2) cmp_score_v4_kernel(FwdParams p, TileM
     if (kt * kKeys >= nv_w) continue;  // p = 0 for all the warp's pairs
     const int i0 = kt * kKeys;
     // Eq. 10, into slots 1..64 of the warp's positions; full: no masks (every pair sees every key).
-    lay.tile(sK + (kt % kStages2) * kKeys * DK, i0, (kt + 1) * kKeys <= nv_min, sl2, sCs, G, lane);
+    lay.tile(sK + (kt % kScoreStages) * kKeys * DK, i0, (kt + 1) * kKeys <= nv_min, sl2, sCs, G, lane);
     __syncwarp();
     if constexpr (kPaperMap) {
       // Eq. 9 for l = 32, d = 16, l' = 64: block j gathers compressed blocks i = 4j - 1 .. 4j + 3
@@ -857,30 +459,6 @@ void launch_v0(const FwdParams& p, cudaStream_t s) {
 }
 
 template <class T>
-void launch_v1(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
-  const size_t smem = cmp_attn_v1_smem(p, nw);
-  const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-    auto kernel = cmp_attn_v1_kernel<T, decltype(DK)::value, decltype(DV)::value>;
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 32 * nw, smem, s>>>(p, tm);
-    NSA_CUDA_CHECK_LAUNCH("cmp_attn_v1_kernel");
-  });
-  if (!ok) throw ConfigError(cat("cmp_attn v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
-}
-
-template <class T, bool kLean>
-void launch_v2(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
-  const size_t smem = cmp_attn_v2_smem(p, nw);
-  const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-    auto kernel = cmp_attn_v2_kernel<T, decltype(DK)::value, decltype(DV)::value, kLean>;
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 32 * nw, smem, s>>>(p, tm);
-    NSA_CUDA_CHECK_LAUNCH("cmp_attn_v2_kernel");
-  });
-  if (!ok) throw ConfigError(cat("cmp_attn v2: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
-}
-
-template <class T>
 void launch_v4(const FwdParams& p, const TileMap& tm_fa, int fa_warps, const TileMap& tm_score, int score_warps,
                cudaStream_t s) {
   const size_t smem_fa = cmp_fa_v4_smem(p, fa_warps), smem_sc = cmp_score_v4_smem(p, score_warps);
@@ -903,16 +481,6 @@ void launch_v4(const FwdParams& p, const TileMap& tm_fa, int fa_warps, const Til
 
 size_t cmp_attn_v0_smem(const FwdParams& p, int nwarps) { return size_t(nwarps + 1) * p.NB * sizeof(float); }
 
-size_t cmp_attn_v1_smem(const FwdParams& p, int nwarps) {
-  const int R = 16 * nwarps;
-  return CmpSmem(R, R / p.G, p.dk, p.dv, p.NB, p.n, 2).total;
-}
-
-size_t cmp_attn_v2_smem(const FwdParams& p, int nwarps) {
-  const int R = 16 * nwarps;
-  return CmpSmem(R, R / p.G, p.dk, p.dv, p.NB, p.n, 2, kStages2).total;
-}
-
 size_t cmp_fa_v4_smem(const FwdParams& p, int nwarps) {
   return (size_t(16 * kFaMT * nwarps) * p.dk + size_t(kFaStages) * kKeys * (p.dk + p.dv)) * 2;
 }
@@ -929,13 +497,6 @@ void cmp_attn_v4(Precision prec, const FwdParams& p, const TileMap& tm_fa, int f
   else throw ConfigError("cmp_attn v4 needs bf16 or fp16 operands (fp32 runs kernel v0)");
 }
 
-void cmp_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s) {
-  if (tm.total == 0) return;
-  if (prec == Precision::BF16) lean ? launch_v2<__nv_bfloat16, true>(p, tm, nwarps, s) : launch_v2<__nv_bfloat16, false>(p, tm, nwarps, s);
-  else if (prec == Precision::FP16) lean ? launch_v2<__half, true>(p, tm, nwarps, s) : launch_v2<__half, false>(p, tm, nwarps, s);
-  else throw ConfigError("cmp_attn v2/v3 needs bf16 or fp16 operands (fp32 runs kernel v0)");
-}
-
 void cmp_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {
   if (p.N == 0) return;
   switch (prec) {
@@ -943,13 +504,6 @@ void cmp_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {
     case Precision::FP16: launch_v0<__half>(p, s); break;
     case Precision::FP32: launch_v0<float>(p, s); break;
   }
-}
-
-void cmp_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
-  if (tm.total == 0) return;
-  if (prec == Precision::BF16) launch_v1<__nv_bfloat16>(p, tm, nwarps, s);
-  else if (prec == Precision::FP16) launch_v1<__half>(p, tm, nwarps, s);
-  else throw ConfigError("cmp_attn v1 needs bf16 or fp16 operands (fp32 runs kernel v0)");
 }
 
 }  // namespace nsa::cuda

@@ -1,4 +1,4 @@
-// The compression branch's backward (NSA-SPEC.md 7): dq of the softmax over the visible
+// The compression branch's backward (docs/spec.md 7): dq of the softmax over the visible
 // compressed keys, and the gradients of the compressed keys and values dL/dphi(k_cmp),
 // dL/dphi(v_cmp), which compress_bwd.cu takes on through phi. The CUDA twin of the compression
 // part of reference/backward.cpp's nsa_tile_backward.

@@ -1,4 +1,4 @@
-// phi (NSA-SPEC.md 3, Eq. 7), the CUDA twin of reference/compress.cpp: compressed block i of a
+// phi (docs/spec.md 3, Eq. 7), the CUDA twin of reference/compress.cpp: compressed block i of a
 // sequence covers its tokens [i*d, i*d + l).
 //   mean:   one kernel, the fp32 sum of the l rows divided by l (the reference's order);
 //   linear: gather X[h, i, r*D + c] = x[i*d + r, h, c] + pe[h, r, c] (blocks overlap when d < l,

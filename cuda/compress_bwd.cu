@@ -1,4 +1,4 @@
-// phi's backward (NSA-SPEC.md 3, 7; Eq. 7), the CUDA twin of reference/compress.cpp's
+// phi's backward (docs/spec.md 3, 7; Eq. 7), the CUDA twin of reference/compress.cpp's
 // compress_backward: the gradient dy of the compressed rows goes to phi's parameters and, through
 // the overlapping blocks, to the raw keys (values) of the compression branch.
 //   mean:   dx[u] = sum over the blocks i covering u of dy[i] / l;

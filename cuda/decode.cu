@@ -1,4 +1,4 @@
-// Decoding with a KV cache on the device (NSA-SPEC.md 8): the CUDA twin of reference/decode.cpp.
+// Decoding with a KV cache on the device (docs/spec.md 8): the CUDA twin of reference/decode.cpp.
 // The cache mirrors ref::DecodeCache field by field (elements of the precision); the host keeps the
 // lengths (it decides positions, emissions and splits) and the device does the rest. A step is
 //   [append + phi on the completed blocks, when a token completes one]

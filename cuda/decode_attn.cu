@@ -1,4 +1,4 @@
-// The decode step's kernels (NSA-SPEC.md 8): the CUDA twin of the attention part of
+// The decode step's kernels (docs/spec.md 8): the CUDA twin of the attention part of
 // ref::decode_step (reference/decode.cpp). One step computes one new token per sequence, so its
 // work is the keys it reads; the kernels are built to stream them at the card's memory rate even
 // at batch 1, where a step has only Bs * Hkv items (an item = one token's KV group):

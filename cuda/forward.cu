@@ -1,4 +1,4 @@
-// The NSA forward pass on the device (NSA-SPEC.md 1-5): buffers, the choice of kernel version,
+// The NSA forward pass on the device (docs/spec.md 1-5): buffers, the choice of kernel version,
 // and the stages in the spec's order: gates, phi (Eq. 7), compression attention with the scores
 // and top-n (Eq. 7-11), selection attention (Eq. 12), window attention with the gated sum (Eq. 5).
 #include <algorithm>
@@ -122,13 +122,16 @@ int choose_kernel(const Config& cfg, const Options& opt, std::string* why) {
     if (why) *why = "v0 requested";
     return 0;
   }
-  if (opt.kernel >= 1 && opt.kernel <= 4) {
+  if (opt.kernel >= 1 && opt.kernel <= 3)
+    throw ConfigError(cat("kernel = ", opt.kernel, " was retired (git history: commit 8456aed; docs/cuda.md keeps its "
+                          "numbers): expected 0, 4 or -1 (auto)"));
+  if (opt.kernel == 4) {
     if (!obstacle.empty()) throw ConfigError(cat("kernel ", opt.kernel, " cannot run this config: ", obstacle));
     if (why) *why = cat("v", opt.kernel, " requested");
     return opt.kernel;
   }
   if (opt.kernel != -1)
-    throw ConfigError(cat("kernel = ", opt.kernel, " is invalid: expected 0, 1, 2, 3, 4 or -1 (auto)"));
+    throw ConfigError(cat("kernel = ", opt.kernel, " is invalid: expected 0, 4 or -1 (auto)"));
   if (why) *why = obstacle.empty() ? "v4: tensor cores, the fastest measured version" : "v0: " + obstacle;
   return obstacle.empty() ? 4 : 0;
 }
@@ -260,37 +263,26 @@ Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const 
       while (nw > 1 && smem_of(nw) > optin) nw /= 2;
       return smem_of(nw) <= optin ? nw : 0;
     };
-    while (I.version >= 1) {
-      if (I.version >= 2) {  // v3 = v2's compression and window kernels made lean, v1's selection made lean
-        const bool v3 = I.version >= 3;  // v4 = v3 with the compression branch in two kernels
-        if (I.version == 4) {
-          // FlashAttention-2's shape: warps of 32 rows, 4 per CTA where two CTAs fit in an SM's
-          // shared memory (dk = dv = 128), else 8 (dk = 192), so that an SM holds 8 warps either
-          // way (4 or 8 measure the same at 64k, 32.6 / 32.5 ms); NSA_CMP_WARPS overrides (1 to 8).
-          const size_t sm_smem = dinfo.prop.sharedMemPerMultiprocessor;
-          const size_t reserved = dinfo.prop.reservedSharedMemPerBlock;
-          const int fw0 = 2 * (cmp_fa_v4_smem(p, 4) + reserved) <= sm_smem ? 4 : 8;
-          int fw = std::min(8, std::max(1, env_int("NSA_CMP_WARPS", fw0)));
-          while (fw > 1 && cmp_fa_v4_smem(p, fw) > optin) fw /= 2;
-          I.cmp_warps = cmp_fa_v4_smem(p, fw) <= optin ? fw : 0;
-          I.score_warps = pick_warps([&](int nw) { return cmp_score_v4_smem(p, nw); }, 8, "NSA_SCORE_WARPS");
-        } else {
-          I.cmp_warps = pick_warps([&](int nw) { return cmp_attn_v2_smem(p, nw); }, 8, "NSA_CMP_WARPS");
-        }
-        I.slc_warps = v3 ? pick_warps([&](int nw) { return slc_attn_v1_smem(p, nw, true); }, 2, "NSA_SLC_WARPS")
-                         : pick_warps([&](int nw) { return slc_attn_v2_smem(p, nw); }, 1, "NSA_SLC_WARPS");
-        I.win_warps = pick_warps([&](int nw) { return win_attn_v2_smem(p, nw); }, 8, "NSA_WIN_WARPS");
-      } else {
-        I.cmp_warps = pick_warps([&](int nw) { return cmp_attn_v1_smem(p, nw); }, 4, "NSA_CMP_WARPS");
-        I.slc_warps = pick_warps([&](int nw) { return slc_attn_v1_smem(p, nw, false); }, 2, "NSA_SLC_WARPS");
-        I.win_warps = win_attn_v1_smem(p) <= optin ? 4 : 0;
+    if (I.version == 4) {
+      // FlashAttention-2's shape: warps of 32 rows, 4 per CTA where two CTAs fit in an SM's
+      // shared memory (dk = dv = 128), else 8 (dk = 192), so that an SM holds 8 warps either
+      // way (4 or 8 measure the same at 64k, 32.6 / 32.5 ms); NSA_CMP_WARPS overrides (1 to 8).
+      const size_t sm_smem = dinfo.prop.sharedMemPerMultiprocessor;
+      const size_t reserved = dinfo.prop.reservedSharedMemPerBlock;
+      const int fw0 = 2 * (cmp_fa_v4_smem(p, 4) + reserved) <= sm_smem ? 4 : 8;
+      int fw = std::min(8, std::max(1, env_int("NSA_CMP_WARPS", fw0)));
+      while (fw > 1 && cmp_fa_v4_smem(p, fw) > optin) fw /= 2;
+      I.cmp_warps = cmp_fa_v4_smem(p, fw) <= optin ? fw : 0;
+      I.score_warps = pick_warps([&](int nw) { return cmp_score_v4_smem(p, nw); }, 8, "NSA_SCORE_WARPS");
+      I.slc_warps = pick_warps([&](int nw) { return slc_attn_v1_smem(p, nw); }, 2, "NSA_SLC_WARPS");
+      I.win_warps = pick_warps([&](int nw) { return win_attn_v2_smem(p, nw); }, 8, "NSA_WIN_WARPS");
+      if (!(I.cmp_warps && I.slc_warps && I.win_warps && I.score_warps)) {
+        const std::string msg = cat("kernel v4 needs more shared memory than the device's ", optin,
+                                    " bytes per block (sequence of ", Tmax, " tokens: ", p.NB,
+                                    " selection blocks per position)");
+        if (opt.kernel == 4) throw ResourceError(msg);
+        I.version = 0;  // v0 needs less
       }
-      if (I.cmp_warps && I.slc_warps && I.win_warps && (I.version != 4 || I.score_warps)) break;
-      const std::string msg = cat("kernel v", I.version, " needs more shared memory than the device's ", optin,
-                                  " bytes per block (sequence of ", Tmax, " tokens: ", p.NB,
-                                  " selection blocks per position)");
-      if (opt.kernel == I.version) throw ResourceError(msg);
-      --I.version;  // the previous version needs less
     }
     if (I.version == 0 && cmp_attn_v0_smem(p, std::min(p.G, 4)) > optin)
       throw ResourceError(cat("sequence of ", Tmax, " tokens: ", p.NB, " selection blocks per position need ",
@@ -344,9 +336,9 @@ Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const 
       I.ws.Hb = I.alloc_e(int64_t(p.Hkv) * p.Nc * hc, "phi workspace Hb");
       I.ws.Y = I.alloc_t<float>(p.Nc * p.Hkv * D, "phi workspace Y");
     }
-    if (I.version >= 1) {
-      I.tm_cmp = I.tile_map(16 * (I.version == 4 ? 2 : 1) * I.cmp_warps / p.G, "cmp tiles");
-      if (I.version == 4) I.tm_score = I.tile_map(16 * I.score_warps / p.G, "cmp score tiles");
+    if (I.version == 4) {
+      I.tm_cmp = I.tile_map(32 * I.cmp_warps / p.G, "cmp tiles");
+      I.tm_score = I.tile_map(16 * I.score_warps / p.G, "cmp score tiles");
       I.tm_slc = I.tile_map(16 / p.G, "slc tiles");
       I.tm_win = I.tile_map(16 * I.win_warps / p.G, "win tiles");
     }
@@ -461,30 +453,13 @@ static std::vector<std::pair<const char*, std::function<void(cudaStream_t)>>> st
     st.push_back({"slc_attn", [&I](cudaStream_t s) { slc_attn_v0(I.opt.dtype, I.p, s); }});
     st.push_back({"win_attn", [&I](cudaStream_t s) { win_attn_v0(I.opt.dtype, I.p, s); }});
     st.push_back({"combine", [&I](cudaStream_t s) { combine_v0(I.opt.dtype, I.p, s); }});
-  } else if (I.version == 1) {
-    st.push_back(
-        {"cmp_attn+select", [&I](cudaStream_t s) { cmp_attn_v1(I.opt.dtype, I.p, I.tm_cmp, I.cmp_warps, s); }});
-    st.push_back(
-        {"slc_attn", [&I](cudaStream_t s) { slc_attn_v1(I.opt.dtype, I.p, I.tm_slc, I.slc_warps, false, s); }});
-    st.push_back({"win_attn+combine", [&I](cudaStream_t s) { win_attn_v1(I.opt.dtype, I.p, I.tm_win, s); }});
   } else {
-    const bool v3 = I.version >= 3;
-    if (I.version == 4)
-      st.push_back({"cmp_attn+select", [&I](cudaStream_t s) {
-                      cmp_attn_v4(I.opt.dtype, I.p, I.tm_cmp, I.cmp_warps, I.tm_score, I.score_warps, s);
-                    }});
-    else
-      st.push_back({"cmp_attn+select", [&I, v3](cudaStream_t s) {
-                      cmp_attn_v2(I.opt.dtype, I.p, I.tm_cmp, I.cmp_warps, v3, s);
-                    }});
-    if (v3)
-      st.push_back(
-          {"slc_attn", [&I](cudaStream_t s) { slc_attn_v1(I.opt.dtype, I.p, I.tm_slc, I.slc_warps, true, s); }});
-    else
-      st.push_back({"slc_attn", [&I](cudaStream_t s) { slc_attn_v2(I.opt.dtype, I.p, I.tm_slc, I.slc_warps, s); }});
-    st.push_back({"win_attn+combine", [&I, v3](cudaStream_t s) {
-                    win_attn_v2(I.opt.dtype, I.p, I.tm_win, I.win_warps, v3, s);
+    st.push_back({"cmp_attn+select", [&I](cudaStream_t s) {
+                    cmp_attn_v4(I.opt.dtype, I.p, I.tm_cmp, I.cmp_warps, I.tm_score, I.score_warps, s);
                   }});
+    st.push_back({"slc_attn", [&I](cudaStream_t s) { slc_attn_v1(I.opt.dtype, I.p, I.tm_slc, I.slc_warps, s); }});
+    st.push_back(
+        {"win_attn+combine", [&I](cudaStream_t s) { win_attn_v2(I.opt.dtype, I.p, I.tm_win, I.win_warps, s); }});
   }
   return st;
 }
@@ -612,7 +587,7 @@ Ceilings measure_ceilings(Precision prec, int device) {
   NSA_CUDA_CHECK(cudaMalloc(&a, size_t(n) * n * es));
   NSA_CUDA_CHECK(cudaMalloc(&b, size_t(n) * n * es));
   NSA_CUDA_CHECK(cudaMalloc(&c, size_t(n) * n * sizeof(float)));
-  // Random operands: zeros run faster than real data (METHOD.md).
+  // Random operands: a tensor core multiplies zeros faster than real data.
   switch (prec) {
     case Precision::BF16: fill_normal<<<1024, 256>>>((__nv_bfloat16*)a, int64_t(n) * n, 11), fill_normal<<<1024, 256>>>((__nv_bfloat16*)b, int64_t(n) * n, 12); break;
     case Precision::FP16: fill_normal<<<1024, 256>>>((__half*)a, int64_t(n) * n, 11), fill_normal<<<1024, 256>>>((__half*)b, int64_t(n) * n, 12); break;

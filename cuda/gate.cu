@@ -1,4 +1,4 @@
-// Gates (NSA-SPEC.md 2) and the gated sum of kernel v0 (Eq. 5); the CUDA twin of
+// Gates (docs/spec.md 2) and the gated sum of kernel v0 (Eq. 5); the CUDA twin of
 // ref::compute_gates and the last loop of reference/forward.cpp. The gate MLP is small next to
 // attention (N x d_model x 3 Hq), so it runs in fp32 through cuBLAS whatever the precision.
 #include "check.hpp"

@@ -1,4 +1,4 @@
-// The gates' backward (NSA-SPEC.md 2, 7) and the softmax deltas every branch's backward needs;
+// The gates' backward (docs/spec.md 2, 7) and the softmax deltas every branch's backward needs;
 // the CUDA twin of the first loop of reference/backward.cpp's backward_fast and of its
 // gate_mlp_backward_fast.
 //   dL/dg_c[t, h] = <dL/do[t, h], O_c[t, h]>,   D_c[t, h] = g_c dL/dg_c = rowsum(dO_c * O_c);

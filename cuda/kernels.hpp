@@ -51,7 +51,7 @@ void gemm(cublasHandle_t blas, Precision prec, bool transB, int batch, int M, in
           int64_t lda, int64_t strideA, const void* B, int64_t ldb, int64_t strideB, float* C, int64_t ldc,
           int64_t strideC);
 
-// ---- gate.cu: gates (NSA-SPEC.md 2) and the v0 combine (Eq. 5) ----
+// ---- gate.cu: gates (docs/spec.md 2) and the v0 combine (Eq. 5) ----
 struct GateMlpDevice {
   const float* x = nullptr;   // [N, dm]
   const float* w0 = nullptr;  // [dm, dh]  nullptr: no hidden layer
@@ -69,12 +69,6 @@ void combine_v0(Precision prec, const FwdParams& p, cudaStream_t s);
 // ---- cmp_attn.cu: compression attention + Eq. 8-11 (scores, top-n) ----
 void cmp_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s);
 size_t cmp_attn_v0_smem(const FwdParams& p, int nwarps);
-// Rows per CTA = 16 * nwarps (nwarps in 1..4), i.e. BT = 16 * nwarps / G positions.
-void cmp_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
-size_t cmp_attn_v1_smem(const FwdParams& p, int nwarps);
-// v2: nwarps in 1..8, 3-stage pipeline, warp-local Eq. 9 (see cmp_attn.cu); lean: v3.
-void cmp_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
-size_t cmp_attn_v2_smem(const FwdParams& p, int nwarps);
 // v4: two kernels, FlashAttention-2 for O_cmp and lse with 32 rows per warp (tm_fa: tiles of
 // 32 * fa_warps / G positions), then the scores and top-n with lse known (tm_score: tiles of
 // 16 * score_warps / G positions).
@@ -85,21 +79,16 @@ size_t cmp_score_v4_smem(const FwdParams& p, int nwarps);
 
 // ---- select.cu: selection attention (Eq. 12) ----
 void slc_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s);
-// tm: tiles of 16 / G positions, one per warp; nwarps warps per CTA; lean: v3 (lists in shared
-// memory, unmasked full chunks, cheaper copies).
-void slc_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
-size_t slc_attn_v1_smem(const FwdParams& p, int nwarps, bool lean);
-// v2: 4 stages per warp, block lists in shared memory.
-void slc_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
-size_t slc_attn_v2_smem(const FwdParams& p, int nwarps);
+// tm: tiles of 16 / G positions, one per warp; nwarps warps per CTA (block lists in shared
+// memory, unmasked full chunks).
+void slc_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
+size_t slc_attn_v1_smem(const FwdParams& p, int nwarps);
 
 // ---- window.cu: sliding window (+ Eq. 5 in v1) ----
 void win_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s);
-// tm: tiles of 64 / G positions; writes o (the gated sum) too.
-void win_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, cudaStream_t s);
-size_t win_attn_v1_smem(const FwdParams& p);
-// v2: 16 * nwarps rows per CTA (tm: tiles of 16 * nwarps / G positions), 3 stages.
-void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
+// 16 * nwarps rows per CTA (tm: tiles of 16 * nwarps / G positions), 3 stages; writes o (the
+// gated sum of Eq. 5) too.
+void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
 size_t win_attn_v2_smem(const FwdParams& p, int nwarps);
 
 // ---- the backward pass (backward.cu runs the stages in this order) ----
@@ -174,7 +163,7 @@ void gemm_f32(cublasHandle_t blas, bool tf32, bool transA, bool transB, int batc
 void colsum(const float* X, int64_t rows, int64_t cols, int64_t ld, int64_t bstride, int batch, float* out,
             int64_t out_stride, cudaStream_t s);
 
-// ---- decode_attn.cu: the decode step (NSA-SPEC.md 8) ----
+// ---- decode_attn.cu: the decode step (docs/spec.md 8) ----
 constexpr int kDecTile = 32;  // split sizes are multiples of this many keys (whole tiles of every version)
 // The compressed rows a step emits: rows[e], rows[M + e], rows[2M + e] = cache sequence b, first
 // raw token u0 = i*d of block i, destination row b * Ncap + i (device, int64 [3, M]).

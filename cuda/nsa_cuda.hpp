@@ -1,4 +1,4 @@
-// The CUDA path of the NSA forward pass (../shared/NSA-SPEC.md 1-5): the reference's semantics
+// The CUDA path of the NSA forward pass (docs/spec.md 1-5): the reference's semantics
 // on an NVIDIA GPU (Hopper first, Ampere supported). Host-side API, free of Eigen and of CUDA
 // headers, so the CLI and the tests include it like reference/nsa_ref.hpp.
 //
@@ -12,7 +12,7 @@
 //   window.cu       sliding-window attention, fused with the gated sum (Eq. 5)
 //   gate.cu         the gates (given, or the gate MLP) and the plain combine of kernel v0
 //   forward.cu      Plan: buffers, the choice of kernel version, the sequence of launches
-// and the backward pass (NSA-SPEC.md 7), stage by stage, each the twin of reference/backward.cpp's:
+// and the backward pass (docs/spec.md 7), stage by stage, each the twin of reference/backward.cpp's:
 //   gate_bwd.cu     dL/dg and the softmax deltas D_c; the gate MLP's backward (cuBLAS)
 //   cmp_bwd.cu      compression attention: dq (query-centric), dK/dV of the compressed rows
 //   select_bwd.cu   per-block lists of the queries that selected each block (counting sort);
@@ -20,7 +20,7 @@
 //   window_bwd.cu   window attention: dq, dK/dV
 //   compress_bwd.cu phi's backward: to the raw k_cmp, v_cmp and phi's parameters (cuBLAS)
 //   backward.cu     the backward stages of Plan, its version choice and benchmark
-// and decoding with a KV cache (NSA-SPEC.md 8), the twin of reference/decode.cpp:
+// and decoding with a KV cache (docs/spec.md 8), the twin of reference/decode.cpp:
 //   decode_attn.cu  the step's kernels: split-softmax attention over the compressed rows, the
 //                   window and the selected blocks (group-centric), Eq. 8-11, the merges and Eq. 5
 //   decode.cu       Decoder: the device cache, prefill, step; decode_workload; bench_decode
@@ -122,7 +122,7 @@ BenchResult bench(Plan& plan, int warmup, int reps);
 // the L2 cache is flushed before every timed repeat.
 BwdBenchResult bench_backward(Plan& plan, int warmup, int reps);
 
-// The card's measured ceilings (METHOD.md): a square matrix product through cuBLAS (operands of
+// The card's measured ceilings (docs/cuda.md, "Benchmark"): a square matrix product through cuBLAS (operands of
 // the precision, fp32 accumulation; n = 8192), a device-to-device copy (bytes read + written),
 // and reads of a buffer that fits in L2 (16-byte loads, every SM): the rate at which kernels can
 // pull K/V that is already on chip, the bound of the selection branch on random selections.
@@ -155,7 +155,7 @@ class Plan {
   // Copies every output back, in the reference's layout.
   ref::ForwardResult<float> download() const;
 
-  // ---- backward (NSA-SPEC.md 7; Options::backward) ----
+  // ---- backward (docs/spec.md 7; Options::backward) ----
   // Rounds and copies dL/do [N, Hq, dv] to the device.
   void upload_grad(const Tensor<float>& dO);
   // dL/do ~ N(0, 1) on the device. For benchmarks.
@@ -193,7 +193,7 @@ ref::ForwardResult<float> forward(const Config& cfg, const ref::Inputs<float>& i
 ref::BackwardResult<float> backward(const Config& cfg, const ref::Inputs<float>& in, const Tensor<float>& dO,
                                     const Options& opt, ref::ForwardResult<float>* fwd = nullptr);
 
-// ---- Decoding with a KV cache (NSA-SPEC.md 8; docs/cuda_decode.md) ------------------------------
+// ---- Decoding with a KV cache (docs/spec.md 8; docs/cuda_decode.md) ------------------------------
 //
 // The CUDA twin of ref::DecodeCache and ref::decode_step (reference/decode.hpp): the cache lives on
 // the device in the same layout (elements of the precision: compressed rows, the raw history, the

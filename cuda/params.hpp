@@ -9,7 +9,7 @@
 namespace nsa::cuda {
 
 struct FwdParams {
-  // ---- shapes (NSA-SPEC.md names) ----
+  // ---- shapes (docs/spec.md names) ----
   int B = 0;        // packed sequences
   int64_t N = 0;    // tokens in all
   int64_t Nc = 0;   // compressed rows in all (sum over sequences of num_cmp_blocks(T_b))
@@ -49,7 +49,7 @@ struct FwdParams {
   float* block_scores = nullptr; // [N, Hkv, NB] Eq. 10, 0 for invalid blocks; nullptr: not stored
 };
 
-// The backward kernels' parameters (NSA-SPEC.md 7), beside the FwdParams of the forward run they
+// The backward kernels' parameters (docs/spec.md 7), beside the FwdParams of the forward run they
 // differentiate (its inputs and what it saved: lse, branch outputs, block_idx, compressed K/V,
 // gates). Gradients are fp32. Per branch c, dO_c = g_c dL/do is never stored: kernels scale dL/do
 // by the gate of the row as they read it.
@@ -108,7 +108,7 @@ namespace nsa::cuda {
 // item is a (row, KV group) pair, item = r * Hkv + g: the G query heads of the group share every
 // K/V row the item reads (group-centric).
 struct DecParams {
-  // ---- shapes (NSA-SPEC.md names) ----
+  // ---- shapes (docs/spec.md names) ----
   int Bs = 0;                   // rows of this step
   int Hq = 0, Hkv = 0, G = 0;   // G = Hq / Hkv <= 16
   int dk = 0, dv = 0;

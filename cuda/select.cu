@@ -73,11 +73,11 @@ constexpr int kChunk = kSlcChunk;  // tokens per pipeline stage
 
 // Shared memory of one warp of v1/v3: two stages of K and V chunks, then (v3) the block lists of
 // the warp's P <= 16 positions, read once instead of one global load per block.
-__host__ __device__ inline size_t slc_v1_warp_bytes(int dk, int dv, int n, bool lean) {
-  return size_t(2) * kChunk * (dk + dv) * 2 + (lean ? size_t(16) * n * 4 : 0);
+__host__ __device__ inline size_t slc_v1_warp_bytes(int dk, int dv, int n) {
+  return size_t(2) * kChunk * (dk + dv) * 2 + size_t(16) * n * 4;
 }
 
-template <class T, int DK, int DV, bool kLean>
+template <class T, int DK, int DV>
 __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap tm) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -95,16 +95,14 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
   const int Hkv = p.Hkv;
   const unsigned all_pos = P == 32 ? 0xffffffffu : (1u << P) - 1;  // every position of the warp
 
-  T* sK = reinterpret_cast<T*>(smem + size_t(warp) * slc_v1_warp_bytes(DK, DV, p.n, kLean));  // [2][32, DK]
-  T* sV = sK + 2 * kChunk * DK;                                                                 // [2][32, DV]
-  int* sL = reinterpret_cast<int*>(sV + 2 * kChunk * DV);  // kLean: [P][n] block lists
-  if constexpr (kLean) {
-    for (int e = lane; e < P * p.n; e += 32) {
-      const int t = t0 + e / p.n;
-      sL[e] = t < T_b ? p.block_idx[((row0 + t) * Hkv + g) * p.n + e % p.n] : -1;
-    }
-    __syncwarp();
+  T* sK = reinterpret_cast<T*>(smem + size_t(warp) * slc_v1_warp_bytes(DK, DV, p.n));  // [2][32, DK]
+  T* sV = sK + 2 * kChunk * DK;                                                          // [2][32, DV]
+  int* sL = reinterpret_cast<int*>(sV + 2 * kChunk * DV);  // [P][n] block lists
+  for (int e = lane; e < P * p.n; e += 32) {
+    const int t = t0 + e / p.n;
+    sL[e] = t < T_b ? p.block_idx[((row0 + t) * Hkv + g) * p.n + e % p.n] : -1;
   }
+  __syncwarp();
 
   // This thread's rows A = lane / 4 and B = A + 8 of the warp: (position r / G, head r % G).
   const int rA = lane >> 2, rB = rA + 8;
@@ -120,12 +118,11 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
   uint32_t qa[DK / 16][4];
   load_q_global<DK>(qa, qA, qB, okA, okB, lane);
 
-  // The union of the P block lists (v3: read from shared memory).
-  const int32_t* mylist =
-      lane < P && t0 + lane < T_b ? p.block_idx + ((row0 + t0 + lane) * Hkv + g) * p.n : nullptr;
+  // The union of the P block lists (read from shared memory); lane i < P holds position t0 + i's.
+  const bool has_list = lane < P && t0 + lane < T_b;
   auto head = [&](int c) -> int {
-    if (!mylist || c >= p.n) return INT_MAX;
-    const int j = kLean ? sL[lane * p.n + c] : mylist[c];
+    if (!has_list || c >= p.n) return INT_MAX;
+    const int j = sL[lane * p.n + c];
     return j >= 0 ? j : INT_MAX;  // -1 padding ends the list
   };
   BlockUnion walk;
@@ -134,7 +131,7 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
   const T* K = static_cast<const T*>(p.k_slc);
   const T* V = static_cast<const T*>(p.v_slc);
   auto issue = [&](const Item& it, int stage) {
-    load_chunk<T, DK, DV, kLean>(sK + stage * kChunk * DK, sV + stage * kChunk * DV, it, K, V, row0, Hkv, g, p.ls,
+    load_chunk<T, DK, DV, true>(sK + stage * kChunk * DK, sV + stage * kChunk * DV, it, K, V, row0, Hkv, g, p.ls,
                                  t_maxw, lane);
   };
 
@@ -162,9 +159,9 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
     // Row masks: the position selected this block, and u <= t (the block end for the last chunk).
     const int u0 = cur.j * p.ls + cur.c * kChunk, blk_end = (cur.j + 1) * p.ls;
     const bool selA = okA && ((cur.mask >> posA) & 1u), selB = okB && ((cur.mask >> posB) & 1u);
-    // kLean: a chunk inside its block, before the warp's first position, selected by all of the
-    // warp's positions, is seen whole by every row: no masks, one FFMA + ex2 per element.
-    if (kLean && u0 + kChunk <= blk_end && u0 + kChunk - 1 <= t0 && t0 + P <= T_b && cur.mask == all_pos) {
+    // A chunk inside its block, before the warp's first position, selected by all of the warp's
+    // positions, is seen whole by every row: no masks, one FFMA + ex2 per element.
+    if (u0 + kChunk <= blk_end && u0 + kChunk - 1 <= t0 && t0 + P <= T_b && cur.mask == all_pos) {
       rescale<DV>(oacc, softmax_step_full(s, sl2, mA, mB, lA, lB));
     } else {
 #pragma unroll
@@ -195,127 +192,6 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
 }
 
 
-// ============================== v2: deeper pipeline, lists in shared memory ==============================
-// Measured on the H100 (T = 64k, G = 16): v1 streams ~5 TB/s of K/V, a third of the card's measured
-// L2 read rate: each warp has one 32-token chunk in flight while it computes on the other, and
-// each new block waits on a global load of the next list entry. v2 keeps four stages per warp
-// (three chunks in flight) and reads the P block lists once into shared memory at the start.
-constexpr int kStagesSlc2 = 4;
-
-__host__ __device__ inline size_t slc_v2_warp_bytes(int dk, int dv, int n) {
-  return size_t(kStagesSlc2) * kChunk * (dk + dv) * 2 + size_t(16) * n * 4;  // stages, then P <= 16 lists
-}
-
-template <class T, int DK, int DV>
-__global__ void __launch_bounds__(128) slc_attn_v2_kernel(FwdParams p, TileMap tm) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t wi = int64_t(blockIdx.x) * (blockDim.x / 32) + warp;
-  if (wi >= int64_t(p.Hkv) * tm.total) return;  // whole warps only: no CTA-wide barrier follows
-  const int g = int(wi / tm.total);
-  const int64_t x = wi % tm.total;
-  const int G = p.G, P = tm.BT;
-  const int b = find_seq(tm.cu_tiles, p.B, x);
-  const int t0 = int(x - tm.cu_tiles[b]) * P;
-  const int64_t row0 = p.cu_seqlens[b];
-  const int T_b = int(p.cu_seqlens[b + 1] - row0);
-  const int t_maxw = min(t0 + P, T_b) - 1;
-  const int Hkv = p.Hkv, n = p.n;
-
-  unsigned char* wbase = smem + size_t(warp) * slc_v2_warp_bytes(DK, DV, n);
-  T* sK = reinterpret_cast<T*>(wbase);                          // [4][32, DK]
-  T* sV = sK + kStagesSlc2 * kChunk * DK;                       // [4][32, DV]
-  int* sL = reinterpret_cast<int*>(sV + kStagesSlc2 * kChunk * DV);  // [P][n] block lists
-  for (int e = lane; e < P * n; e += 32) {
-    const int t = t0 + e / n;
-    sL[e] = t < T_b ? p.block_idx[((row0 + t) * Hkv + g) * n + e % n] : -1;
-  }
-  __syncwarp();
-
-  const int rA = lane >> 2, rB = rA + 8;
-  const int posA = rA / G, posB = rB / G;
-  const int tA = t0 + posA, tB = t0 + posB;
-  const bool okA = tA < T_b, okB = tB < T_b;
-  const int hA = g * G + rA % G, hB = g * G + rB % G;
-  const T* q = static_cast<const T*>(p.q);
-  const T* qA = q + ((row0 + (okA ? tA : 0)) * p.Hq + hA) * DK;
-  const T* qB = q + ((row0 + (okB ? tB : 0)) * p.Hq + hB) * DK;
-  uint32_t qa[DK / 16][4];
-  load_q_global<DK>(qa, qA, qB, okA, okB, lane);
-
-  // The union of the P block lists, as v1, read from shared memory.
-  auto head = [&](int c) -> int {
-    if (lane >= P || c >= n) return INT_MAX;
-    const int j = sL[lane * n + c];
-    return j >= 0 ? j : INT_MAX;
-  };
-  BlockUnion walk;
-  walk.hv = head(0);
-  auto next = [&]() { return walk.next(head, p.ls, t_maxw); };
-  const T* K = static_cast<const T*>(p.k_slc);
-  const T* V = static_cast<const T*>(p.v_slc);
-  auto issue = [&](const Item& it, int stage) {
-    load_chunk<T, DK, DV, false>(sK + stage * kChunk * DK, sV + stage * kChunk * DV, it, K, V, row0, Hkv, g, p.ls,
-                                 t_maxw, lane);
-  };
-
-  const float sl2 = p.scale * kLog2e;
-  float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
-  float oacc[DV / 8][4];
-#pragma unroll
-  for (int nd = 0; nd < DV / 8; ++nd) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0;
-
-  // Items i0 (computed next), i1, i2 in flight in stages st, st+1, st+2; a fourth is issued into
-  // the stage computed last.
-  Item i0 = next();
-  if (i0.j != INT_MAX) issue(i0, 0);
-  cp_async_commit();
-  Item i1 = next();
-  if (i1.j != INT_MAX) issue(i1, 1);
-  cp_async_commit();
-  Item i2 = next();
-  if (i2.j != INT_MAX) issue(i2, 2);
-  cp_async_commit();
-  int st = 0;
-  while (i0.j != INT_MAX) {
-    const Item nx = next();
-    if (nx.j != INT_MAX) issue(nx, (st + 3) & 3);
-    cp_async_commit();
-    cp_async_wait<kStagesSlc2 - 1>();
-    __syncwarp();
-
-    const T* sKs = sK + st * kChunk * DK;
-    const T* sVs = sV + st * kChunk * DV;
-    float s[4][4];
-    qk_tile<T, DK, kChunk>(s, qa, sKs, lane);
-    const int u0 = i0.j * p.ls + i0.c * kChunk, blk_end = (i0.j + 1) * p.ls;
-    const bool selA = okA && ((i0.mask >> posA) & 1u), selB = okB && ((i0.mask >> posB) & 1u);
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int u = u0 + nt * 8 + 2 * (lane & 3) + e;
-        const bool in_blk = u < blk_end;
-        s[nt][e] = selA && in_blk && u <= tA ? s[nt][e] * sl2 : -INFINITY;
-        s[nt][2 + e] = selB && in_blk && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
-      }
-    rescale<DV>(oacc, softmax_step_masked(s, mA, mB, lA, lB));
-    pv_tile<T, DV, kChunk>(oacc, s, sVs, lane);
-    __syncwarp();  // every lane is done with stage st before it is refilled
-    i0 = i1, i1 = i2, i2 = nx;
-    st = (st + 1) & 3;
-  }
-
-  quad_sum(lA, lB);
-  const float iA = lA > 0 ? 1.0f / lA : 0.0f, iB = lB > 0 ? 1.0f / lB : 0.0f;
-  store_rows<T, DV>(static_cast<T*>(p.o_slc), ((row0 + tA) * p.Hq + hA) * DV, ((row0 + tB) * p.Hq + hB) * DV, okA,
-                   okB, oacc, iA, iB, lane);
-  if ((lane & 3) == 0) {
-    if (okA) p.lse_slc[(row0 + tA) * p.Hq + hA] = lA > 0 ? (mA + log2f(lA)) * kLn2 : -INFINITY;
-    if (okB) p.lse_slc[(row0 + tB) * p.Hq + hB] = lB > 0 ? (mB + log2f(lB)) * kLn2 : -INFINITY;
-  }
-}
-
 template <class T>
 void launch_v0(const FwdParams& p, cudaStream_t s) {
   const int nw = p.G < 4 ? p.G : 4;
@@ -323,12 +199,12 @@ void launch_v0(const FwdParams& p, cudaStream_t s) {
   NSA_CUDA_CHECK_LAUNCH("slc_attn_v0_kernel");
 }
 
-template <class T, bool kLean>
+template <class T>
 void launch_v1(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
-  const size_t smem = slc_attn_v1_smem(p, nw, kLean);
+  const size_t smem = slc_attn_v1_smem(p, nw);
   const int64_t warps = int64_t(p.Hkv) * tm.total;
   const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-    auto kernel = slc_attn_v1_kernel<T, decltype(DK)::value, decltype(DV)::value, kLean>;
+    auto kernel = slc_attn_v1_kernel<T, decltype(DK)::value, decltype(DV)::value>;
     NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     kernel<<<unsigned((warps + nw - 1) / nw), 32 * nw, smem, s>>>(p, tm);
     NSA_CUDA_CHECK_LAUNCH("slc_attn_v1_kernel");
@@ -336,32 +212,10 @@ void launch_v1(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
   if (!ok) throw ConfigError(cat("slc_attn v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
 }
 
-template <class T>
-void launch_v2(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
-  const size_t smem = slc_attn_v2_smem(p, nw);
-  const int64_t warps = int64_t(p.Hkv) * tm.total;
-  const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-    auto kernel = slc_attn_v2_kernel<T, decltype(DK)::value, decltype(DV)::value>;
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<unsigned((warps + nw - 1) / nw), 32 * nw, smem, s>>>(p, tm);
-    NSA_CUDA_CHECK_LAUNCH("slc_attn_v2_kernel");
-  });
-  if (!ok) throw ConfigError(cat("slc_attn v2: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
-}
-
 }  // namespace
 
-size_t slc_attn_v1_smem(const FwdParams& p, int nwarps, bool lean) {
-  return size_t(nwarps) * slc_v1_warp_bytes(p.dk, p.dv, p.n, lean);
-}
-
-size_t slc_attn_v2_smem(const FwdParams& p, int nwarps) { return size_t(nwarps) * slc_v2_warp_bytes(p.dk, p.dv, p.n); }
-
-void slc_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
-  if (tm.total == 0) return;
-  if (prec == Precision::BF16) launch_v2<__nv_bfloat16>(p, tm, nwarps, s);
-  else if (prec == Precision::FP16) launch_v2<__half>(p, tm, nwarps, s);
-  else throw ConfigError("slc_attn v2 needs bf16 or fp16 operands (fp32 runs kernel v0)");
+size_t slc_attn_v1_smem(const FwdParams& p, int nwarps) {
+  return size_t(nwarps) * slc_v1_warp_bytes(p.dk, p.dv, p.n);
 }
 
 void slc_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {
@@ -373,10 +227,10 @@ void slc_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {
   }
 }
 
-void slc_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s) {
+void slc_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
   if (tm.total == 0) return;
-  if (prec == Precision::BF16) lean ? launch_v1<__nv_bfloat16, true>(p, tm, nwarps, s) : launch_v1<__nv_bfloat16, false>(p, tm, nwarps, s);
-  else if (prec == Precision::FP16) lean ? launch_v1<__half, true>(p, tm, nwarps, s) : launch_v1<__half, false>(p, tm, nwarps, s);
+  if (prec == Precision::BF16) launch_v1<__nv_bfloat16>(p, tm, nwarps, s);
+  else if (prec == Precision::FP16) launch_v1<__half>(p, tm, nwarps, s);
   else throw ConfigError("slc_attn v1/v3 needs bf16 or fp16 operands (fp32 runs kernel v0)");
 }
 

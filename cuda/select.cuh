@@ -1,4 +1,4 @@
-// Top-n block selection (NSA-SPEC.md 4, Eq. 11), the CUDA twin of ref::select_blocks: given the
+// Top-n block selection (docs/spec.md 4, Eq. 11), the CUDA twin of ref::select_blocks: given the
 // group scores P[j] of query t's valid blocks, the forced blocks (the first init_blocks and the
 // local_blocks ending at t's own block) plus the highest-scoring others, n in all, ascending,
 // -1 padding. Ranking: higher score first, exactly equal scores to the lower index, NaN last.

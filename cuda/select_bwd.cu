@@ -1,4 +1,4 @@
-// The selection branch's backward (NSA-SPEC.md 4, 7): the selected blocks are held fixed, so the
+// The selection branch's backward (docs/spec.md 4, 7): the selected blocks are held fixed, so the
 // branch is attention over given token sets; dq by query, dK/dV by key. The CUDA twin of the
 // selection part of reference/backward.cpp's nsa_tile_backward.
 //

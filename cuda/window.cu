@@ -1,4 +1,4 @@
-// The sliding-window branch (NSA-SPEC.md 5): query t attends over keys [max(0, t-w+1), t]; the
+// The sliding-window branch (docs/spec.md 5): query t attends over keys [max(0, t-w+1), t]; the
 // CUDA twin of the window part of reference/forward.cpp's nsa_tile. v1 also forms the gated sum
 // of Eq. 5 in its epilogue (it runs last, so O_cmp and O_slc are ready): o_win then need not be
 // stored, and o costs one pass instead of a separate kernel reading three outputs.
@@ -75,111 +75,17 @@ __device__ __forceinline__ void epilogue(const FwdParams& p, int64_t th, float m
   if ((lane & 3) == 0) p.lse_win[th] = l > 0 ? (m + log2f(l)) * kLn2 : -INFINITY;
 }
 
-// ============================== v1: tensor cores ==============================
-// FlashAttention-2 style over the band: one CTA per (tile of BT = 64 / G positions, group), 4 warps
-// x 16 rows (row r = position r / G, head r % G), key tiles of 64 from max(0, t0 - w + 1) to the
-// tile's last position, double-buffered with cp.async. Shared memory: sQ [64, DK] | sK [2][64, DK]
-// | sV [2][64, DV].
-constexpr int kRows = 64, kKeys = 64;
-
-template <class T, int DK, int DV>
-__global__ void __launch_bounds__(128) win_attn_v1_kernel(FwdParams p, TileMap tm) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int G = p.G, BT = kRows / G;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kRows * DK;
-  T* sV = sK + 2 * kKeys * DK;
-
-  const int64_t x = blockIdx.x;
-  const int g = blockIdx.y;
-  const int b = find_seq(tm.cu_tiles, p.B, x);
-  const int t0 = int(x - tm.cu_tiles[b]) * BT;
-  const int64_t row0 = p.cu_seqlens[b];
-  const int T_b = int(p.cu_seqlens[b + 1] - row0);
-  const int t_last = min(t0 + BT, T_b) - 1;
-  const int k_begin = win_start(t0, p.w), nkeys = t_last + 1 - k_begin;
-  const int ntiles = (nkeys + kKeys - 1) / kKeys;
-  const int Hkv = p.Hkv;
-
-  const T* q = static_cast<const T*>(p.q);
-  const T* K = static_cast<const T*>(p.k_win);
-  const T* V = static_cast<const T*>(p.v_win);
-  load_tile_async<DK>(
-      sQ, kRows,
-      [&](int r) -> const T* {
-        const int t = t0 + r / G;
-        return t < T_b ? q + ((row0 + t) * p.Hq + g * G + r % G) * DK : nullptr;
-      },
-      q, tid, int(blockDim.x));
-  auto load_kv = [&](int kt) {
-    const int u0 = k_begin + kt * kKeys;
-    load_tile_async<DK>(
-        sK + (kt & 1) * kKeys * DK, kKeys,
-        [&](int r) -> const T* { return u0 + r <= t_last ? K + ((row0 + u0 + r) * Hkv + g) * DK : nullptr; }, K, tid,
-        int(blockDim.x));
-    load_tile_async<DV>(
-        sV + (kt & 1) * kKeys * DV, kKeys,
-        [&](int r) -> const T* { return u0 + r <= t_last ? V + ((row0 + u0 + r) * Hkv + g) * DV : nullptr; }, V, tid,
-        int(blockDim.x));
-  };
-  load_kv(0);
-  cp_async_commit();
-
-  const int rA = 16 * warp + (lane >> 2), rB = rA + 8;
-  const int tA = t0 + rA / G, tB = t0 + rB / G;
-  const bool okA = tA < T_b, okB = tB < T_b;
-  const int loA = win_start(tA, p.w), loB = win_start(tB, p.w);
-  const int hA = g * G + rA % G, hB = g * G + rB % G;
-  const float sl2 = p.scale * kLog2e;
-  float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
-  float oacc[DV / 8][4];
-#pragma unroll
-  for (int nd = 0; nd < DV / 8; ++nd) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0;
-  uint32_t qa[DK / 16][4];
-
-  for (int kt = 0; kt < ntiles; ++kt) {
-    const bool more = kt + 1 < ntiles;
-    if (more) load_kv(kt + 1);
-    cp_async_commit();
-    if (more) cp_async_wait<1>();
-    else cp_async_wait<0>();
-    __syncthreads();
-    if (kt == 0) {
-      load_q_smem<DK>(qa, sQ, 16 * warp, lane);
-    }
-    const T* sKt = sK + (kt & 1) * kKeys * DK;
-    const T* sVt = sV + (kt & 1) * kKeys * DV;
-    float s[8][4];
-    qk_tile<T, DK, kKeys>(s, qa, sKt, lane);
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int u = k_begin + kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
-        s[nt][e] = okA && u >= loA && u <= tA ? s[nt][e] * sl2 : -INFINITY;
-        s[nt][2 + e] = okB && u >= loB && u <= tB ? s[nt][2 + e] * sl2 : -INFINITY;
-      }
-    rescale<DV>(oacc, softmax_step_masked(s, mA, mB, lA, lB));
-    pv_tile<T, DV, kKeys>(oacc, s, sVt, lane);
-    __syncthreads();
-  }
-
-  quad_sum(lA, lB);
-  const float iA = lA > 0 ? 1.0f / lA : 0.0f, iB = lB > 0 ? 1.0f / lB : 0.0f;
-  if (okA) epilogue<T, DV>(p, (row0 + tA) * p.Hq + hA, mA, lA, iA, oacc, 0, lane);
-  if (okB) epilogue<T, DV>(p, (row0 + tB) * p.Hq + hB, mB, lB, iB, oacc, 1, lane);
-}
-
-
-// ============================== v2: 8 warps, 3 stages ==============================
-// v1's computation with v2's schedule (see cmp_attn.cu): 16 * nwarps rows per CTA (128 with 8
-// warps, BT = 128 / G positions), three shared-memory stages and one barrier per key tile; a warp
-// skips the tiles that lie outside all of its rows' windows. v3 = v2 with kLean (see cmp_attn.cu):
-// tiles inside every row's window skip the masks and use one FFMA + ex2.approx per element.
+// ============================== mma: tensor cores (mma.sync) ==============================
+// FlashAttention-2 style over the band: one CTA per (tile of BT = 16 * nwarps / G positions,
+// group), nwarps warps x 16 rows (row r = position r / G, head r % G), key tiles of 64 from
+// max(0, t0 - w + 1) to the tile's last position, three shared-memory stages and one barrier per
+// key tile; a warp skips the tiles that lie outside all of its rows' windows, and tiles inside
+// every row's window skip the masks and use one FFMA + ex2.approx per element.
+// Shared memory: sQ [16 nwarps, DK] | sK [3][64, DK] | sV [3][64, DV].
+constexpr int kKeys = 64;
 constexpr int kStages2 = 3;
 
-template <class T, int DK, int DV, bool kLean>
+template <class T, int DK, int DV>
 __global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMap tm) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int nw = blockDim.x / 32, R = 16 * nw, G = p.G, BT = R / G;
@@ -204,21 +110,10 @@ __global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMa
   const T* V = static_cast<const T*>(p.v_win);
   auto load_kv = [&](int kt) {
     const int u0 = k_begin + kt * kKeys, st = kt % kStages2;
-    if constexpr (kLean) {
-      load_rows_async<DK>(sK + st * kKeys * DK, kKeys, K + ((row0 + u0) * Hkv + g) * DK, int64_t(Hkv) * DK,
-                          t_last + 1 - u0, tid, int(blockDim.x));
-      load_rows_async<DV>(sV + st * kKeys * DV, kKeys, V + ((row0 + u0) * Hkv + g) * DV, int64_t(Hkv) * DV,
-                          t_last + 1 - u0, tid, int(blockDim.x));
-      return;
-    }
-    load_tile_async<DK>(
-        sK + st * kKeys * DK, kKeys,
-        [&](int r) -> const T* { return u0 + r <= t_last ? K + ((row0 + u0 + r) * Hkv + g) * DK : nullptr; }, K, tid,
-        int(blockDim.x));
-    load_tile_async<DV>(
-        sV + st * kKeys * DV, kKeys,
-        [&](int r) -> const T* { return u0 + r <= t_last ? V + ((row0 + u0 + r) * Hkv + g) * DV : nullptr; }, V, tid,
-        int(blockDim.x));
+    load_rows_async<DK>(sK + st * kKeys * DK, kKeys, K + ((row0 + u0) * Hkv + g) * DK, int64_t(Hkv) * DK,
+                        t_last + 1 - u0, tid, int(blockDim.x));
+    load_rows_async<DV>(sV + st * kKeys * DV, kKeys, V + ((row0 + u0) * Hkv + g) * DV, int64_t(Hkv) * DV,
+                        t_last + 1 - u0, tid, int(blockDim.x));
   };
   load_tile_async<DK>(
       sQ, R,
@@ -266,7 +161,7 @@ __global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMa
     const T* sVt = sV + (kt % kStages2) * kKeys * DV;
     float s[8][4];
     qk_tile<T, DK, kKeys>(s, qa, sKt, lane);
-    if (kLean && u0 >= all_lo && u0 + kKeys - 1 <= all_hi) {
+    if (u0 >= all_lo && u0 + kKeys - 1 <= all_hi) {
       // Every row sees the whole tile: no masks, the scale folded into one multiply-add.
       rescale<DV>(oacc, softmax_step_full(s, sl2, mA, mB, lA, lB));
     } else {
@@ -297,22 +192,10 @@ void launch_v0(const FwdParams& p, cudaStream_t s) {
 }
 
 template <class T>
-void launch_v1(const FwdParams& p, const TileMap& tm, cudaStream_t s) {
-  const size_t smem = win_attn_v1_smem(p);
-  const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-    auto kernel = win_attn_v1_kernel<T, decltype(DK)::value, decltype(DV)::value>;
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 128, smem, s>>>(p, tm);
-    NSA_CUDA_CHECK_LAUNCH("win_attn_v1_kernel");
-  });
-  if (!ok) throw ConfigError(cat("win_attn v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
-}
-
-template <class T, bool kLean>
 void launch_v2(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
   const size_t smem = win_attn_v2_smem(p, nw);
   const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-    auto kernel = win_attn_v2_kernel<T, decltype(DK)::value, decltype(DV)::value, kLean>;
+    auto kernel = win_attn_v2_kernel<T, decltype(DK)::value, decltype(DV)::value>;
     NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     kernel<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 32 * nw, smem, s>>>(p, tm);
     NSA_CUDA_CHECK_LAUNCH("win_attn_v2_kernel");
@@ -322,16 +205,14 @@ void launch_v2(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
 
 }  // namespace
 
-size_t win_attn_v1_smem(const FwdParams& p) { return (size_t(kRows) * p.dk + 2 * size_t(kKeys) * (p.dk + p.dv)) * 2; }
-
 size_t win_attn_v2_smem(const FwdParams& p, int nwarps) {
   return (size_t(16 * nwarps) * p.dk + size_t(kStages2) * kKeys * (p.dk + p.dv)) * 2;
 }
 
-void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s) {
+void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
   if (tm.total == 0) return;
-  if (prec == Precision::BF16) lean ? launch_v2<__nv_bfloat16, true>(p, tm, nwarps, s) : launch_v2<__nv_bfloat16, false>(p, tm, nwarps, s);
-  else if (prec == Precision::FP16) lean ? launch_v2<__half, true>(p, tm, nwarps, s) : launch_v2<__half, false>(p, tm, nwarps, s);
+  if (prec == Precision::BF16) launch_v2<__nv_bfloat16>(p, tm, nwarps, s);
+  else if (prec == Precision::FP16) launch_v2<__half>(p, tm, nwarps, s);
   else throw ConfigError("win_attn v2/v3 needs bf16 or fp16 operands (fp32 runs kernel v0)");
 }
 
@@ -342,13 +223,6 @@ void win_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {
     case Precision::FP16: launch_v0<__half>(p, s); break;
     case Precision::FP32: launch_v0<float>(p, s); break;
   }
-}
-
-void win_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, cudaStream_t s) {
-  if (tm.total == 0) return;
-  if (prec == Precision::BF16) launch_v1<__nv_bfloat16>(p, tm, s);
-  else if (prec == Precision::FP16) launch_v1<__half>(p, tm, s);
-  else throw ConfigError("win_attn v1 needs bf16 or fp16 operands (fp32 runs kernel v0)");
 }
 
 }  // namespace nsa::cuda

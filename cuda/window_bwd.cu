@@ -1,4 +1,4 @@
-// The sliding-window branch's backward (NSA-SPEC.md 5, 7): dq over the keys [t - w + 1, t] of
+// The sliding-window branch's backward (docs/spec.md 5, 7): dq over the keys [t - w + 1, t] of
 // each query, and dK/dV of each key over the queries [u, u + w - 1] that see it. The CUDA twin of
 // the window part of reference/backward.cpp's nsa_tile_backward. A key tile's queries are a band
 // of w + 63 positions: one CTA holds them all, so no partial sums meet and no atomics are needed.

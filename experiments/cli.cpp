@@ -92,7 +92,7 @@ po::options_description input_options() {
 }
 
 po::options_description nsa_options() {
-  po::options_description o("NSA settings (NSA-SPEC.md; defaults are the paper's)");
+  po::options_description o("NSA settings (docs/spec.md; defaults are the paper's)");
   o.add_options()("cmp-len", po::value<int64_t>()->default_value(32), "l: compression block length")(
       "cmp-stride", po::value<int64_t>()->default_value(16), "d: compression stride, d <= l")(
       "slc-len", po::value<int64_t>()->default_value(64), "l': selection block length")(
@@ -185,7 +185,7 @@ std::string opt_str(const po::variables_map& vm, const std::string& name) {
   return vm.count(name) ? vm[name].as<std::string>() : std::string();
 }
 
-// phi's parameter files in a --compress-params folder (INTERFACE.md) and where each is loaded:
+// phi's parameter files in a --compress-params folder (docs/interface.md) and where each is loaded:
 // pe_k, then w_k, b_k (linear) or w1_k, b1_k, w2_k, b2_k (mlp), then the same for _v; none for mean.
 std::vector<std::pair<std::string, Tensor<double>*>> phi_tensors(ref::CompressParams<double>& phi, CompressKind kind) {
   std::vector<std::pair<std::string, Tensor<double>*>> out;

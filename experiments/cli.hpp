@@ -1,4 +1,4 @@
-// The `nsa` command's shared machinery (INTERFACE.md): option groups, INI config files, the
+// The `nsa` command's shared machinery (docs/interface.md): option groups, INI config files, the
 // resolved-config JSON, loading a workload into reference inputs, and all-or-nothing output.
 // Each subcommand lives in its own cmd_<name>.cpp and registers in main.cpp.
 #pragma once
@@ -46,7 +46,7 @@ class Command {
   po::positional_options_description pos_;
 };
 
-// ---- Option groups shared by the subcommands (INTERFACE.md, "Common options") ----
+// ---- Option groups shared by the subcommands (docs/interface.md, "Common options") ----
 po::options_description input_options();    // --q --k --v, per-branch K/V, gates, --cu-seqlens
 po::options_description nsa_options();      // l, d, l', n, w, forced blocks, phi, scale
 po::options_description run_options();      // --precision, --dtype, --device, --threads, --path, ...
@@ -128,7 +128,7 @@ Workload load_workload(const po::variables_map& vm, bool nsa = true, const Memor
 // RSS now, so that every run records how the estimate compares with what it really used.
 json memory_report(const Workload& w);
 
-// phi's parameter files in a --compress-params folder (INTERFACE.md): pe_k, then w_k, b_k
+// phi's parameter files in a --compress-params folder (docs/interface.md): pe_k, then w_k, b_k
 // (linear) or w1_k, b1_k, w2_k, b2_k (mlp), then the same for _v; none for mean.
 std::vector<std::string> compress_param_names(CompressKind kind);
 // Loads them (shapes are checked later by ref::check_inputs, which names the file).
@@ -192,7 +192,7 @@ template <class T>
 Tensor<T> unpack(const Tensor<T>& t, int64_t batch);
 
 // ---- Shared by `forward` and `decode`, which write the same files ----
-// Adds forward's per-position outputs (INTERFACE.md) to `out`, unpacked to [B, T, ...] for a batch.
+// Adds forward's per-position outputs (docs/interface.md) to `out`, unpacked to [B, T, ...] for a batch.
 template <class S>
 void write_forward(const Workload& w, const ref::ForwardResult<S>& r, OutputDir& out);
 ref::Path parse_path(const po::variables_map& vm);  // --path

@@ -1,4 +1,4 @@
-// `nsa backward`: the gradients of NSA (NSA-SPEC.md 7) for a given dL/do; and `nsa gradcheck`,
+// `nsa backward`: the gradients of NSA (docs/spec.md 7) for a given dL/do; and `nsa gradcheck`,
 // which checks the files `nsa backward` wrote against central finite differences of the forward
 // pass, entry by sampled entry, through the same loading code.
 #include <algorithm>
@@ -25,7 +25,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// The gradient files of a backward result (INTERFACE.md), in a fixed order: dq; dk_c, dv_c for
+// The gradient files of a backward result (docs/interface.md), in a fixed order: dq; dk_c, dv_c for
 // each branch; dk, dv when some branch reads the shared k, v; dgates; d<name> for each of phi's
 // parameter files in use; the gate MLP's dgate_x, dgate_w, dgate_b (dgate_w0, dgate_b0).
 template <class S>
@@ -99,7 +99,7 @@ void write_backward(const Workload& w, const ref::BackwardResult<S>& g, OutputDi
 
 int cmd_backward(const Args& args) {
   Command cmd("backward",
-              "NSA backward pass (NSA-SPEC.md 7): the gradients of a loss L given dL/do (--do), for q, each\n"
+              "NSA backward pass (docs/spec.md 7): the gradients of a loss L given dL/do (--do), for q, each\n"
               "branch's keys and values (and the shared k, v), the gates, phi's parameters and the gate MLP.\n"
               "Selected blocks are held fixed. Writes dq.npy, dk_cmp.npy, ... into --out.");
   cmd.add(input_options());

@@ -1,4 +1,4 @@
-// `nsa decode`: a workload token by token through the KV cache (NSA-SPEC.md 8, reference/decode.hpp).
+// `nsa decode`: a workload token by token through the KV cache (docs/spec.md 8, reference/decode.hpp).
 // Writes the same per-position files as `nsa forward`: positions < --prefill come from the
 // prefill (the forward pass on each sequence's prompt, which also fills the cache), the others
 // from decode steps, all sequences that still have tokens stepping together as one batch. Beside
@@ -23,7 +23,7 @@ json bytes_json(const ref::CacheBytes& c) {
   return {{"cmp", c.cmp}, {"tail", c.tail}, {"slc", c.slc}, {"win", c.win}, {"total", c.total()}, {"full_attention", c.full}};
 }
 
-// Two ratios: against the spec's count (the three branches' keys/values, NSA-SPEC.md 8), and
+// Two ratios: against the spec's count (the three branches' keys/values, docs/spec.md 8), and
 // against everything the step read (the emission of a compressed row included: phi's raw rows
 // and parameters, which dominate at small sizes).
 json bytes_json(const ref::StepBytes& b) {
@@ -99,7 +99,7 @@ json decode_report(const Workload& w, const ref::DecodeRun<S>& run, int64_t pref
 
 int cmd_decode(const Args& args) {
   Command cmd("decode",
-              "NSA decoding through a KV cache (NSA-SPEC.md 8): the same files as `nsa forward`, positions from\n"
+              "NSA decoding through a KV cache (docs/spec.md 8): the same files as `nsa forward`, positions from\n"
               "--prefill on computed one token per step from the cache; config.json reports the cache size and\n"
               "the bytes read per step, decode_steps.csv every step's traffic.");
   cmd.add(input_options());

@@ -40,7 +40,7 @@ MemoryPlan run_plan(bool dbl, int threads, ref::Path path, bool nsa) {
 
 // A NaN or Inf in an output although every input was finite: the arithmetic overflowed (logits
 // or sums beyond the range of the precision). Refused rather than written, naming the first.
-// lse = -inf is an empty branch (NSA-SPEC.md 3), not an overflow.
+// lse = -inf is an empty branch (docs/spec.md 3), not an overflow.
 template <class S>
 void check_finite_outputs(const std::vector<std::pair<std::string, const Tensor<S>*>>& outputs, int64_t batch,
                           bool dbl) {
@@ -117,7 +117,7 @@ bool use_cuda_device(const po::variables_map& vm, const char* cmd) {
 }
 
 int cmd_forward(const std::vector<std::string>& args) {
-  Command cmd("forward", "NSA forward pass (NSA-SPEC.md 1-5): every output and intermediate, as .npy files in --out.");
+  Command cmd("forward", "NSA forward pass (docs/spec.md 1-5): every output and intermediate, as .npy files in --out.");
   cmd.add(input_options());
   cmd.add(nsa_options());
   cmd.add(run_options());
@@ -175,7 +175,7 @@ int cmd_forward(const std::vector<std::string>& args) {
 }
 
 int cmd_full(const std::vector<std::string>& args) {
-  Command cmd("full", "Full causal softmax attention with the same GQA layout (NSA-SPEC.md 6): o and lse.");
+  Command cmd("full", "Full causal softmax attention with the same GQA layout (docs/spec.md 6): o and lse.");
   po::options_description in("Inputs");
   in.add_options()("q", po::value<std::string>(), "queries [T, Hq, dk] or [B, T, Hq, dk]")(
       "k", po::value<std::string>(), "keys [T, Hkv, dk]")("v", po::value<std::string>(), "values [T, Hkv, dv]")(

@@ -1,4 +1,4 @@
-// The fast path of the NSA backward pass and of full attention's (NSA-SPEC.md 7), and the entry
+// The fast path of the NSA backward pass and of full attention's (docs/spec.md 7), and the entry
 // points of both paths.
 //
 // Tiles are the forward's (forward.cpp): the G query heads of a group for Bq positions as the rows

@@ -1,9 +1,9 @@
-// Compression phi (NSA-SPEC.md 3, Eq. 7): block i of a sequence covers tokens [i*d, i*d + l);
+// Compression phi (docs/spec.md 3, Eq. 7): block i of a sequence covers tokens [i*d, i*d + l);
 // phi maps its l rows (keys or values, dim D) to one row.
 //   mean:   the mean of the rows;
 //   linear: flat = rows + pe, flattened row-major over (token, dim) to l*D; W flat + b;
 //   mlp:    W2 act(W1 flat + b1) + b2.
-// And phi's backward (NSA-SPEC.md 7): the gradient of a compressed row goes to the l raw rows of
+// And phi's backward (docs/spec.md 7): the gradient of a compressed row goes to the l raw rows of
 // its block (overlapping blocks add up) and to the parameters.
 #include <omp.h>
 

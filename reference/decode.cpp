@@ -1,4 +1,4 @@
-// Decoding with a KV cache (NSA-SPEC.md 8); the layout is described in decode.hpp.
+// Decoding with a KV cache (docs/spec.md 8); the layout is described in decode.hpp.
 //
 // A step is the forward pass of one query position computed from the cache alone, with the same
 // stages (compress, overlap_map, select_blocks, compute_gates) and the order of forward.cpp's

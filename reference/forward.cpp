@@ -1,4 +1,4 @@
-// The fast path of the NSA forward pass and of full attention (NSA-SPEC.md 1-6).
+// The fast path of the NSA forward pass and of full attention (docs/spec.md 1-6).
 //
 // Work is cut into tiles (sequence b, KV group g, query rows [t0, t1)); a tile holds the G query
 // heads of its group for Bq consecutive positions as one [Bq*G, dk] matrix, so every product

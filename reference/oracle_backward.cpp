@@ -1,4 +1,4 @@
-// The oracle of the backward pass (NSA-SPEC.md 7): plain loops, one query and head at a time,
+// The oracle of the backward pass (docs/spec.md 7): plain loops, one query and head at a time,
 // the forward oracle's loops with each softmax recomputed from its scores and differentiated.
 // Only the selected blocks are taken from the forward pass (they are held fixed); everything
 // else is recomputed here, so the fast path (backward.cpp), which reuses the forward's lse,

@@ -196,7 +196,7 @@ if has bench; then
       --dk "$dk" --dv "$dv" --out "$SCRATCH/b$dk" && cp "$SCRATCH/b$dk/bench.json" "$OUT/bench$dk.json"
   done
   # Kernel-tuning variants at 64k (log only): versions, warps per CTA of each kernel.
-  for v in ${VARIANTS:-"--kernel=1" "--kernel=2" "NSA_SLC_WARPS=1" "NSA_SLC_WARPS=4"}; do
+  for v in ${VARIANTS:-"NSA_SLC_WARPS=1" "NSA_SLC_WARPS=4"}; do
     case $v in
       --*) step "variant $v" 45 "$BIN/nsa" bench --device cuda --T 65536 --Hq 64 --Hkv 4 --dk 128 --dv 128 --reps 5 \
         "$v" --out "$SCRATCH/var" ;;

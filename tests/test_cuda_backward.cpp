@@ -1,4 +1,4 @@
-// The CUDA backward pass against the double reference (NSA-SPEC.md 7), every gradient tensor
+// The CUDA backward pass against the double reference (docs/spec.md 7), every gradient tensor
 // (STYLE 4): dq, each branch's dk_c and dv_c, the shared k/v's dk and dv, dgates, the compressed
 // keys' and values' gradients, phi's parameters, the gate MLP's. The reference runs ref::backward
 // in double on the very inputs and dL/do the device sees (rounded to its precision first) and on

@@ -49,9 +49,9 @@ struct GpuCase {
 void run_case(const GpuCase& gc) {
   const Config& c = gc.k.cfg;
   INFO(gc.name);
-  if (gc.kernel >= 1 && !cuda::v1_compiled(int(c.dk), int(c.dv))) {
+  if (gc.kernel == 4 && !cuda::v1_compiled(int(c.dk), int(c.dv))) {
     MESSAGE("skipped " << gc.name << ": dk = " << c.dk << ", dv = " << c.dv
-                       << " are not compiled for kernels v1-v3 in this build (NSA_CUDA_DIMS=paper)");
+                       << " are not compiled for the tensor-core kernels in this build (NSA_CUDA_DIMS=paper)");
     return;
   }
   const auto in_d = test::make_inputs<double>(gc.k);
@@ -170,30 +170,27 @@ TEST_CASE("cuda forward vs reference: small cases (the sanitizer set)") {
     cases.push_back(g);
   }
   cases.push_back(make("T=300 G=3 (v0 fallback) dk=dv=64", paper(6, 2, 64, 64), {300}));
-  for (int kernel : {1, 2})  // the earlier tensor-core versions, kept for comparison, on the tile edges
-    for (int64_t G : {1, 4, 16}) {
-      GpuCase g = make(cat("packed T={1,63,64,65,130} G=", G, " dk=dv=64 kernel v", kernel), paper(G, 1, 64, 64),
-                       {1, 63, 64, 65, 130});
-      g.kernel = kernel;
-      cases.push_back(g);
-    }
+  for (int64_t G : {1, 4, 16}) {  // the tensor-core kernels on the tile edges
+    GpuCase g = make(cat("packed T={1,63,64,65,130} G=", G, " dk=dv=64 kernel v4"), paper(G, 1, 64, 64),
+                     {1, 63, 64, 65, 130});
+    g.kernel = 4;
+    cases.push_back(g);
+  }
   cases.push_back(make("T=400 G=16 fp32 (v0) dk=192 dv=128", paper(16, 1, 192, 128), {400}, Precision::FP32));
   for (const auto& gc : cases) run_case(gc);
 }
 
 // compute-sanitizer racecheck runs this set: mean phi and given gates, so that only our kernels
 // run (cuBLAS's GEMM kernels synchronise through mbarriers that racecheck reports as hazards).
-TEST_CASE("cuda racecheck set: every tensor-core version on tile edges, no cuBLAS") {
+TEST_CASE("cuda racecheck set: the tensor-core kernels on tile edges, no cuBLAS") {
   std::vector<GpuCase> cases;
-  for (int kernel : {1, 2, 3})
-    for (int64_t G : {1, 4, 16}) {
-      Config c = paper(G, 1, 64, 64);
-      c.compress = CompressKind::Mean;
-      GpuCase g = make(cat("packed T={1,63,64,65,300} G=", G, " dk=dv=64 mean kernel v", kernel), c,
-                       {1, 63, 64, 65, 300});
-      g.kernel = kernel;
-      cases.push_back(g);
-    }
+  for (int64_t G : {1, 4, 16}) {
+    Config c = paper(G, 1, 64, 64);
+    c.compress = CompressKind::Mean;
+    GpuCase g = make(cat("packed T={1,63,64,65,300} G=", G, " dk=dv=64 mean kernel v4"), c, {1, 63, 64, 65, 300});
+    g.kernel = 4;
+    cases.push_back(g);
+  }
   // v4's two kernels at the paper's head dims (compiled in every build): one and several key
   // tiles (T = 1100 sees 67 compressed keys, so a selection block straddles two tiles).
   for (int64_t G : {1, 4, 16}) {
@@ -221,11 +218,9 @@ TEST_CASE("cuda forward vs reference: paper-sized cases") {
   cases.push_back(make("T=1025 G=16 dk=192 dv=128 mlp", paper(32, 2, 192, 128), {1025}));
   cases.push_back(make("T=2049 G=16 dk=dv=128 mlp", paper(16, 1, 128, 128), {2049}, Precision::FP16));
   {
-    for (int kernel : {1, 2}) {
-      GpuCase g = make(cat("T=3000 G=16 dk=192 dv=128 mlp kernel v", kernel), paper(16, 1, 192, 128), {3000});
-      g.kernel = kernel;
-      cases.push_back(g);
-    }
+    GpuCase g = make("T=3000 G=16 dk=192 dv=128 mlp kernel v4", paper(16, 1, 192, 128), {3000});
+    g.kernel = 4;
+    cases.push_back(g);
   }
   {
     Config c = paper(16, 2, 64, 64);
@@ -242,7 +237,7 @@ TEST_CASE("cuda forward vs reference: paper-sized cases") {
 TEST_CASE("cuda select: exactly tied scores go to the lower block index, as in the reference") {
   // Constant keys make every compressed key equal, so every interior block gets exactly the same
   // score in any summation order; the picks must be the lowest indices.
-  for (int kernel : {0, 1, 2, 3, 4}) {
+  for (int kernel : {0, 4}) {
     Config c = paper(16, 1, 128, 128);
     c.compress = CompressKind::Mean;
     GpuCase g = make(cat("T=1500 constant keys, kernel ", kernel), c, {1500});
@@ -263,7 +258,7 @@ TEST_CASE("cuda select: exactly tied scores go to the lower block index, as in t
 TEST_CASE("cuda errors: a kernel override that cannot run says why") {
   Config c = paper(16, 1, 128, 128);
   cuda::Options opt;
-  opt.kernel = 1;
+  opt.kernel = 4;
   opt.dtype = Precision::FP32;
   CHECK_THROWS_AS(cuda::choose_kernel(c, opt), ConfigError);
   opt.dtype = Precision::BF16;
@@ -271,6 +266,8 @@ TEST_CASE("cuda errors: a kernel override that cannot run says why") {
   CHECK_THROWS_WITH_AS(cuda::choose_kernel(c, opt), doctest::Contains("G = 3"), ConfigError);
   opt.kernel = 7;
   CHECK_THROWS_AS(cuda::choose_kernel(c, opt), ConfigError);
+  opt.kernel = 2;  // retired: the message names the commit that still has it
+  CHECK_THROWS_WITH_AS(cuda::choose_kernel(c, opt), doctest::Contains("retired"), ConfigError);
   opt.kernel = -1;
   std::string why;
   CHECK(cuda::choose_kernel(c, opt, &why) == 0);
