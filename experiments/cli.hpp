@@ -14,6 +14,9 @@
 
 #include "config.hpp"
 #include "nsa_ref.hpp"
+#ifdef NSA_WITH_CUDA
+#include "nsa_cuda.hpp"
+#endif
 
 namespace nsa::cli {
 
@@ -51,12 +54,29 @@ po::options_description input_options();    // --q --k --v, per-branch K/V, gate
 po::options_description nsa_options();      // l, d, l', n, w, forced blocks, phi, scale
 po::options_description run_options();      // --precision, --dtype, --device, --threads, --path, ...
 po::options_description output_options();   // --out
+// The CUDA kernels' options: --variant, --warps (in run_options); --bwd-variant (backward, bench);
+// --dec-kernel, --dec-waves, --dec-pdl, --dec-evict-first (decode, bench).
+po::options_description variant_options();
+po::options_description bwd_variant_options();
+po::options_description decode_kernel_options();
+// Checks whichever of those options the command has (in every build, CUDA or not).
+void check_cuda_options(const po::variables_map& vm);
+#ifdef NSA_WITH_CUDA
+// The cuda::Options of those options and --dtype.
+cuda::Options cuda_options(const po::variables_map& vm);
+// What ran, per stage: {"cmp_attn": {"variant": "mma", "warps": 4, "why": ...}, ..., "backward": ...}
+// (config.json's "cuda" and the results files' records).
+json kernels_json(const cuda::KernelChoice& k);
+#endif
 
 // For the commands with run_options(): applies --threads (0: all cores; refused outside [0, 1024])
-// and returns the thread count in effect; checks --dtype and --kernel, which only the CUDA path
-// reads, so that a typo is refused on the CPU too. (--device, --precision, --path are checked
+// and returns the thread count in effect; checks --dtype and the CUDA kernels' options, which only
+// the CUDA path reads, so that a typo is refused on the CPU too. (--device, --precision, --path are checked
 // where they are read.)
 int apply_run_options(const po::variables_map& vm);
+
+// --cmp-act and --gate-act: the activation, or a ConfigError naming the option.
+Activation activation_option(const po::variables_map& vm, const char* opt);
 
 // The Config from the options and the tensors' shapes (Hq, dk from q; Hkv from k; dv from v).
 // Validated; errors name the option.

@@ -105,19 +105,19 @@ int cmd_backward(const Args& args) {
   cmd.add(input_options());
   po::options_description g("Gradient");
   g.add_options()("do", po::value<std::string>(), "dL/do [T, Hq, dv] (or [B, T, Hq, dv]), shaped like the output o")(
-      "bwd-kernel", po::value<int>()->default_value(-1),
-      "CUDA backward version override: 0 (fp32 CUDA cores), 1 (tensor cores), -1 (automatic choice)")(
       "deterministic", po::bool_switch(),
       "CUDA: no floating-point atomics, bitwise repeatable (slower; see docs/cuda_backward.md)");
   cmd.add(g);
   cmd.add(nsa_options());
   cmd.add(run_options());
+  cmd.add(bwd_variant_options());
   cmd.add(output_options());
   const auto vm = cmd.parse(args);
   if (!vm.count("out")) throw UsageError("the option '--out' is required");
   const bool on_cuda = use_cuda_device(vm, "backward");
   const bool dbl = !on_cuda && use_double(vm);
   const ref::Path path = parse_path(vm);
+  check_cuda_options(vm);
   Workload w = load_workload(vm);
   const Tensor<double> dO = load_do(vm, w, vm["allow-nonfinite"].as<bool>());
   require_memory(backward_bytes(w, dbl ? 8 : 4), "the backward pass");
@@ -140,15 +140,10 @@ int cmd_backward(const Args& args) {
 #ifdef NSA_WITH_CUDA
     // The device rounds the inputs and dL/do to --dtype, runs its forward pass (whose selected
     // blocks the gradients hold fixed) and the backward pass, and returns fp32 gradients.
-    cuda::Options opt;
-    opt.dtype = cuda::parse_precision(vm["dtype"].as<std::string>());
-    opt.kernel = vm["kernel"].as<int>();
-    opt.bwd_kernel = vm["bwd-kernel"].as<int>();
+    cuda::Options opt = cuda_options(vm);
     opt.deterministic = vm["deterministic"].as<bool>();
     opt.backward = true;
     opt.intermediates = false;
-    std::string why;
-    cuda::choose_bwd_kernel(w.cfg, opt, &why);
     const auto t0 = std::chrono::steady_clock::now();
     cuda::Plan plan(w.cfg, w.in.N(), w.in.cu_seqlens, opt);
     plan.upload(w.in.cast<float>());
@@ -157,11 +152,10 @@ int cmd_backward(const Args& args) {
     plan.run_backward();
     write_backward(w, plan.download_grads(), out);
     bwd_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    arith = cat("cuda ", cuda::to_string(opt.dtype), " forward v", plan.kernel(), " backward v", plan.bwd_kernel(),
-                opt.deterministic ? " deterministic" : "");
-    device_json = {{"name", cuda::device_name()}, {"dtype", cuda::to_string(opt.dtype)}, {"kernel", plan.kernel()},
-                   {"bwd_kernel", plan.bwd_kernel()}, {"bwd_kernel_choice", why},
-                   {"deterministic", opt.deterministic}};
+    arith = cat("cuda ", cuda::to_string(opt.dtype), " ", plan.kernels().summary(), " backward=",
+                cuda::to_string(plan.kernels().backward.variant), opt.deterministic ? " deterministic" : "");
+    device_json = {{"name", cuda::device_name()}, {"dtype", cuda::to_string(opt.dtype)},
+                   {"kernels", kernels_json(plan.kernels())}, {"deterministic", opt.deterministic}};
 #endif
   } else if (dbl) {
     run(w.in, dO);

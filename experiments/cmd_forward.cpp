@@ -141,18 +141,14 @@ int cmd_forward(const std::vector<std::string>& args) {
   if (on_cuda) {
 #ifdef NSA_WITH_CUDA
     // The device rounds the inputs to --dtype and returns every output as float32.
-    cuda::Options opt;
-    opt.dtype = cuda::parse_precision(vm["dtype"].as<std::string>());
-    opt.kernel = vm["kernel"].as<int>();
-    std::string why;
-    const int version = cuda::choose_kernel(w.cfg, opt, &why);
+    const cuda::Options opt = cuda_options(vm);
     cuda::Plan plan(w.cfg, w.in.N(), w.in.cu_seqlens, opt);
     plan.upload(w.in.cast<float>());
     plan.run();
     finish(plan.download());
-    arith = cat("cuda ", cuda::to_string(opt.dtype), " kernel v", plan.kernel());
-    device_json = {{"name", cuda::device_name()}, {"dtype", cuda::to_string(opt.dtype)}, {"kernel", plan.kernel()},
-                   {"kernel_choice", plan.kernel() == version ? why : "v0: the shared memory of v1 does not fit"}};
+    arith = cat("cuda ", cuda::to_string(opt.dtype), " ", plan.kernels().summary());
+    device_json = {{"name", cuda::device_name()}, {"dtype", cuda::to_string(opt.dtype)},
+                   {"kernels", kernels_json(plan.kernels())}};
 #endif
   } else if (dbl) {
     finish(ref::forward(w.cfg, w.in, path));

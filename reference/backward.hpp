@@ -88,7 +88,7 @@ FullGrads<S> full_attention_backward(const Config& cfg, const Tensor<S>& q, cons
 // x) and dL/dparams into dp (tensors shaped like p's, zero-filled by the caller), so that several
 // sequences accumulate.
 template <class S>
-void compress_backward(const Config& cfg, const S* x, int64_t T, int64_t D, const PhiParams<S>& p, int64_t hidden,
+void phi_backward(const Config& cfg, const S* x, int64_t T, int64_t D, const PhiParams<S>& p, int64_t hidden,
                        const S* dy, S* dx, PhiParams<S>& dp, Path path = Path::Fast);
 
 }  // namespace nsa::ref

@@ -239,6 +239,36 @@ void copy_outputs(const R& src, int64_t from, ForwardResult<S>& dst, int64_t to)
   copy_row(src.block_scores, from, dst.block_scores, to);
 }
 
+// Step k of a workload (sequence b's first prefix[b] tokens prefilled, cu: its packing): the
+// sequences with a token left (active) and the input rows of those tokens; false when none has.
+inline bool next_step(const std::vector<int64_t>& cu, const std::vector<int64_t>& prefix, int64_t k,
+                      std::vector<int64_t>& active, std::vector<int64_t>& rows) {
+  active.clear();
+  rows.clear();
+  for (size_t b = 0; b + 1 < cu.size(); ++b)
+    if (prefix[b] + k < cu[b + 1] - cu[b]) {
+      active.push_back(int64_t(b));
+      rows.push_back(cu[b] + prefix[b] + k);
+    }
+  return !active.empty();
+}
+
+// A workload's compressed K/V (packed by out.cu_cmp) from the compressed rows its cache holds at
+// the end (C: DecodeCache<S>).
+template <class S, class C>
+void compressed_from_cache(const C& cache, ForwardResult<S>& out) {
+  const Config& cfg = cache.cfg;
+  const int64_t H = cfg.Hkv;
+  out.k_cmp_compressed = Tensor<S>({out.cu_cmp.back(), H, cfg.dk});
+  out.v_cmp_compressed = Tensor<S>({out.cu_cmp.back(), H, cfg.dv});
+  for (int64_t b = 0; b + 1 < int64_t(out.cu_cmp.size()); ++b) {
+    const int64_t nc = out.cu_cmp[b + 1] - out.cu_cmp[b];
+    std::copy(cache.cmp_key(b, 0), cache.cmp_key(b, 0) + nc * H * cfg.dk, out.k_cmp_compressed.row(out.cu_cmp[b], 0));
+    std::copy(cache.cmp_value(b, 0), cache.cmp_value(b, 0) + nc * H * cfg.dv,
+              out.v_cmp_compressed.row(out.cu_cmp[b], 0));
+  }
+}
+
 // ---- Sizes and traffic: the model, as functions of the cache length -----------------------------
 
 // What the step at cache length s (the new token included, t = s - 1) reads. The selection

@@ -32,16 +32,7 @@ double worst_row_error(const Tensor<S>& a, const Tensor<S>& b, const std::vector
   for (int64_t r = 0; r < a.dim(0); ++r) {
     if (!rows[size_t(r)]) continue;
     double num = 0, den = 0;
-    for (int64_t i = r * n; i < (r + 1) * n; ++i) {
-      const double x = double(a[i]), y = double(b[i]);
-      if (x == y) {
-        if (std::isfinite(y)) den += y * y;
-        continue;
-      }
-      if (!std::isfinite(x) || !std::isfinite(y)) return std::numeric_limits<double>::infinity();
-      num += (x - y) * (x - y);
-      den += y * y;
-    }
+    if (!test::diff_norms(a, b, r * n, (r + 1) * n, num, den)) return std::numeric_limits<double>::infinity();
     const double err = lse ? std::sqrt(num) / std::max(std::sqrt(den), 1.0) : (den > 0 ? std::sqrt(num / den) : std::sqrt(num));
     worst = std::max(worst, err);
   }

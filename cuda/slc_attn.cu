@@ -2,7 +2,7 @@
 // blocks its group selected (block_idx, written by cmp_attn). CUDA twin of the selection part of
 // reference/forward.cpp's nsa_tile.
 //
-// v1 is group-centric as the paper designs it, extended to small groups: one warp owns 16 rows,
+// mma: group-centric as the paper designs it, extended to small groups: one warp owns 16 rows,
 // all G heads of 16 / G consecutive positions (G = 16: one position). It walks the union of those
 // positions' block lists in ascending order (a merge done by the warp, one lane per position) and
 // streams each block's K and V contiguously through shared memory in chunks of 32 tokens with
@@ -16,7 +16,7 @@
 #include "attn_tile.cuh"
 #include "device.cuh"
 #include "kernels.hpp"
-#include "select.cuh"
+#include "slc_attn.cuh"
 
 namespace nsa::cuda {
 
@@ -24,61 +24,44 @@ namespace {
 
 using namespace dev;
 
-// ============================== v0: fp32 CUDA cores ==============================
+// ============================== fp32: CUDA cores ==============================
 // One CTA per (token, group); warps over the group's heads; one key at a time, online softmax.
 template <class T>
-__global__ void slc_attn_v0_kernel(FwdParams p) {
-  const int64_t row = blockIdx.x;
-  const int g = blockIdx.y;
-  const int b = find_seq(p.cu_seqlens, p.B, row);
-  const int64_t row0 = p.cu_seqlens[b];
-  const int t = int(row - row0);
-  const int nw = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int32_t* sel = p.block_idx + (row * p.Hkv + g) * p.n;
+__global__ void slc_attn_fp32_kernel(FwdParams p) {
+  const auto [row, row0, g, t, nw, warp, lane] = token_cta(p.cu_seqlens, p.B);
+  const int32_t* sel = p.block_idx + (row * p.Hkv + g) * p.slc_count;
   const T* K = static_cast<const T*>(p.k_slc);
   const T* V = static_cast<const T*>(p.v_slc);
   for (int hi = warp; hi < p.G; hi += nw) {
     const int h = g * p.G + hi;
     const T* q = static_cast<const T*>(p.q) + (row * p.Hq + h) * p.dk;
-    float m = -INFINITY, sum = 0, o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int mm = 0; mm < p.n; ++mm) {
+    Fp32Softmax sm;
+    for (int mm = 0; mm < p.slc_count; ++mm) {
       const int j = sel[mm];
       if (j < 0) break;
-      const int u1 = min((j + 1) * p.ls, t + 1);
-      for (int u = j * p.ls; u < u1; ++u) {
-        const T* k = K + ((row0 + u) * p.Hkv + g) * p.dk;
-        float s = 0;
-        for (int c = lane; c < p.dk; c += 32) s += to_f(q[c]) * to_f(k[c]);
-        for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-        s *= p.scale;
-        const float mn = fmaxf(m, s), alpha = expf(m - mn), pr = expf(s - mn);
-        sum = sum * alpha + pr;
-        const T* v = V + ((row0 + u) * p.Hkv + g) * p.dv;
-#pragma unroll
-        for (int k2 = 0; k2 < 8; ++k2)
-          if (lane + 32 * k2 < p.dv) o[k2] = o[k2] * alpha + pr * to_f(v[lane + 32 * k2]);
-        m = mn;
-      }
+      const int u1 = min((j + 1) * p.slc_len, t + 1);
+      for (int u = j * p.slc_len; u < u1; ++u)
+        sm.add(q, K + ((row0 + u) * p.Hkv + g) * p.dk, V + ((row0 + u) * p.Hkv + g) * p.dv, p, lane);
     }
     T* out = static_cast<T*>(p.o_slc) + (row * p.Hq + h) * p.dv;
 #pragma unroll
     for (int k2 = 0; k2 < 8; ++k2)
-      if (lane + 32 * k2 < p.dv) out[lane + 32 * k2] = from_f<T>(sum > 0 ? o[k2] / sum : 0.0f);
-    if (lane == 0) p.lse_slc[row * p.Hq + h] = sum > 0 ? m + logf(sum) : -INFINITY;
+      if (lane + 32 * k2 < p.dv) out[lane + 32 * k2] = from_f<T>(sm.sum > 0 ? sm.o[k2] / sm.sum : 0.0f);
+    if (lane == 0) p.lse_slc[row * p.Hq + h] = sm.sum > 0 ? sm.m + logf(sm.sum) : -INFINITY;
   }
 }
 
-// ============================== v1: tensor cores ==============================
+// ============================== mma: tensor cores (mma.sync) ==============================
 constexpr int kChunk = kSlcChunk;  // tokens per pipeline stage
 
-// Shared memory of one warp of v1/v3: two stages of K and V chunks, then (v3) the block lists of
+// Shared memory of one warp: two stages of K and V chunks, then the block lists of
 // the warp's P <= 16 positions, read once instead of one global load per block.
-__host__ __device__ inline size_t slc_v1_warp_bytes(int dk, int dv, int n) {
+__host__ __device__ inline size_t slc_mma_warp_bytes(int dk, int dv, int n) {
   return size_t(2) * kChunk * (dk + dv) * 2 + size_t(16) * n * 4;
 }
 
 template <class T, int DK, int DV>
-__global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap tm) {
+__global__ void __launch_bounds__(128) slc_attn_mma_kernel(FwdParams p, TileMap tm) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t wi = int64_t(blockIdx.x) * (blockDim.x / 32) + warp;
@@ -95,12 +78,12 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
   const int Hkv = p.Hkv;
   const unsigned all_pos = P == 32 ? 0xffffffffu : (1u << P) - 1;  // every position of the warp
 
-  T* sK = reinterpret_cast<T*>(smem + size_t(warp) * slc_v1_warp_bytes(DK, DV, p.n));  // [2][32, DK]
+  T* sK = reinterpret_cast<T*>(smem + size_t(warp) * slc_mma_warp_bytes(DK, DV, p.slc_count));  // [2][32, DK]
   T* sV = sK + 2 * kChunk * DK;                                                          // [2][32, DV]
   int* sL = reinterpret_cast<int*>(sV + 2 * kChunk * DV);  // [P][n] block lists
-  for (int e = lane; e < P * p.n; e += 32) {
-    const int t = t0 + e / p.n;
-    sL[e] = t < T_b ? p.block_idx[((row0 + t) * Hkv + g) * p.n + e % p.n] : -1;
+  for (int e = lane; e < P * p.slc_count; e += 32) {
+    const int t = t0 + e / p.slc_count;
+    sL[e] = t < T_b ? p.block_idx[((row0 + t) * Hkv + g) * p.slc_count + e % p.slc_count] : -1;
   }
   __syncwarp();
 
@@ -121,17 +104,17 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
   // The union of the P block lists (read from shared memory); lane i < P holds position t0 + i's.
   const bool has_list = lane < P && t0 + lane < T_b;
   auto head = [&](int c) -> int {
-    if (!has_list || c >= p.n) return INT_MAX;
-    const int j = sL[lane * p.n + c];
+    if (!has_list || c >= p.slc_count) return INT_MAX;
+    const int j = sL[lane * p.slc_count + c];
     return j >= 0 ? j : INT_MAX;  // -1 padding ends the list
   };
   BlockUnion walk;
   walk.hv = head(0);
-  auto next = [&]() { return walk.next(head, p.ls, t_maxw); };
+  auto next = [&]() { return walk.next(head, p.slc_len, t_maxw); };
   const T* K = static_cast<const T*>(p.k_slc);
   const T* V = static_cast<const T*>(p.v_slc);
   auto issue = [&](const Item& it, int stage) {
-    load_chunk<T, DK, DV, true>(sK + stage * kChunk * DK, sV + stage * kChunk * DV, it, K, V, row0, Hkv, g, p.ls,
+    load_chunk<T, DK, DV, true>(sK + stage * kChunk * DK, sV + stage * kChunk * DV, it, K, V, row0, Hkv, g, p.slc_len,
                                  t_maxw, lane);
   };
 
@@ -157,7 +140,7 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
     float s[4][4];
     qk_tile<T, DK, kChunk>(s, qa, sKs, lane);
     // Row masks: the position selected this block, and u <= t (the block end for the last chunk).
-    const int u0 = cur.j * p.ls + cur.c * kChunk, blk_end = (cur.j + 1) * p.ls;
+    const int u0 = cur.j * p.slc_len + cur.c * kChunk, blk_end = (cur.j + 1) * p.slc_len;
     const bool selA = okA && ((cur.mask >> posA) & 1u), selB = okB && ((cur.mask >> posB) & 1u);
     // A chunk inside its block, before the warp's first position, selected by all of the warp's
     // positions, is seen whole by every row: no masks, one FFMA + ex2 per element.
@@ -193,45 +176,39 @@ __global__ void __launch_bounds__(128) slc_attn_v1_kernel(FwdParams p, TileMap t
 
 
 template <class T>
-void launch_v0(const FwdParams& p, cudaStream_t s) {
+void launch_fp32(const FwdParams& p, cudaStream_t s) {
   const int nw = p.G < 4 ? p.G : 4;
-  slc_attn_v0_kernel<T><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, 0, s>>>(p);
-  NSA_CUDA_CHECK_LAUNCH("slc_attn_v0_kernel");
+  slc_attn_fp32_kernel<T><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, 0, s>>>(p);
+  NSA_CUDA_CHECK_LAUNCH("slc_attn_fp32_kernel");
 }
 
 template <class T>
-void launch_v1(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
-  const size_t smem = slc_attn_v1_smem(p, nw);
+void launch_mma(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
+  const size_t smem = slc_attn_mma_smem(p, nw);
   const int64_t warps = int64_t(p.Hkv) * tm.total;
   const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-    auto kernel = slc_attn_v1_kernel<T, decltype(DK)::value, decltype(DV)::value>;
+    auto kernel = slc_attn_mma_kernel<T, decltype(DK)::value, decltype(DV)::value>;
     NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     kernel<<<unsigned((warps + nw - 1) / nw), 32 * nw, smem, s>>>(p, tm);
-    NSA_CUDA_CHECK_LAUNCH("slc_attn_v1_kernel");
+    NSA_CUDA_CHECK_LAUNCH("slc_attn_mma_kernel");
   });
-  if (!ok) throw ConfigError(cat("slc_attn v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
+  if (!ok) throw ConfigError(cat("slc_attn mma: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
 }
 
 }  // namespace
 
-size_t slc_attn_v1_smem(const FwdParams& p, int nwarps) {
-  return size_t(nwarps) * slc_v1_warp_bytes(p.dk, p.dv, p.n);
+size_t slc_attn_mma_smem(const FwdParams& p, int nwarps) {
+  return size_t(nwarps) * slc_mma_warp_bytes(p.dk, p.dv, p.slc_count);
 }
 
-void slc_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {
+void slc_attn_fp32(Precision prec, const FwdParams& p, cudaStream_t s) {
   if (p.N == 0) return;
-  switch (prec) {
-    case Precision::BF16: launch_v0<__nv_bfloat16>(p, s); break;
-    case Precision::FP16: launch_v0<__half>(p, s); break;
-    case Precision::FP32: launch_v0<float>(p, s); break;
-  }
+  for_precision(prec, [&](auto t) { launch_fp32<decltype(t)>(p, s); });
 }
 
-void slc_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
+void slc_attn_mma(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
   if (tm.total == 0) return;
-  if (prec == Precision::BF16) launch_v1<__nv_bfloat16>(p, tm, nwarps, s);
-  else if (prec == Precision::FP16) launch_v1<__half>(p, tm, nwarps, s);
-  else throw ConfigError("slc_attn v1/v3 needs bf16 or fp16 operands (fp32 runs kernel v0)");
+  for_mma_precision(prec, "slc_attn mma", [&](auto t) { launch_mma<decltype(t)>(p, tm, nwarps, s); });
 }
 
 }  // namespace nsa::cuda

@@ -1,5 +1,5 @@
 // The sliding-window branch (docs/spec.md 5): query t attends over keys [max(0, t-w+1), t]; the
-// CUDA twin of the window part of reference/forward.cpp's nsa_tile. v1 also forms the gated sum
+// CUDA twin of the window part of reference/forward.cpp's nsa_tile. The mma kernel also forms the gated sum
 // of Eq. 5 in its epilogue (it runs last, so O_cmp and O_slc are ready): o_win then need not be
 // stored, and o costs one pass instead of a separate kernel reading three outputs.
 #include <climits>
@@ -15,44 +15,27 @@ namespace {
 
 using namespace dev;
 
-// ============================== v0: fp32 CUDA cores ==============================
+// ============================== fp32: CUDA cores ==============================
 template <class T>
-__global__ void win_attn_v0_kernel(FwdParams p) {
-  const int64_t row = blockIdx.x;
-  const int g = blockIdx.y;
-  const int b = find_seq(p.cu_seqlens, p.B, row);
-  const int64_t row0 = p.cu_seqlens[b];
-  const int t = int(row - row0);
-  const int nw = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+__global__ void win_attn_fp32_kernel(FwdParams p) {
+  const auto [row, row0, g, t, nw, warp, lane] = token_cta(p.cu_seqlens, p.B);
   const T* K = static_cast<const T*>(p.k_win);
   const T* V = static_cast<const T*>(p.v_win);
   for (int hi = warp; hi < p.G; hi += nw) {
     const int h = g * p.G + hi;
     const T* q = static_cast<const T*>(p.q) + (row * p.Hq + h) * p.dk;
-    float m = -INFINITY, sum = 0, o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int u = win_start(t, p.w); u <= t; ++u) {
-      const T* k = K + ((row0 + u) * p.Hkv + g) * p.dk;
-      float s = 0;
-      for (int c = lane; c < p.dk; c += 32) s += to_f(q[c]) * to_f(k[c]);
-      for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-      s *= p.scale;
-      const float mn = fmaxf(m, s), alpha = expf(m - mn), pr = expf(s - mn);
-      sum = sum * alpha + pr;
-      const T* v = V + ((row0 + u) * p.Hkv + g) * p.dv;
-#pragma unroll
-      for (int k2 = 0; k2 < 8; ++k2)
-        if (lane + 32 * k2 < p.dv) o[k2] = o[k2] * alpha + pr * to_f(v[lane + 32 * k2]);
-      m = mn;
-    }
+    Fp32Softmax sm;
+    for (int u = win_start(t, p.window); u <= t; ++u)
+      sm.add(q, K + ((row0 + u) * p.Hkv + g) * p.dk, V + ((row0 + u) * p.Hkv + g) * p.dv, p, lane);
     T* out = static_cast<T*>(p.o_win) + (row * p.Hq + h) * p.dv;
 #pragma unroll
     for (int k2 = 0; k2 < 8; ++k2)
-      if (lane + 32 * k2 < p.dv) out[lane + 32 * k2] = from_f<T>(o[k2] / sum);
-    if (lane == 0) p.lse_win[row * p.Hq + h] = m + logf(sum);  // the window holds t itself: sum > 0
+      if (lane + 32 * k2 < p.dv) out[lane + 32 * k2] = from_f<T>(sm.o[k2] / sm.sum);
+    if (lane == 0) p.lse_win[row * p.Hq + h] = sm.m + logf(sm.sum);  // the window holds t itself: sum > 0
   }
 }
 
-// The epilogue of v1-v3 for one row th = token * Hq + head (half 0: the thread's row A, 1: row B):
+// The mma kernel's epilogue for one row th = token * Hq + head (half 0: the thread's row A, 1: row B):
 // O_win normalised (stored only when asked for), lse_win, and Eq. 5 o = g_cmp O_cmp + g_slc O_slc
 // + g_win O_win, reading the other branches' outputs (they ran before).
 template <class T, int DV>
@@ -86,7 +69,7 @@ constexpr int kKeys = 64;
 constexpr int kStages2 = 3;
 
 template <class T, int DK, int DV>
-__global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMap tm) {
+__global__ void __launch_bounds__(256, 1) win_attn_mma_kernel(FwdParams p, TileMap tm) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int nw = blockDim.x / 32, R = 16 * nw, G = p.G, BT = R / G;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -101,7 +84,7 @@ __global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMa
   const int64_t row0 = p.cu_seqlens[b];
   const int T_b = int(p.cu_seqlens[b + 1] - row0);
   const int t_last = min(t0 + BT, T_b) - 1;
-  const int k_begin = win_start(t0, p.w), nkeys = t_last + 1 - k_begin;
+  const int k_begin = win_start(t0, p.window), nkeys = t_last + 1 - k_begin;
   const int ntiles = (nkeys + kKeys - 1) / kKeys;
   const int Hkv = p.Hkv;
 
@@ -132,14 +115,14 @@ __global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMa
   const int rA = 16 * warp + (lane >> 2), rB = rA + 8;
   const int tA = t0 + rA / G, tB = t0 + rB / G;
   const bool okA = tA < T_b, okB = tB < T_b;
-  const int loA = win_start(tA, p.w), loB = win_start(tB, p.w);
+  const int loA = win_start(tA, p.window), loB = win_start(tB, p.window);
   const int hA = g * G + rA % G, hB = g * G + rB % G;
   // Keys any row of the warp sees: [win_start(first position), last valid position].
-  const int w_lo = win_start(min(t0 + 16 * warp / G, t_last), p.w);
+  const int w_lo = win_start(min(t0 + 16 * warp / G, t_last), p.window);
   const int w_hi = min(t0 + (16 * warp + 15) / G, t_last);
   // Keys every row of the warp sees (all its positions valid): [win_start(last), first].
   const int w_first = t0 + 16 * warp / G, w_last = t0 + (16 * warp + 15) / G;
-  const int all_lo = w_last < T_b ? win_start(w_last, p.w) : INT_MAX, all_hi = w_first;
+  const int all_lo = w_last < T_b ? win_start(w_last, p.window) : INT_MAX, all_hi = w_first;
   const float sl2 = p.scale * kLog2e;
   float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
   float oacc[DV / 8][4];
@@ -185,44 +168,38 @@ __global__ void __launch_bounds__(256, 1) win_attn_v2_kernel(FwdParams p, TileMa
 }
 
 template <class T>
-void launch_v0(const FwdParams& p, cudaStream_t s) {
+void launch_fp32(const FwdParams& p, cudaStream_t s) {
   const int nw = p.G < 4 ? p.G : 4;
-  win_attn_v0_kernel<T><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, 0, s>>>(p);
-  NSA_CUDA_CHECK_LAUNCH("win_attn_v0_kernel");
+  win_attn_fp32_kernel<T><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, 0, s>>>(p);
+  NSA_CUDA_CHECK_LAUNCH("win_attn_fp32_kernel");
 }
 
 template <class T>
-void launch_v2(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
-  const size_t smem = win_attn_v2_smem(p, nw);
+void launch_mma(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
+  const size_t smem = win_attn_mma_smem(p, nw);
   const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-    auto kernel = win_attn_v2_kernel<T, decltype(DK)::value, decltype(DV)::value>;
+    auto kernel = win_attn_mma_kernel<T, decltype(DK)::value, decltype(DV)::value>;
     NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     kernel<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 32 * nw, smem, s>>>(p, tm);
-    NSA_CUDA_CHECK_LAUNCH("win_attn_v2_kernel");
+    NSA_CUDA_CHECK_LAUNCH("win_attn_mma_kernel");
   });
-  if (!ok) throw ConfigError(cat("win_attn v2: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
+  if (!ok) throw ConfigError(cat("win_attn mma: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
 }
 
 }  // namespace
 
-size_t win_attn_v2_smem(const FwdParams& p, int nwarps) {
+size_t win_attn_mma_smem(const FwdParams& p, int nwarps) {
   return (size_t(16 * nwarps) * p.dk + size_t(kStages2) * kKeys * (p.dk + p.dv)) * 2;
 }
 
-void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
+void win_attn_mma(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
   if (tm.total == 0) return;
-  if (prec == Precision::BF16) launch_v2<__nv_bfloat16>(p, tm, nwarps, s);
-  else if (prec == Precision::FP16) launch_v2<__half>(p, tm, nwarps, s);
-  else throw ConfigError("win_attn v2/v3 needs bf16 or fp16 operands (fp32 runs kernel v0)");
+  for_mma_precision(prec, "win_attn mma", [&](auto t) { launch_mma<decltype(t)>(p, tm, nwarps, s); });
 }
 
-void win_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {
+void win_attn_fp32(Precision prec, const FwdParams& p, cudaStream_t s) {
   if (p.N == 0) return;
-  switch (prec) {
-    case Precision::BF16: launch_v0<__nv_bfloat16>(p, s); break;
-    case Precision::FP16: launch_v0<__half>(p, s); break;
-    case Precision::FP32: launch_v0<float>(p, s); break;
-  }
+  for_precision(prec, [&](auto t) { launch_fp32<decltype(t)>(p, s); });
 }
 
 }  // namespace nsa::cuda

@@ -232,7 +232,7 @@ void compress_backward_fast(const Config& cfg, const S* x, int64_t T, int64_t D,
 }  // namespace
 
 template <class S>
-void compress_backward(const Config& cfg, const S* x, int64_t T, int64_t D, const PhiParams<S>& p, int64_t hidden,
+void phi_backward(const Config& cfg, const S* x, int64_t T, int64_t D, const PhiParams<S>& p, int64_t hidden,
                        const S* dy, S* dx, PhiParams<S>& dp, Path path) {
   if (path == Path::Oracle)
     compress_backward_oracle(cfg, x, T, D, p, hidden, dy, dx, dp);
@@ -296,9 +296,9 @@ template Tensor<double> compress(const Config&, const double*, int64_t, int64_t,
                                  Path);
 template Tensor<float> compress(const Config&, const float*, int64_t, int64_t, const PhiParams<float>&, int64_t,
                                 Path);
-template void compress_backward(const Config&, const double*, int64_t, int64_t, const PhiParams<double>&, int64_t,
+template void phi_backward(const Config&, const double*, int64_t, int64_t, const PhiParams<double>&, int64_t,
                                 const double*, double*, PhiParams<double>&, Path);
-template void compress_backward(const Config&, const float*, int64_t, int64_t, const PhiParams<float>&, int64_t,
+template void phi_backward(const Config&, const float*, int64_t, int64_t, const PhiParams<float>&, int64_t,
                                 const float*, float*, PhiParams<float>&, Path);
 template CompressParams<double> random_compress_params<double>(const Config&, uint64_t);
 template CompressParams<float> random_compress_params<float>(const Config&, uint64_t);

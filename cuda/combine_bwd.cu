@@ -65,7 +65,7 @@ int blocks_for(int64_t n) {
 
 }  // namespace
 
-void bwd_prep(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
+void combine_bwd(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
   const int64_t NHq = p.N * p.Hq;
   if (NHq == 0) return;
   const unsigned grid = unsigned((NHq + 7) / 8);
