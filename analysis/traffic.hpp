@@ -21,7 +21,7 @@
 
 namespace nsa::analysis {
 
-// How decode tokens are counted (NSA-SPEC.md 8-9).
+// How decode tokens are counted (docs/spec.md 8-9).
 //   Paper: floor(s/d) compressed + n*l' selected + w window, against s for full attention: the
 //          counting that reproduces the paper's Table 4 (2048, 2560, 3584, 5632 tokens at 8k..64k)
 //          and its expected speedups 4.0/6.4/9.1/11.6x. K/V bytes only.
@@ -46,7 +46,7 @@ struct Device {
 // Presets (dense 16-bit tensor-core peak, HBM bandwidth):
 //   h100          H100 SXM5 80GB data sheet: 989.4 TFLOP/s, 3.35 TB/s;
 //   a100          A100 SXM4 80GB data sheet: 312 TFLOP/s, 2.039 TB/s;
-//   h100-measured ceilings measured on our H100 (NSA-SPEC.md 10): 800 TFLOP/s, 3.0 TB/s.
+//   h100-measured ceilings measured on our H100 (docs/spec.md 10): 800 TFLOP/s, 3.0 TB/s.
 Device device_preset(const std::string& name);  // throws ConfigError naming the presets
 std::vector<std::string> device_presets();
 

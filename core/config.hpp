@@ -1,5 +1,5 @@
 // Config: the one description of an NSA layer, shared by the reference, the CUDA path and every
-// tool (STYLE 2). Field names follow ../shared/NSA-SPEC.md; `validate()` is the only place that
+// tool (STYLE 2). Field names follow docs/spec.md; `validate()` is the only place that
 // checks them, and its messages name the field, its value and the allowed range.
 #pragma once
 
@@ -11,14 +11,14 @@
 
 namespace nsa {
 
-// The three branches, in the order of the gate tensor's last axis (INTERFACE.md).
+// The three branches, in the order of the gate tensor's last axis (docs/interface.md).
 enum class Branch : int { Cmp = 0, Slc = 1, Win = 2 };
 constexpr int kBranches = 3;
 inline const char* branch_name(Branch b) {
   return b == Branch::Cmp ? "cmp" : b == Branch::Slc ? "slc" : "win";
 }
 
-// phi, the map from a block of l keys (values) to one compressed key (value). NSA-SPEC.md 3.
+// phi, the map from a block of l keys (values) to one compressed key (value). docs/spec.md 3.
 enum class CompressKind { Mean, Linear, Mlp };
 // Hidden-layer activations of the compression MLP and the gate MLP.
 enum class Activation { Gelu, GeluTanh, Relu, Silu };

@@ -1,4 +1,4 @@
-// NumPy `.npy` files: the project's one tensor file format (INTERFACE.md, "Files").
+// NumPy `.npy` files: the project's one tensor file format (docs/interface.md, "Files").
 //
 // Accepted: format versions 1.0, 2.0 and 3.0; little-endian (or byte-order-free) float64,
 // float32, float16, int32, int64; C order; the data exactly as long as the shape says. Anything

@@ -1,4 +1,4 @@
-// Building blocks of the tensor-core attention kernels (v1-v3): one warp's 16 query rows against a
+// Building blocks of the mma (tensor-core) attention kernels: one warp's 16 query rows against a
 // tile of keys in shared memory, in the mma.sync m16n8k16 layouts (device.cuh). A thread holds
 // rows A = lane / 4 and B = A + 8 of the warp; s[nt][0..1] are row A's scores of keys
 // nt * 8 + 2 * (lane % 4) + {0, 1}, s[nt][2..3] row B's.
@@ -169,7 +169,7 @@ __device__ __forceinline__ float2 softmax_step_masked(float (&s)[NT][4], float& 
   return {alA, alB};
 }
 
-// The same step on raw scores that every row sees in full (kernel v3): no masks, the scale sl2
+// The same step on raw scores that every row sees in full: no masks, the scale sl2
 // (> 0, so it commutes with the maximum) folded into one FFMA and one ex2.approx per element.
 template <int NT>
 __device__ __forceinline__ float2 softmax_step_full(float (&s)[NT][4], float sl2, float& mA, float& mB, float& lA,

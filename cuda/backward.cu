@@ -1,13 +1,14 @@
-// The NSA backward pass on the device (NSA-SPEC.md 7): the backward state of a Plan, the choice of
-// backward version, and the stages in order:
-//   delta+dgates   dL/dg_c = <dL/do, O_c> and D_c = g_c dL/dg_c (gate_bwd.cu)
-//   gate_mlp       through the sigmoid and the gate MLP, when the gates are computed
-//   slc_lists      per (sequence, group, block) lists of the positions that selected the block
-//   cmp_bwd        dq (written), dL/dphi(k_cmp), dL/dphi(v_cmp)       (cmp_bwd.cu)
-//   slc_bwd        dq (added), dk_slc, dv_slc                           (select_bwd.cu)
-//   win_bwd        dq (added), dk_win, dv_win                           (window_bwd.cu)
-//   compress_bwd   through phi: dk_cmp, dv_cmp, phi's parameters        (compress_bwd.cu)
-//   sum_kv         dk, dv of the shared k, v: the branches reading them, in branch order
+// The NSA backward pass on the device (docs/spec.md 7): the backward state of a Plan and its
+// stages in order, each labelled by its stage (timing labels, results files):
+//   combine_bwd          dL/dg_c = <dL/do, O_c> and D_c = g_c dL/dg_c          (combine_bwd.cu)
+//   combine_bwd.gates    through the sigmoid and the gate MLP, when the gates are computed
+//   slc_attn_bwd.lists   per (sequence, group, block) lists of the positions that selected it
+//   cmp_attn_bwd         dq (written), dL/dphi(k_cmp), dL/dphi(v_cmp)          (cmp_attn_bwd.cu)
+//   slc_attn_bwd         dq (added), dk_slc, dv_slc                            (slc_attn_bwd.cu)
+//   win_attn_bwd         dq (added), dk_win, dv_win                            (win_attn_bwd.cu)
+//   phi_bwd              through phi: dk_cmp, dv_cmp, phi's parameters         (phi_bwd.cu)
+//   sum_kv               dk, dv of the shared k, v: the branches reading them, in branch order
+// The variant (fp32 or mma, for every stage) is choose_kernels' (choice.cu).
 // It recomputes from what the forward kept (lse per branch, branch outputs, block_idx, the
 // compressed K/V, the gates), as the reference's fast path does; gradients are fp32.
 #include <algorithm>
@@ -16,27 +17,11 @@
 
 #include "check.hpp"
 #include "kernels.hpp"
+#include "measure.hpp"
 #include "nsa_cuda.hpp"
 #include "plan.hpp"
 
 namespace nsa::cuda {
-
-int choose_bwd_kernel(const Config& cfg, const Options& opt, std::string* why) {
-  const std::string obstacle = v1_obstacle(cfg, opt);
-  if (opt.bwd_kernel == 0) {
-    if (why) *why = "v0 requested";
-    return 0;
-  }
-  if (opt.bwd_kernel == 1) {
-    if (!obstacle.empty()) throw ConfigError(cat("backward kernel 1 cannot run this config: ", obstacle));
-    if (why) *why = "v1 requested";
-    return 1;
-  }
-  if (opt.bwd_kernel != -1)
-    throw ConfigError(cat("bwd_kernel = ", opt.bwd_kernel, " is invalid: expected 0, 1 or -1 (auto)"));
-  if (why) *why = obstacle.empty() ? "v1: tensor cores" : "v0: " + obstacle;
-  return obstacle.empty() ? 1 : 0;
-}
 
 namespace {
 
@@ -51,11 +36,6 @@ __global__ void sum_kernel(float* out, const float* a, const float* b, const flo
   }
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
-
 }  // namespace
 
 void setup_backward(Plan::Impl& I) {
@@ -63,12 +43,10 @@ void setup_backward(Plan::Impl& I) {
   FwdParams& p = I.p;
   BwdState& W = I.bw;
   BwdParams& bp = W.bp;
-  W.version = choose_bwd_kernel(cfg, I.opt);
-  if (W.version == 0 && (p.dk > 256 || p.dv > 256))
-    throw ConfigError(cat("backward kernel v0 handles head dims up to 256; dk = ", p.dk, ", dv = ", p.dv));
+  W.mma = I.kernels.backward.variant == Variant::Mma;
   const int64_t N = I.N, NHq = N * p.Hq, Hkv = p.Hkv;
-  if (N * Hkv * p.n >= INT_MAX)
-    throw ResourceError(cat("the selection lists hold N Hkv n = ", N * Hkv * p.n, " entries; at most ", INT_MAX - 1,
+  if (N * Hkv * p.slc_count >= INT_MAX)
+    throw ResourceError(cat("the selection lists hold N Hkv n = ", N * Hkv * p.slc_count, " entries; at most ", INT_MAX - 1,
                             " fit their int32 offsets"));
   bp.deterministic = I.opt.deterministic;
   bp.dO = I.alloc_e(NHq * p.dv, "dL/do");
@@ -102,23 +80,17 @@ void setup_backward(Plan::Impl& I) {
   bp.cu_lists = I.upload_i64(cu_lists, "lists");
   bp.slot_cnt = I.alloc_t<int32_t>(W.slots + 1, "list slot counts");
   bp.slot_off = I.alloc_t<int32_t>(W.slots + 1, "list slot offsets");
-  bp.list = I.alloc_t<int32_t>(std::max<int64_t>(1, N * Hkv * p.n), "selection lists");
+  bp.list = I.alloc_t<int32_t>(std::max<int64_t>(1, N * Hkv * p.slc_count), "selection lists");
   const size_t optin = size_t(device_info(I.opt.device).smem_optin);
   if (slc_lists_smem(p, bp) > optin)
     throw ResourceError(cat("the selection lists of a sequence of ", p.Tmax, " tokens need ", slc_lists_smem(p, bp),
                             " bytes of shared memory per block, more than the device's ", optin));
-  if (W.version == 1 && bwd_v1_smem(p) > optin) {
-    if (I.opt.bwd_kernel == 1)
-      throw ResourceError(cat("backward kernel v1 needs ", bwd_v1_smem(p), " bytes of shared memory per block, more "
-                              "than the device's ", optin));
-    W.version = 0;
-  }
-  if (W.version == 1) {
+  if (W.mma) {
     // Selection items: up to S positions (16384 rows) of one list each.
     bp.S = std::max<int>(1, 16384 / p.G);
     bp.item_cnt = I.alloc_t<int32_t>(bp.nlists + 1, "selection item counts");
     bp.item_off = I.alloc_t<int32_t>(bp.nlists + 1, "selection item offsets");
-    W.slc_items_max = N * Hkv * p.n / bp.S + bp.nlists + 1;
+    W.slc_items_max = N * Hkv * p.slc_count / bp.S + bp.nlists + 1;
     // Compression items: (tile of 64 compressed keys, chunk of QC positions); QC is halved until
     // there are some thousands of items in all (about half of them hold positions).
     auto cmp_items = [&](int qc) {
@@ -142,7 +114,7 @@ void setup_backward(Plan::Impl& I) {
     W.tm_slc_dq = I.tile_map(16 / p.G, "backward selection dq tiles");
     W.tm_keys = I.tile_map(64, "backward key tiles");
     // Partial sums of the deterministic mode, for the larger of the two branches' item sets.
-    const int64_t nsub = (p.ls + 63) / 64;
+    const int64_t nsub = (p.slc_len + 63) / 64;
     const int64_t part_rows = std::max(W.cmp_items * Hkv, W.slc_items_max * nsub) * 64;
     bp.part_k = I.alloc_t<float>(part_rows * p.dk, "backward partial dK");
     bp.part_v = I.alloc_t<float>(part_rows * p.dv, "backward partial dV");
@@ -151,7 +123,7 @@ void setup_backward(Plan::Impl& I) {
   W.scan_tmp = I.alloc(W.scan_tmp_bytes, "prefix-sum scratch");
 
   // phi's backward: gradients of the configured kind's parameters, and its workspace.
-  const int64_t l = p.l, Nc = p.Nc;
+  const int64_t l = p.cmp_len, Nc = p.Nc;
   for (int kv = 0; kv < 2; ++kv) {
     const int64_t D = kv ? p.dv : p.dk, hc = kv ? cfg.hidden_v() : cfg.hidden_k();
     PhiBwdDevice& g = kv ? W.phi_v : W.phi_k;
@@ -217,38 +189,40 @@ void backward_inputs_changed(Plan::Impl& I, const ref::CompressParams<float>* ph
 }
 
 // The backward stages in order; run_backward_timed records an event after each.
-static std::vector<std::pair<const char*, std::function<void(cudaStream_t)>>> bwd_stages(Plan::Impl& I) {
-  std::vector<std::pair<const char*, std::function<void(cudaStream_t)>>> st;
+static StageList bwd_stages(Plan::Impl& I) {
+  StageList st;
   const Precision prec = I.opt.dtype;
-  st.push_back({"delta+dgates", [&I, prec](cudaStream_t s) { bwd_prep(prec, I.p, I.bw.bp, s); }});
+  st.push_back({"combine_bwd", [&I, prec](cudaStream_t s) { combine_bwd(prec, I.p, I.bw.bp, s); }});
   if (I.gate_source == Plan::Impl::GateSource::Mlp)
-    st.push_back({"gate_mlp", [&I](cudaStream_t s) {
+    st.push_back({"combine_bwd.gates", [&I](cudaStream_t s) {
                     I.blas.set_stream(s);
                     gate_mlp_backward(I.p, I.gate_mlp, I.bw.bp.dgates, I.bw.gate, I.blas.handle, s);
                   }});
-  st.push_back({"slc_lists", [&I](cudaStream_t s) {
-                  build_slc_lists(I.p, I.bw.bp, I.bw.chunks, I.bw.slots, I.bw.version == 1, I.bw.scan_tmp,
+  st.push_back({"slc_attn_bwd.lists", [&I](cudaStream_t s) {
+                  build_slc_lists(I.p, I.bw.bp, I.bw.chunks, I.bw.slots, I.bw.mma, I.bw.scan_tmp,
                                   I.bw.scan_tmp_bytes, s);
                 }});
-  if (I.bw.version == 0) {
-    st.push_back({"cmp_bwd", [&I, prec](cudaStream_t s) { cmp_bwd_v0(prec, I.p, I.bw.bp, s); }});
-    st.push_back({"slc_bwd", [&I, prec](cudaStream_t s) { slc_bwd_v0(prec, I.p, I.bw.bp, s); }});
-    st.push_back({"win_bwd", [&I, prec](cudaStream_t s) { win_bwd_v0(prec, I.p, I.bw.bp, s); }});
+  if (!I.bw.mma) {
+    st.push_back({"cmp_attn_bwd", [&I, prec](cudaStream_t s) { cmp_attn_bwd_fp32(prec, I.p, I.bw.bp, s); }});
+    st.push_back({"slc_attn_bwd", [&I, prec](cudaStream_t s) { slc_attn_bwd_fp32(prec, I.p, I.bw.bp, s); }});
+    st.push_back({"win_attn_bwd", [&I, prec](cudaStream_t s) { win_attn_bwd_fp32(prec, I.p, I.bw.bp, s); }});
   } else {
-    st.push_back(
-        {"cmp_bwd", [&I, prec](cudaStream_t s) { cmp_bwd_v1(prec, I.p, I.bw.bp, I.bw.tm_dq, I.bw.cmp_items, s); }});
-    st.push_back({"slc_bwd", [&I, prec](cudaStream_t s) {
-                    slc_bwd_v1(prec, I.p, I.bw.bp, I.bw.tm_slc_dq, I.bw.slc_items_max, s);
+    st.push_back({"cmp_attn_bwd", [&I, prec](cudaStream_t s) {
+                    cmp_attn_bwd_mma(prec, I.p, I.bw.bp, I.bw.tm_dq, I.bw.cmp_items, s);
                   }});
-    st.push_back(
-        {"win_bwd", [&I, prec](cudaStream_t s) { win_bwd_v1(prec, I.p, I.bw.bp, I.bw.tm_dq, I.bw.tm_keys, s); }});
+    st.push_back({"slc_attn_bwd", [&I, prec](cudaStream_t s) {
+                    slc_attn_bwd_mma(prec, I.p, I.bw.bp, I.bw.tm_slc_dq, I.bw.slc_items_max, s);
+                  }});
+    st.push_back({"win_attn_bwd", [&I, prec](cudaStream_t s) {
+                    win_attn_bwd_mma(prec, I.p, I.bw.bp, I.bw.tm_dq, I.bw.tm_keys, s);
+                  }});
   }
-  st.push_back({"compress_bwd", [&I, prec](cudaStream_t s) {
+  st.push_back({"phi_bwd", [&I, prec](cudaStream_t s) {
                   I.blas.set_stream(s);
                   const BwdParams& bp = I.bw.bp;
-                  compress_backward(I.cfg, I.p, prec, I.p.k_cmp, I.p.dk, int(I.cfg.hidden_k()), I.phi_k, I.bw.phi_k,
+                  phi_backward(I.cfg, I.p, prec, I.p.k_cmp, I.p.dk, int(I.cfg.hidden_k()), I.phi_k, I.bw.phi_k,
                                     I.bw.phi_ws, bp.dkc, bp.dk[0], I.blas.handle, s);
-                  compress_backward(I.cfg, I.p, prec, I.p.v_cmp, I.p.dv, int(I.cfg.hidden_v()), I.phi_v, I.bw.phi_v,
+                  phi_backward(I.cfg, I.p, prec, I.p.v_cmp, I.p.dv, int(I.cfg.hidden_v()), I.phi_v, I.bw.phi_v,
                                     I.bw.phi_ws, bp.dvc, bp.dv[0], I.blas.handle, s);
                 }});
   const BwdState& W = I.bw;
@@ -273,7 +247,7 @@ static std::vector<std::pair<const char*, std::function<void(cudaStream_t)>>> bw
   return st;
 }
 
-static void require_backward(const Plan::Impl& I) {
+void require_backward(const Plan::Impl& I) {
   if (!I.has_bwd) throw ConfigError("the plan was made without Options::backward: it holds no gradients");
 }
 
@@ -300,8 +274,6 @@ void Plan::set_deterministic(bool on) {
   impl_->bw.bp.deterministic = on;
 }
 
-int Plan::bwd_kernel() const { return impl_->has_bwd ? impl_->bw.version : -1; }
-
 void Plan::run_backward(CUstream_st* stream) {
   require_backward(*impl_);
   for (auto& [name, fn] : bwd_stages(*impl_)) fn(stream);
@@ -309,23 +281,7 @@ void Plan::run_backward(CUstream_st* stream) {
 
 std::vector<StageTime> Plan::run_backward_timed() {
   require_backward(*impl_);
-  auto st = bwd_stages(*impl_);
-  std::vector<cudaEvent_t> ev(st.size() + 1);
-  for (auto& e : ev) NSA_CUDA_CHECK(cudaEventCreate(&e));
-  NSA_CUDA_CHECK(cudaEventRecord(ev[0], nullptr));
-  for (size_t i = 0; i < st.size(); ++i) {
-    st[i].second(nullptr);
-    NSA_CUDA_CHECK(cudaEventRecord(ev[i + 1], nullptr));
-  }
-  NSA_CUDA_CHECK(cudaEventSynchronize(ev.back()));
-  std::vector<StageTime> out;
-  for (size_t i = 0; i < st.size(); ++i) {
-    float ms = 0;
-    NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[i], ev[i + 1]));
-    out.push_back({st[i].first, double(ms)});
-  }
-  for (auto& e : ev) cudaEventDestroy(e);
-  return out;
+  return run_stages_timed(bwd_stages(*impl_), nullptr);
 }
 
 ref::BackwardResult<float> Plan::download_grads() const {
@@ -335,7 +291,7 @@ ref::BackwardResult<float> Plan::download_grads() const {
   const BwdState& W = I.bw;
   const BwdParams& bp = W.bp;
   NSA_CUDA_CHECK(cudaDeviceSynchronize());
-  const int64_t N = I.N, Hkv = p.Hkv, l = p.l;
+  const int64_t N = I.N, Hkv = p.Hkv, l = p.cmp_len;
   auto get = [&](const float* src, Shape shape) {
     Tensor<float> t(std::move(shape));
     if (t.numel()) NSA_CUDA_CHECK(cudaMemcpy(t.data(), src, size_t(t.numel()) * 4, cudaMemcpyDeviceToHost));
@@ -380,58 +336,6 @@ ref::BackwardResult<float> Plan::download_grads() const {
   r.dk_cmp_compressed = get(bp.dkc, {p.Nc, Hkv, p.dk});
   r.dv_cmp_compressed = get(bp.dvc, {p.Nc, Hkv, p.dv});
   return r;
-}
-
-BwdBenchResult bench_backward(Plan& plan, int warmup, int reps) {
-  Plan::Impl& I = *plan.impl_;
-  require_backward(I);
-  if (!I.flush) {  // twice the L2 size, written before each repeat so that no input stays cached
-    I.flush_bytes = size_t(std::max(device_info(I.opt.device).prop.l2CacheSize, 1 << 20)) * 2;
-    NSA_CUDA_CHECK(cudaMalloc(&I.flush, I.flush_bytes));
-  }
-  for (int i = 0; i < warmup; ++i) {
-    plan.run();
-    plan.run_backward();
-  }
-  NSA_CUDA_CHECK(cudaDeviceSynchronize());
-  cudaEvent_t a, b;
-  NSA_CUDA_CHECK(cudaEventCreate(&a));
-  NSA_CUDA_CHECK(cudaEventCreate(&b));
-  auto timed = [&](bool with_forward, int r) {
-    if (!with_forward) plan.run();
-    NSA_CUDA_CHECK(cudaMemsetAsync(I.flush, r & 0xff, I.flush_bytes, nullptr));
-    NSA_CUDA_CHECK(cudaEventRecord(a, nullptr));
-    if (with_forward) plan.run();
-    plan.run_backward();
-    NSA_CUDA_CHECK(cudaEventRecord(b, nullptr));
-    NSA_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    return double(ms);
-  };
-  std::vector<double> both, bwd;
-  for (int r = 0; r < reps; ++r) both.push_back(timed(true, r));
-  for (int r = 0; r < reps; ++r) bwd.push_back(timed(false, r));
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  BwdBenchResult res;
-  res.fwd_bwd_ms = median(both);
-  res.bwd_ms = median(bwd);
-  res.kernel = I.version;
-  res.bwd_kernel = I.bw.version;
-  res.deterministic = I.bw.bp.deterministic;
-  std::vector<std::vector<double>> per;
-  std::vector<std::string> names;
-  for (int r = 0; r < reps; ++r) {
-    plan.run();
-    NSA_CUDA_CHECK(cudaMemsetAsync(I.flush, r & 0xff, I.flush_bytes, nullptr));
-    const auto st = plan.run_backward_timed();
-    if (names.empty())
-      for (const auto& s : st) names.push_back(s.stage), per.emplace_back();
-    for (size_t i = 0; i < st.size(); ++i) per[i].push_back(st[i].ms);
-  }
-  for (size_t i = 0; i < names.size(); ++i) res.stages.push_back({names[i], median(per[i])});
-  return res;
 }
 
 ref::BackwardResult<float> backward(const Config& cfg, const ref::Inputs<float>& in, const Tensor<float>& dO,

@@ -1,5 +1,5 @@
-// Kernel templates of the backward pass (NSA-SPEC.md 7), shared by the branches and specialised
-// in cmp_bwd.cu, select_bwd.cu and window_bwd.cu, which differ only in the keys a query sees.
+// Kernel templates of the backward pass (docs/spec.md 7), shared by the branches and specialised
+// in cmp_attn_bwd.cu, slc_attn_bwd.cu and win_attn_bwd.cu, which differ only in the keys a query sees.
 //
 // Per branch c, with the forward's lse and branch output kept (no softmax is redone):
 //   P = exp(s q.k - lse),  dP = dO_c . v,  dS = P (dP - D),  D = dO_c . O_c,  dO_c = g_c dL/do,
@@ -7,14 +7,14 @@
 // dO_c is never stored: a kernel reads dL/do and the gate g_c of the row, so dP = g_c (dL/do . v)
 // and P dO_c = (g_c P) dL/do.
 //
-// v0 (fp32 CUDA cores, the obviously-right version and the fp32 debug mode): dq by one warp per
+// fp32 (CUDA cores, the obviously-right version and the fp32 debug mode): dq by one warp per
 // (token, head) over the keys the query sees; dK/dV by one CTA per (key, group) over the queries
 // that see the key, its warps splitting the group's heads and summed in warp order. No atomics.
 //
-// v1 (tensor cores, mma.sync m16n8k16, fp32 accumulation), FlashAttention-2's split:
-//   dq_v1:   query-centric (cmp, win): 4 warps x 16 rows (position, head) against key tiles of 64,
+// mma (tensor cores, mma.sync m16n8k16, fp32 accumulation), FlashAttention-2's split:
+//   dq_mma:   query-centric (cmp, win): 4 warps x 16 rows (position, head) against key tiles of 64,
 //            double-buffered: S = Q K^T, dP = dO V^T, dS, dq += dS K;
-//   dkdv_v1: key-centric (every branch): 4 warps x 16 keys (a tile of 64 keys) against the rows of
+//   dkdv_mma: key-centric (every branch): 4 warps x 16 keys (a tile of 64 keys) against the rows of
 //            the queries that see them in tiles of 32, double-buffered: S^T = K Q^T, dP^T = V dO^T,
 //            dS^T, dK += dS^T Q, dV += (g P)^T dO. The row sources are the branch's: the window's
 //            w + 63 positions, a chunk of positions for the compressed keys, a segment of a
@@ -32,13 +32,13 @@ namespace nsa::cuda::dev {
 
 constexpr int kCmp = 0, kSlc = 1, kWin = 2;  // branch indices, the order of the gate tensor
 
-// ============================== v0: fp32 CUDA cores ==============================
+// ============================== fp32: CUDA cores ==============================
 
 // dq[row, h] (+)= s sum over the keys of branch kBr of dS k, one warp per head of the group; the
 // compression branch runs first and writes, the others add (each element has one writer).
 // Grid (N, Hkv); dk, dv <= 256 (8 elements per lane).
 template <class T, int kBr>
-__global__ void dq_v0_kernel(FwdParams p, BwdParams bp) {
+__global__ void dq_fp32_kernel(FwdParams p, BwdParams bp) {
   const int64_t row = blockIdx.x;
   const int g = blockIdx.y;
   const int b = find_seq(p.cu_seqlens, p.B, row);
@@ -81,22 +81,22 @@ __global__ void dq_v0_kernel(FwdParams p, BwdParams bp) {
       const int64_t cmp0 = p.cu_cmp[b];
       const T* kc = static_cast<const T*>(p.kc);
       const T* vc = static_cast<const T*>(p.vc);
-      for (int i = 0; i < cmp_visible(t, p.l, p.d); ++i)
+      for (int i = 0; i < cmp_visible(t, p.cmp_len, p.cmp_stride); ++i)
         key(kc + ((cmp0 + i) * p.Hkv + g) * p.dk, vc + ((cmp0 + i) * p.Hkv + g) * p.dv);
     } else if constexpr (kBr == kSlc) {
       const T* K = static_cast<const T*>(p.k_slc);
       const T* V = static_cast<const T*>(p.v_slc);
-      const int32_t* sel = p.block_idx + (row * p.Hkv + g) * p.n;
-      for (int m = 0; m < p.n; ++m) {
+      const int32_t* sel = p.block_idx + (row * p.Hkv + g) * p.slc_count;
+      for (int m = 0; m < p.slc_count; ++m) {
         const int j = sel[m];
         if (j < 0) break;
-        for (int u = j * p.ls; u < min((j + 1) * p.ls, t + 1); ++u)
+        for (int u = j * p.slc_len; u < min((j + 1) * p.slc_len, t + 1); ++u)
           key(K + ((row0 + u) * p.Hkv + g) * p.dk, V + ((row0 + u) * p.Hkv + g) * p.dv);
       }
     } else {
       const T* K = static_cast<const T*>(p.k_win);
       const T* V = static_cast<const T*>(p.v_win);
-      for (int u = win_start(t, p.w); u <= t; ++u)
+      for (int u = win_start(t, p.window); u <= t; ++u)
         key(K + ((row0 + u) * p.Hkv + g) * p.dk, V + ((row0 + u) * p.Hkv + g) * p.dv);
     }
     float* dq = bp.dq + th * p.dk;
@@ -109,10 +109,10 @@ __global__ void dq_v0_kernel(FwdParams p, BwdParams bp) {
 }
 
 // The list of the positions of sequence b that selected block j for group g: entries [e0, e1) of
-// bp.list (select_bwd.cu builds it).
+// bp.list (slc_attn_bwd.cu builds it).
 __device__ __forceinline__ void slc_list_range(const FwdParams& p, const BwdParams& bp, int b, int T_b, int g, int j,
                                                int& e0, int& e1) {
-  const int NB_b = (T_b + p.ls - 1) / p.ls, nch = (T_b + bp.QS - 1) / bp.QS;
+  const int NB_b = (T_b + p.slc_len - 1) / p.slc_len, nch = (T_b + bp.QS - 1) / bp.QS;
   const int64_t s0 = bp.cu_slots[b] + (int64_t(g) * NB_b + j) * nch;
   e0 = bp.slot_off[s0];
   e1 = bp.slot_off[s0 + nch];
@@ -122,7 +122,7 @@ __device__ __forceinline__ void slc_list_range(const FwdParams& p, const BwdPara
 // splitting the group's heads, each summing over the positions that see the key in order; the
 // warps' sums are then added in warp order. Grid (keys, Hkv); shared memory nw x (dk + dv) floats.
 template <class T, int kBr>
-__global__ void dkdv_v0_kernel(FwdParams p, BwdParams bp) {
+__global__ void dkdv_fp32_kernel(FwdParams p, BwdParams bp) {
   extern __shared__ float red[];
   const int64_t key = blockIdx.x;
   const int g = blockIdx.y;
@@ -143,7 +143,7 @@ __global__ void dkdv_v0_kernel(FwdParams p, BwdParams bp) {
     vp = static_cast<const T*>(p.vc) + (key * p.Hkv + g) * p.dv;
     out_k = bp.dkc + (key * p.Hkv + g) * p.dk;
     out_v = bp.dvc + (key * p.Hkv + g) * p.dv;
-    t_first = i * p.d + p.l - 1, t_end = T_b;  // the positions that see block i
+    t_first = i * p.cmp_stride + p.cmp_len - 1, t_end = T_b;  // the positions that see block i
   } else {
     u = int(key - row0);
     const T* K = static_cast<const T*>(kBr == kSlc ? p.k_slc : p.k_win);
@@ -152,8 +152,8 @@ __global__ void dkdv_v0_kernel(FwdParams p, BwdParams bp) {
     vp = V + (key * p.Hkv + g) * p.dv;
     out_k = bp.dk[kBr] + (key * p.Hkv + g) * p.dk;
     out_v = bp.dv[kBr] + (key * p.Hkv + g) * p.dv;
-    t_first = u, t_end = kBr == kWin ? min(T_b, u + p.w) : 0;
-    if (kBr == kSlc) slc_list_range(p, bp, b, T_b, g, u / p.ls, e0, e1);
+    t_first = u, t_end = kBr == kWin ? min(T_b, u + p.window) : 0;
+    if (kBr == kSlc) slc_list_range(p, bp, b, T_b, g, u / p.slc_len, e0, e1);
   }
   const float* lse_c = kBr == kCmp ? p.lse_cmp : kBr == kSlc ? p.lse_slc : p.lse_win;
   float kv[8], vv[8], ak[8], av[8];
@@ -215,7 +215,7 @@ __global__ void dkdv_v0_kernel(FwdParams p, BwdParams bp) {
   }
 }
 
-// ============================== v1: tensor cores ==============================
+// ============================== mma: tensor cores ==============================
 constexpr int kDqRows = 64;   // rows of a dq CTA: 4 warps x 16 (position, head) rows
 constexpr int kBwdKeys = 64;  // keys per tile: of a dq step, of a key-centric CTA (4 warps x 16)
 constexpr int kKcRows = 32;   // query rows per step of a key-centric CTA
@@ -248,8 +248,8 @@ __device__ __forceinline__ void zero_acc(float (&a)[N][4]) {
   for (int i = 0; i < N; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0;
 }
 
-// Shared memory of dq_v1 (bytes): sQ [64, DK] | sdO [64, DV] | sK [2][64, DK] | sV [2][64, DV].
-__host__ __device__ constexpr size_t dq_v1_bytes(int dk, int dv) {
+// Shared memory of dq_mma (bytes): sQ [64, DK] | sdO [64, DV] | sK [2][64, DK] | sV [2][64, DV].
+__host__ __device__ constexpr size_t dq_mma_bytes(int dk, int dv) {
   return (size_t(kDqRows) * (dk + dv) + 2 * size_t(kBwdKeys) * (dk + dv)) * 2;
 }
 
@@ -257,8 +257,8 @@ __host__ __device__ constexpr size_t dq_v1_bytes(int dk, int dv) {
 // 64 / G positions, group), key tiles of 64 over the keys any row of the tile sees. The
 // compression branch runs first and writes dq, the window adds (after the selection).
 template <class T, int DK, int DV, int kBr>
-__global__ void __launch_bounds__(128) dq_v1_kernel(FwdParams p, BwdParams bp, TileMap tm) {
-  static_assert(kBr == kCmp || kBr == kWin, "dq_v1 covers the contiguous branches");
+__global__ void __launch_bounds__(128) dq_mma_kernel(FwdParams p, BwdParams bp, TileMap tm) {
+  static_assert(kBr == kCmp || kBr == kWin, "dq_mma covers the contiguous branches");
   extern __shared__ __align__(16) unsigned char smem[];
   const int G = p.G, BT = kDqRows / G;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -277,8 +277,8 @@ __global__ void __launch_bounds__(128) dq_v1_kernel(FwdParams p, BwdParams bp, T
   const int t_last = min(t0 + BT, T_b) - 1;
   const int Hkv = p.Hkv;
   // Keys k_begin + [0, nkeys): compressed rows of the sequence, or tokens of the window band.
-  const int k_begin = kBr == kCmp ? 0 : win_start(t0, p.w);
-  const int nkeys = kBr == kCmp ? cmp_visible(t_last, p.l, p.d) : t_last + 1 - k_begin;
+  const int k_begin = kBr == kCmp ? 0 : win_start(t0, p.window);
+  const int nkeys = kBr == kCmp ? cmp_visible(t_last, p.cmp_len, p.cmp_stride) : t_last + 1 - k_begin;
   const int ntiles = (nkeys + kBwdKeys - 1) / kBwdKeys;
   const T* Kb = kBr == kCmp ? static_cast<const T*>(p.kc) + (p.cu_cmp[b] * Hkv + g) * DK
                             : static_cast<const T*>(p.k_win) + (row0 * Hkv + g) * DK;
@@ -315,9 +315,9 @@ __global__ void __launch_bounds__(128) dq_v1_kernel(FwdParams p, BwdParams bp, T
   const float DA = okA ? bp.delta[kBr * NHq + thA] : 0.0f, DB = okB ? bp.delta[kBr * NHq + thB] : 0.0f;
   const float gA = okA ? p.gates[thA * 3 + kBr] : 0.0f, gB = okB ? p.gates[thB * 3 + kBr] : 0.0f;
   // The keys a row sees: [loX, hiX] (compression: [0, visible - 1]).
-  const int loA = kBr == kCmp ? 0 : win_start(tA, p.w), loB = kBr == kCmp ? 0 : win_start(tB, p.w);
-  const int hiA = !okA ? -1 : kBr == kCmp ? cmp_visible(tA, p.l, p.d) - 1 : tA;
-  const int hiB = !okB ? -1 : kBr == kCmp ? cmp_visible(tB, p.l, p.d) - 1 : tB;
+  const int loA = kBr == kCmp ? 0 : win_start(tA, p.window), loB = kBr == kCmp ? 0 : win_start(tB, p.window);
+  const int hiA = !okA ? -1 : kBr == kCmp ? cmp_visible(tA, p.cmp_len, p.cmp_stride) - 1 : tA;
+  const int hiB = !okB ? -1 : kBr == kCmp ? cmp_visible(tB, p.cmp_len, p.cmp_stride) - 1 : tB;
   const float sl2 = p.scale * kLog2e;
   float dq[DK / 8][4];
   zero_acc(dq);
@@ -363,9 +363,9 @@ __global__ void __launch_bounds__(128) dq_v1_kernel(FwdParams p, BwdParams bp, T
   }
 }
 
-// Shared memory of dkdv_v1 (bytes): sK [64, DK] | sV [64, DV] | sQ [2][32, DK] | sdO [2][32, DV]
+// Shared memory of dkdv_mma (bytes): sK [64, DK] | sV [64, DV] | sQ [2][32, DK] | sdO [2][32, DV]
 // elements, then per row of the two row tiles: position (int), lse * log2 e, D, g (floats).
-__host__ __device__ constexpr size_t dkdv_v1_bytes(int dk, int dv) {
+__host__ __device__ constexpr size_t dkdv_mma_bytes(int dk, int dv) {
   return (size_t(kBwdKeys) * (dk + dv) + 2 * size_t(kKcRows) * (dk + dv)) * 2 + 2 * size_t(kKcRows) * 16;
 }
 
@@ -399,7 +399,7 @@ __device__ __forceinline__ KeyWork key_work(const FwdParams& p, const BwdParams&
     w.k0 = int(x - tm.cu_tiles[w.b]) * kBwdKeys;
     w.nk = min(kBwdKeys, w.T_b - w.k0);
     w.t_first = w.k0;
-    w.npos = min(w.T_b, w.k0 + w.nk - 1 + p.w) - w.t_first;
+    w.npos = min(w.T_b, w.k0 + w.nk - 1 + p.window) - w.t_first;
     w.active = w.nk > 0;
   } else if constexpr (kBr == kCmp) {
     const int64_t x = blockIdx.x;
@@ -412,7 +412,7 @@ __device__ __forceinline__ KeyWork key_work(const FwdParams& p, const BwdParams&
     const int Nc_b = int(p.cu_cmp[w.b + 1] - p.cu_cmp[w.b]);
     w.k0 = kt * kBwdKeys;
     w.nk = min(kBwdKeys, Nc_b - w.k0);
-    const int t_min = w.k0 * p.d + p.l - 1;  // the first position that sees key k0
+    const int t_min = w.k0 * p.cmp_stride + p.cmp_len - 1;  // the first position that sees key k0
     w.t_first = max(c * bp.QC, t_min);
     w.npos = min((c + 1) * bp.QC, w.T_b) - w.t_first;
     w.part = x * p.Hkv + w.g;
@@ -431,7 +431,7 @@ __device__ __forceinline__ KeyWork key_work(const FwdParams& p, const BwdParams&
     w.b = find_seq(bp.cu_lists, p.B, L);
     w.row0 = p.cu_seqlens[w.b];
     w.T_b = int(p.cu_seqlens[w.b + 1] - w.row0);
-    const int NB_b = (w.T_b + p.ls - 1) / p.ls;
+    const int NB_b = (w.T_b + p.slc_len - 1) / p.slc_len;
     const int Lloc = int(L - bp.cu_lists[w.b]);
     w.g = Lloc / NB_b;
     const int j = Lloc % NB_b;
@@ -439,8 +439,8 @@ __device__ __forceinline__ KeyWork key_work(const FwdParams& p, const BwdParams&
     slc_list_range(p, bp, w.b, w.T_b, w.g, j, e0, e1);
     w.e0 = e0 + int(i - bp.item_off[L]) * bp.S;
     w.npos = min(e1, w.e0 + bp.S) - w.e0;
-    w.k0 = j * p.ls + int(blockIdx.y) * kBwdKeys;
-    w.nk = min(kBwdKeys, min((j + 1) * p.ls, w.T_b) - w.k0);
+    w.k0 = j * p.slc_len + int(blockIdx.y) * kBwdKeys;
+    w.nk = min(kBwdKeys, min((j + 1) * p.slc_len, w.T_b) - w.k0);
     w.part = i * int64_t(gridDim.y) + blockIdx.y;
     w.active = w.nk > 0 && w.npos > 0;
   }
@@ -479,7 +479,7 @@ __device__ __forceinline__ void emit_key_rows(const float (&acc)[D / 8][4], floa
 // dv[2]; kCmp and kSlc add into dkc/dvc or dk[1]/dv[1] with fp32 atomics (fast mode) or write
 // the item's partial sums (deterministic mode), added in item order by the reduction kernels.
 template <class T, int DK, int DV, int kBr>
-__global__ void __launch_bounds__(128) dkdv_v1_kernel(FwdParams p, BwdParams bp, TileMap tm) {
+__global__ void __launch_bounds__(128) dkdv_mma_kernel(FwdParams p, BwdParams bp, TileMap tm) {
   extern __shared__ __align__(16) unsigned char smem[];
   const KeyWork w = key_work<kBr>(p, bp, tm);
   if (!w.active) return;  // uniform over the CTA: before any barrier
@@ -541,9 +541,9 @@ __global__ void __launch_bounds__(128) dkdv_v1_kernel(FwdParams p, BwdParams bp,
   const int keyA = w.k0 + kA, keyB = w.k0 + kB;  // sequence-local key index
   const bool okA = kA < w.nk, okB = kB < w.nk;
   // The first position that sees the key (compression: its block ends there), and the last.
-  auto first_pos = [&](int key) { return kBr == kCmp ? key * p.d + p.l - 1 : key; };
+  auto first_pos = [&](int key) { return kBr == kCmp ? key * p.cmp_stride + p.cmp_len - 1 : key; };
   const int fA = first_pos(keyA), fB = first_pos(keyB);
-  const int lastA = kBr == kWin ? keyA + p.w - 1 : INT_MAX, lastB = kBr == kWin ? keyB + p.w - 1 : INT_MAX;
+  const int lastA = kBr == kWin ? keyA + p.window - 1 : INT_MAX, lastB = kBr == kWin ? keyB + p.window - 1 : INT_MAX;
   const float sl2 = p.scale * kLog2e;
   float dk[DK / 8][4], dv[DV / 8][4];
   zero_acc(dk);

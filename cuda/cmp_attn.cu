@@ -1,19 +1,22 @@
-// The compression branch's attention (Eq. 7: softmax over the visible compressed keys) fused with
-// the selection scores (Eq. 8-10) and the top-n (Eq. 11). CUDA twin of the compression part of
-// reference/forward.cpp's nsa_tile, overlap_map and select_blocks.
+// cmp_attn (docs/spec.md 3): the compression branch's attention, softmax over the visible
+// compressed keys: O_cmp and lse_cmp. CUDA twin of the compression part of reference/forward.cpp's
+// nsa_tile.
 //
-// The scores need normalised probabilities p = exp(s q.k - lse) summed over the group's heads, so
-// both versions make two passes over the compressed keys: the first finds each row's lse, the
-// second forms p exactly once, uses it for O = p V and maps it onto the selection blocks (Eq. 9)
-// in shared memory. Neither the [T, Nc] probabilities nor (unless asked) the [T, NB] block scores
-// are written to device memory.
+// fp32: one kernel that also computes the top-n (Eq. 8-11, the topn stage): two passes over the
+// compressed keys, the first for each row's lse, the second forming p = exp(s q.k - lse) once for
+// O = p V and for the block scores (Eq. 9-10) in shared memory, then the top-n.
+// mma: FlashAttention-2 over the visible compressed keys in one pass (online softmax), O_cmp and
+// lse only; the topn stage (topn.cu) then recomputes q.k with lse known. Splitting the branch the
+// way the public NSA kernels do costs the same MMAs as one two-pass kernel (q.k twice, p V once)
+// but gives each kernel its own shape (docs/cuda.md has the measurements).
+// Neither the [T, Nc] probabilities nor (unless asked) the [T, NB] block scores reach device memory.
 #include <climits>
 
 #include "check.hpp"
 #include "attn_tile.cuh"
 #include "device.cuh"
 #include "kernels.hpp"
-#include "select.cuh"
+#include "topn.cuh"
 
 namespace nsa::cuda {
 
@@ -21,12 +24,12 @@ namespace {
 
 using namespace dev;
 
-// ============================== v0: fp32 CUDA cores ==============================
+// ============================== fp32: CUDA cores, fused with topn ==============================
 // One CTA per (token, KV group); warp w handles heads w, w + nwarps, ... of the group, one key at
 // a time (lanes split the head dims). Shared memory: per-warp mapped probabilities [nwarps][NB],
 // then the group scores [NB].
 template <class T>
-__global__ void cmp_attn_v0_kernel(FwdParams p) {
+__global__ void cmp_attn_fp32_kernel(FwdParams p) {
   extern __shared__ float sm[];
   const int64_t row = blockIdx.x;
   const int g = blockIdx.y;
@@ -34,7 +37,7 @@ __global__ void cmp_attn_v0_kernel(FwdParams p) {
   const int t = int(row - p.cu_seqlens[b]);
   const int64_t cmp0 = p.cu_cmp[b];
   const int nw = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int nv = cmp_visible(t, p.l, p.d), valid = slc_valid(t, p.ls);
+  const int nv = cmp_visible(t, p.cmp_len, p.cmp_stride), valid = slc_valid(t, p.slc_len);
   float* pw = sm + warp * p.NB;
   for (int j = lane; j < valid; j += 32) pw[j] = 0;
   __syncwarp();
@@ -65,8 +68,8 @@ __global__ void cmp_attn_v0_kernel(FwdParams p) {
       for (int k = 0; k < 8; ++k)
         if (lane + 32 * k < p.dv) o[k] += pr * to_f(v[lane + 32 * k]);
       if (lane == 0)
-        for (int j = i * p.d / p.ls; j <= (i * p.d + p.l - 1) / p.ls; ++j)
-          pw[j] += pr * overlap_weight(i, j, p.l, p.d, p.ls);
+        for (int j = i * p.cmp_stride / p.slc_len; j <= (i * p.cmp_stride + p.cmp_len - 1) / p.slc_len; ++j)
+          pw[j] += pr * overlap_weight(i, j, p.cmp_len, p.cmp_stride, p.slc_len);
     }
     T* out = static_cast<T*>(p.o_cmp) + (row * p.Hq + h) * p.dv;
 #pragma unroll
@@ -85,468 +88,21 @@ __global__ void cmp_attn_v0_kernel(FwdParams p) {
   if (p.block_scores)
     for (int j = threadIdx.x; j < p.NB; j += blockDim.x)
       p.block_scores[(row * p.Hkv + g) * p.NB + j] = j < valid ? P[j] : 0.0f;
-  if (threadIdx.x == 0) select_serial(P, t, p, p.block_idx + (row * p.Hkv + g) * p.n);
+  if (threadIdx.x == 0) select_serial(P, t, p, p.block_idx + (row * p.Hkv + g) * p.slc_count);
 }
-
-// ============================== v1: tensor cores ==============================
-// One CTA per (tile of BT positions, KV group): R = 16 * nwarps rows, row r = (position r / G,
-// head r % G), so each warp's 16 rows are the m16 of its mma tiles and hold all G heads of
-// 16 / G positions (G <= 16). Compressed keys stream through shared memory in tiles of 64,
-// double-buffered with cp.async. Shared memory (bytes):
-//   sQ [R, DK] elem | sK [2][64, DK] elem | sV [2][64, DV] elem | sCs [BT][64] f32 column sums
-//   over the group's heads | sBlk [BT][NB] f32 group scores (Eq. 10) | sList [BT][n] int top-n
+// ============================== mma: tensor cores (mma.sync) ==============================
+// Compressed keys stream through shared memory in tiles of 64.
 constexpr int kKeys = 64;
-
-// Eq. 10 before Eq. 9 (both are sums): column sums of p over the G rows of each position, into
-// sCs[position * stride + key]. Rows lane / 4 and lane / 4 + 8 of the warp belong to positions posA, posB;
-// the G rows of one position are the lanes whose lane / 4 differ in the low log2(G) bits
-// (G = 16: all of them, both rows). G <= 16.
-__device__ __forceinline__ void column_sums(const float (&s)[8][4], float* sCs, int stride, int posA, int posB, int G,
-                                            int lane) {
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int col = nt * 8 + 2 * (lane & 3) + e;
-      float a = s[nt][e], c = s[nt][2 + e];
-      if (G == 16) {
-        a += c;
-        a += __shfl_xor_sync(0xffffffffu, a, 4);
-        a += __shfl_xor_sync(0xffffffffu, a, 8);
-        a += __shfl_xor_sync(0xffffffffu, a, 16);
-        if (lane < 4) sCs[posA * stride + col] = a;
-      } else {
-        for (int o = 4; o < 4 * G; o *= 2) {
-          a += __shfl_xor_sync(0xffffffffu, a, o);
-          c += __shfl_xor_sync(0xffffffffu, c, o);
-        }
-        if ((lane >> 2) % G == 0) {
-          sCs[posA * stride + col] = a;
-          sCs[posB * stride + col] = c;
-        }
-      }
-    }
-}
-
-struct CmpSmem {
-  size_t q, k, v, cs, blk, list, total;
-  __host__ __device__ CmpSmem(int R, int BT, int DK, int DV, int NB, int n, int esize, int stages = 2) {
-    q = 0;
-    k = q + size_t(R) * DK * esize;
-    v = k + size_t(stages) * kKeys * DK * esize;
-    cs = v + size_t(stages) * kKeys * DV * esize;
-    blk = cs + size_t(BT) * kKeys * 4;
-    list = blk + size_t(BT) * NB * 4;
-    total = list + size_t(BT) * n * 4;
-  }
-};
-
-template <class T, int DK, int DV>
-__global__ void __launch_bounds__(128) cmp_attn_v1_kernel(FwdParams p, TileMap tm) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int nw = blockDim.x / 32, R = 16 * nw, G = p.G, BT = R / G;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const CmpSmem L(R, BT, DK, DV, p.NB, p.n, sizeof(T));
-  T* sQ = reinterpret_cast<T*>(smem + L.q);
-  T* sK = reinterpret_cast<T*>(smem + L.k);
-  T* sV = reinterpret_cast<T*>(smem + L.v);
-  float* sCs = reinterpret_cast<float*>(smem + L.cs);
-  float* sBlk = reinterpret_cast<float*>(smem + L.blk);
-  int* sList = reinterpret_cast<int*>(smem + L.list);
-
-  // Longest tiles first: later positions see more compressed keys.
-  const int64_t x = tm.total - 1 - blockIdx.x;
-  const int g = blockIdx.y;
-  const int b = find_seq(tm.cu_tiles, p.B, x);
-  const int t0 = int(x - tm.cu_tiles[b]) * BT;
-  const int64_t row0 = p.cu_seqlens[b], cmp0 = p.cu_cmp[b];
-  const int T_b = int(p.cu_seqlens[b + 1] - row0);
-  const int t_last = min(t0 + BT, T_b) - 1;
-  const int nv_max = cmp_visible(t_last, p.l, p.d);
-  const int nb_tile = slc_valid(t_last, p.ls);  // blocks any position of the tile can select
-
-  const T* q = static_cast<const T*>(p.q);
-  const T* kc = static_cast<const T*>(p.kc);
-  const T* vc = static_cast<const T*>(p.vc);
-  auto q_row = [&](int r) -> const T* {
-    const int pos = r / G, t = t0 + pos;
-    return pos < BT && t < T_b ? q + ((row0 + t) * p.Hq + g * G + r % G) * DK : nullptr;
-  };
-  const int Hkv = p.Hkv;
-  auto k_src = [=](int ci) -> const T* { return ci < nv_max ? kc + ((cmp0 + ci) * Hkv + g) * DK : nullptr; };
-  auto v_src = [=](int ci) -> const T* { return ci < nv_max ? vc + ((cmp0 + ci) * Hkv + g) * DV : nullptr; };
-  auto load_k = [&](int kt) {
-    load_tile_async<DK>(sK + (kt & 1) * kKeys * DK, kKeys, [&](int i) { return k_src(kt * kKeys + i); }, kc, tid,
-                        int(blockDim.x));
-  };
-  auto load_v = [&](int kt) {
-    load_tile_async<DV>(sV + (kt & 1) * kKeys * DV, kKeys, [&](int i) { return v_src(kt * kKeys + i); }, vc, tid,
-                        int(blockDim.x));
-  };
-
-  load_tile_async<DK>(sQ, R, q_row, q, tid, int(blockDim.x));
-  const int ntiles = (nv_max + kKeys - 1) / kKeys;
-  if (ntiles > 0) load_k(0);
-  cp_async_commit();
-  for (int e = tid; e < BT * nb_tile; e += blockDim.x) sBlk[(e / nb_tile) * p.NB + e % nb_tile] = 0;
-  cp_async_wait<0>();
-  __syncthreads();
-
-  // This thread's two rows (mma D layout): A = 16 warp + lane / 4, B = A + 8.
-  const int rA = 16 * warp + (lane >> 2), rB = rA + 8;
-  const int posA = rA / G, posB = rB / G;
-  const int tA = t0 + posA, tB = t0 + posB;
-  const bool okA = posA < BT && tA < T_b, okB = posB < BT && tB < T_b;
-  const int nvA = okA ? cmp_visible(tA, p.l, p.d) : 0, nvB = okB ? cmp_visible(tB, p.l, p.d) : 0;
-  int nv_w = max(nvA, nvB);  // keys any row of this warp sees
-  for (int o = 16; o > 0; o /= 2) nv_w = max(nv_w, __shfl_xor_sync(0xffffffffu, nv_w, o));
-  const float sl2 = p.scale * kLog2e;  // scores in the log2 domain: exp(s x) = exp2(s log2e x)
-
-  uint32_t qa[DK / 16][4];
-  load_q_smem<DK>(qa, sQ, 16 * warp, lane);
-
-  // ---- pass 1: row max and sum of exp, i.e. lse ----
-  float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
-  for (int kt = 0; kt < ntiles; ++kt) {
-    const bool more = kt + 1 < ntiles;
-    if (more) load_k(kt + 1);
-    cp_async_commit();
-    if (more) cp_async_wait<1>();
-    else cp_async_wait<0>();
-    __syncthreads();
-    if (kt * kKeys < nv_w) {
-      float s[8][4];
-      qk_tile<T, DK, kKeys>(s, qa, sK + (kt & 1) * kKeys * DK, lane);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
-          s[nt][e] = ci < nvA ? s[nt][e] * sl2 : -INFINITY;
-          s[nt][2 + e] = ci < nvB ? s[nt][2 + e] * sl2 : -INFINITY;
-        }
-      softmax_step_masked(s, mA, mB, lA, lB);  // p is not needed in pass 1
-    }
-    __syncthreads();
-  }
-  quad_sum(lA, lB);
-  const float lseA = lA > 0 ? mA + log2f(lA) : -INFINITY;  // log2 domain
-  const float lseB = lB > 0 ? mB + log2f(lB) : -INFINITY;
-
-  // ---- pass 2: p = exp2(x - lse); O = p V; column sums of p over the group's heads -> Eq. 9 ----
-  float oacc[DV / 8][4];
-#pragma unroll
-  for (int nd = 0; nd < DV / 8; ++nd) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0;
-  if (ntiles > 0) {
-    load_k(0);
-    load_v(0);
-  }
-  cp_async_commit();
-  for (int kt = 0; kt < ntiles; ++kt) {
-    const bool more = kt + 1 < ntiles;
-    if (more) {
-      load_k(kt + 1);
-      load_v(kt + 1);
-    }
-    cp_async_commit();
-    if (more) cp_async_wait<1>();
-    else cp_async_wait<0>();
-    __syncthreads();
-    const bool active = kt * kKeys < nv_w;
-    float s[8][4];
-    if (active) {
-      qk_tile<T, DK, kKeys>(s, qa, sK + (kt & 1) * kKeys * DK, lane);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
-          s[nt][e] = ci < nvA ? exp2f(s[nt][e] * sl2 - lseA) : 0.0f;
-          s[nt][2 + e] = ci < nvB ? exp2f(s[nt][2 + e] * sl2 - lseB) : 0.0f;
-        }
-      pv_tile<T, DV, kKeys>(oacc, s, sV + (kt & 1) * kKeys * DV, lane);
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0;
-    }
-    column_sums(s, sCs, kKeys, posA, posB, G, lane);  // Eq. 10, into the CTA's sCs
-    __syncthreads();
-    // Eq. 9: selection block j gathers the tile's compressed blocks i that overlap it. One thread
-    // per (position, j) adds them in ascending i onto the running score, so every score is the
-    // same sequential sum whatever the tiling (exactly equal inputs give exactly equal scores,
-    // which the tie rule relies on).
-    {
-      const int i0 = kt * kKeys, iend = min(i0 + kKeys, nv_max);
-      const int jlo = i0 * p.d / p.ls, jhi = ((iend - 1) * p.d + p.l - 1) / p.ls, nj = jhi - jlo + 1;
-      for (int e = tid; e < BT * nj; e += blockDim.x) {
-        const int pos = e / nj, j = jlo + e % nj;
-        const int lo_num = j * p.ls - p.l + 1;  // i d + l > j l'
-        const int ia = max(i0, lo_num > 0 ? (lo_num + p.d - 1) / p.d : 0);
-        const int ib = min(iend - 1, ((j + 1) * p.ls - 1) / p.d);  // i d < (j+1) l'
-        float acc = sBlk[pos * p.NB + j];
-        for (int i = ia; i <= ib; ++i) acc += sCs[pos * kKeys + (i - i0)] * overlap_weight(i, j, p.l, p.d, p.ls);
-        sBlk[pos * p.NB + j] = acc;
-      }
-    }
-    __syncthreads();
-  }
-
-  // ---- outputs of the branch: O (already normalised), lse ----
-  const int hA = g * G + rA % G, hB = g * G + rB % G;
-  store_rows<T, DV>(static_cast<T*>(p.o_cmp), ((row0 + tA) * p.Hq + hA) * DV, ((row0 + tB) * p.Hq + hB) * DV, okA,
-                   okB, oacc, 1.0f, 1.0f, lane);
-  if ((lane & 3) == 0) {
-    if (okA) p.lse_cmp[(row0 + tA) * p.Hq + hA] = lseA * kLn2;
-    if (okB) p.lse_cmp[(row0 + tB) * p.Hq + hB] = lseB * kLn2;
-  }
-
-  // ---- Eq. 11: one warp per position ----
-  for (int pos = warp; pos < BT; pos += nw) {
-    const int t = t0 + pos;
-    if (t >= T_b) break;
-    const float* P = sBlk + pos * p.NB;
-    const int64_t gr = (row0 + t) * p.Hkv + g;
-    if (p.block_scores) {
-      const int valid = slc_valid(t, p.ls);
-      for (int j = lane; j < p.NB; j += 32) p.block_scores[gr * p.NB + j] = j < valid ? P[j] : 0.0f;
-    }
-    select_warp(P, t, p, sList + pos * p.n, p.block_idx + gr * p.n, lane);
-  }
-}
-
-
-// ============================== v2: v1 with the tile latency hidden ==============================
-// Measured on the H100 (T = 64k, G = 16): v1 spends ~15k cycles per 64-key tile and CTA, several
-// times its MMAs: it waits on each tile with only one prefetch in flight and three CTA barriers
-// per tile. v2 keeps v1's algorithm and numerics and changes the schedule:
-//   - 8 warps x 16 rows = 128 rows per CTA (BT = 128 / G positions), so each K/V tile brought on
-//     chip serves twice the rows;
-//   - 3 shared-memory stages: the tile a prefetch overwrites was read in the previous iteration,
-//     before this iteration's barrier, so one barrier per tile suffices;
-//   - Eq. 9 mapped by each warp for its own positions (G <= 16 keeps all heads of a position in
-//     one warp): no barrier between the column sums and the mapping, a warp skips the tiles none
-//     of its rows sees, and the top-n follows in the same warp without a CTA barrier.
-//
-// v3 is v2 with kLean: the measured v2 (ncu, T = 16k) issues ~15 instructions per mma, its warps
-// stalled on dependent arithmetic with 2 warps per scheduler. kLean trims the per-element work:
-// tiles every row of the warp sees in full skip the masks and take exp2 as one multiply-add and
-// one MUFU (ex2.approx.ftz); tiles are copied from a row base and stride.
-constexpr int kStages2 = 3;
-
-template <class T, int DK, int DV, bool kLean>
-__global__ void __launch_bounds__(256, 1) cmp_attn_v2_kernel(FwdParams p, TileMap tm) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int nw = blockDim.x / 32, R = 16 * nw, G = p.G, BT = R / G;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const CmpSmem L(R, BT, DK, DV, p.NB, p.n, sizeof(T), kStages2);
-  T* sQ = reinterpret_cast<T*>(smem + L.q);
-  T* sK = reinterpret_cast<T*>(smem + L.k);
-  T* sV = reinterpret_cast<T*>(smem + L.v);
-  float* sCs = reinterpret_cast<float*>(smem + L.cs);
-  float* sBlk = reinterpret_cast<float*>(smem + L.blk);
-  int* sList = reinterpret_cast<int*>(smem + L.list);
-
-  const int64_t x = tm.total - 1 - blockIdx.x;  // longest tiles first
-  const int g = blockIdx.y;
-  const int b = find_seq(tm.cu_tiles, p.B, x);
-  const int t0 = int(x - tm.cu_tiles[b]) * BT;
-  const int64_t row0 = p.cu_seqlens[b], cmp0 = p.cu_cmp[b];
-  const int T_b = int(p.cu_seqlens[b + 1] - row0);
-  const int t_last = min(t0 + BT, T_b) - 1;
-  const int nv_max = cmp_visible(t_last, p.l, p.d);
-  const int nb_tile = slc_valid(t_last, p.ls);
-  const int ntiles = (nv_max + kKeys - 1) / kKeys;
-
-  const T* q = static_cast<const T*>(p.q);
-  const T* kc = static_cast<const T*>(p.kc);
-  const T* vc = static_cast<const T*>(p.vc);
-  const int Hkv = p.Hkv;
-  auto q_row = [&](int r) -> const T* {
-    const int t = t0 + r / G;
-    return t < T_b ? q + ((row0 + t) * p.Hq + g * G + r % G) * DK : nullptr;
-  };
-  auto k_src = [=](int ci) -> const T* { return ci < nv_max ? kc + ((cmp0 + ci) * Hkv + g) * DK : nullptr; };
-  auto v_src = [=](int ci) -> const T* { return ci < nv_max ? vc + ((cmp0 + ci) * Hkv + g) * DV : nullptr; };
-  auto load_k = [&](int kt) {
-    if constexpr (kLean)
-      load_rows_async<DK>(sK + (kt % kStages2) * kKeys * DK, kKeys, kc + ((cmp0 + kt * kKeys) * Hkv + g) * DK,
-                          int64_t(Hkv) * DK, nv_max - kt * kKeys, tid, int(blockDim.x));
-    else
-      load_tile_async<DK>(sK + (kt % kStages2) * kKeys * DK, kKeys, [&](int i) { return k_src(kt * kKeys + i); },
-                          kc, tid, int(blockDim.x));
-  };
-  auto load_v = [&](int kt) {
-    if constexpr (kLean)
-      load_rows_async<DV>(sV + (kt % kStages2) * kKeys * DV, kKeys, vc + ((cmp0 + kt * kKeys) * Hkv + g) * DV,
-                          int64_t(Hkv) * DV, nv_max - kt * kKeys, tid, int(blockDim.x));
-    else
-      load_tile_async<DV>(sV + (kt % kStages2) * kKeys * DV, kKeys, [&](int i) { return v_src(kt * kKeys + i); },
-                          vc, tid, int(blockDim.x));
-  };
-
-  // The warp's positions [wp0, wp0 + wpn) of the tile; only this warp touches their scores.
-  const int wp0 = 16 * warp / G, wpn = 16 / G;
-  for (int e = lane; e < wpn * nb_tile; e += 32) sBlk[(wp0 + e / nb_tile) * p.NB + e % nb_tile] = 0;
-
-  load_tile_async<DK>(sQ, R, q_row, q, tid, int(blockDim.x));
-  if (ntiles > 0) load_k(0);
-  cp_async_commit();
-  if (ntiles > 1) load_k(1);
-  cp_async_commit();
-  cp_async_wait<1>();
-  __syncthreads();
-
-  const int rA = 16 * warp + (lane >> 2), rB = rA + 8;
-  const int posA = rA / G, posB = rB / G;
-  const int tA = t0 + posA, tB = t0 + posB;
-  const bool okA = tA < T_b, okB = tB < T_b;
-  const int nvA = okA ? cmp_visible(tA, p.l, p.d) : 0, nvB = okB ? cmp_visible(tB, p.l, p.d) : 0;
-  int nv_w = max(nvA, nvB), nv_min = min(nvA, nvB);  // keys some / every row of the warp sees
-  for (int o = 16; o > 0; o /= 2) {
-    nv_w = max(nv_w, __shfl_xor_sync(0xffffffffu, nv_w, o));
-    nv_min = min(nv_min, __shfl_xor_sync(0xffffffffu, nv_min, o));
-  }
-  const float sl2 = p.scale * kLog2e;
-  const float inv_d = 1.0f / float(p.d);
-
-  uint32_t qa[DK / 16][4];
-  load_q_smem<DK>(qa, sQ, 16 * warp, lane);
-
-  // ---- pass 1: lse ----
-  float mA = -INFINITY, mB = -INFINITY, lA = 0, lB = 0;
-  for (int kt = 0; kt < ntiles; ++kt) {
-    if (kt > 0) {
-      cp_async_wait<1>();
-      __syncthreads();  // tile kt landed for every thread; every warp is done with tile kt - 1
-    }
-    if (kt + 2 < ntiles) load_k(kt + 2);  // into the buffer of tile kt - 1
-    cp_async_commit();
-    if (kt * kKeys >= nv_w) continue;
-    float s[8][4];
-    qk_tile<T, DK, kKeys>(s, qa, sK + (kt % kStages2) * kKeys * DK, lane);
-    if (kLean && (kt + 1) * kKeys <= nv_min) {
-      // Every row sees the whole tile: no masks, and the scale folded into one multiply-add.
-      softmax_step_full(s, sl2, mA, mB, lA, lB);
-      continue;
-    }
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
-        s[nt][e] = ci < nvA ? s[nt][e] * sl2 : -INFINITY;
-        s[nt][2 + e] = ci < nvB ? s[nt][2 + e] * sl2 : -INFINITY;
-      }
-    softmax_step_masked(s, mA, mB, lA, lB);  // p is not needed in pass 1
-  }
-  quad_sum(lA, lB);
-  const float lseA = lA > 0 ? mA + log2f(lA) : -INFINITY;
-  const float lseB = lB > 0 ? mB + log2f(lB) : -INFINITY;
-
-  // ---- pass 2: p, O = p V, Eq. 10 then Eq. 9 per warp ----
-  float oacc[DV / 8][4];
-#pragma unroll
-  for (int nd = 0; nd < DV / 8; ++nd) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0;
-  __syncthreads();  // every warp is done with pass 1's buffers
-  if (ntiles > 0) load_k(0), load_v(0);
-  cp_async_commit();
-  if (ntiles > 1) load_k(1), load_v(1);
-  cp_async_commit();
-  for (int kt = 0; kt < ntiles; ++kt) {
-    cp_async_wait<1>();
-    __syncthreads();
-    if (kt + 2 < ntiles) load_k(kt + 2), load_v(kt + 2);
-    cp_async_commit();
-    if (kt * kKeys >= nv_w) continue;  // p = 0 for all the warp's rows: nothing to add anywhere
-    float s[8][4];
-    qk_tile<T, DK, kKeys>(s, qa, sK + (kt % kStages2) * kKeys * DK, lane);
-    if (kLean && (kt + 1) * kKeys <= nv_min) {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[nt][e] = fast_exp2(fmaf(s[nt][e], sl2, -lseA));
-          s[nt][2 + e] = fast_exp2(fmaf(s[nt][2 + e], sl2, -lseB));
-        }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int ci = kt * kKeys + nt * 8 + 2 * (lane & 3) + e;
-          s[nt][e] = ci < nvA ? exp2f(s[nt][e] * sl2 - lseA) : 0.0f;
-          s[nt][2 + e] = ci < nvB ? exp2f(s[nt][2 + e] * sl2 - lseB) : 0.0f;
-        }
-    }
-    const T* sVt = sV + (kt % kStages2) * kKeys * DV;
-    pv_tile<T, DV, kKeys>(oacc, s, sVt, lane);
-    column_sums(s, sCs, kKeys, posA, posB, G, lane);  // Eq. 10, into this warp's rows of sCs
-    __syncwarp();
-    // Eq. 9 for the warp's positions, one lane per (position, block), ascending i onto the
-    // running score as in v1.
-    {
-      const int i0 = kt * kKeys, iend = min(i0 + kKeys, nv_w);
-      const int jlo = i0 * p.d / p.ls, jhi = ((iend - 1) * p.d + p.l - 1) / p.ls, nj = jhi - jlo + 1;
-      for (int e = lane; e < wpn * nj; e += 32) {
-        const int pos = wp0 + e / nj, j = jlo + e % nj;
-        const int lo_num = j * p.ls - p.l + 1;
-        const int ia = max(i0, lo_num > 0 ? (lo_num + p.d - 1) / p.d : 0);
-        const int ib = min(iend - 1, ((j + 1) * p.ls - 1) / p.d);
-        float acc = sBlk[pos * p.NB + j];
-        for (int i = ia; i <= ib; ++i) {
-          const int ov = min(i * p.d + p.l, (j + 1) * p.ls) - max(i * p.d, j * p.ls);
-          acc += sCs[pos * kKeys + (i - i0)] * (float(ov) * inv_d);
-        }
-        sBlk[pos * p.NB + j] = acc;
-      }
-    }
-    __syncwarp();  // the next tile's column sums overwrite sCs
-  }
-
-  const int hA = g * G + rA % G, hB = g * G + rB % G;
-  store_rows<T, DV>(static_cast<T*>(p.o_cmp), ((row0 + tA) * p.Hq + hA) * DV, ((row0 + tB) * p.Hq + hB) * DV, okA,
-                   okB, oacc, 1.0f, 1.0f, lane);
-  if ((lane & 3) == 0) {
-    if (okA) p.lse_cmp[(row0 + tA) * p.Hq + hA] = lseA * kLn2;
-    if (okB) p.lse_cmp[(row0 + tB) * p.Hq + hB] = lseB * kLn2;
-  }
-  // ---- Eq. 11 for the warp's positions ----
-  for (int pos = wp0; pos < wp0 + wpn; ++pos) {
-    const int t = t0 + pos;
-    if (t >= T_b) break;
-    const float* P = sBlk + pos * p.NB;
-    const int64_t gr = (row0 + t) * p.Hkv + g;
-    if (p.block_scores) {
-      const int valid = slc_valid(t, p.ls);
-      for (int j = lane; j < p.NB; j += 32) p.block_scores[gr * p.NB + j] = j < valid ? P[j] : 0.0f;
-    }
-    select_warp(P, t, p, sList + pos * p.n, p.block_idx + gr * p.n, lane);
-  }
-}
-
-// ============================== v4: the branch in two kernels ==============================
-// v3 makes two passes over the compressed keys in one kernel, so its 8 warps hold Q, O and the
-// scores at once (234 registers, 2 warps per scheduler) and each key tile costs QK twice, PV once
-// and the score work, at the latency of 2 warps. v4 splits the branch the way the public NSA
-// kernels do:
-//   1. cmp_fa_v4: FlashAttention-2 over the visible compressed keys in one pass (online softmax):
-//      O_cmp and lse, no score work;
-//   2. cmp_score_v4: with lse known, p = exp(s q.k - lse) is one pass: q.k once more, p summed over
-//      the group's heads (Eq. 10) and mapped onto the selection blocks (Eq. 9), then the top-n
-//      (Eq. 11). It holds neither V nor O: half the registers of v3 and two CTAs per SM, Q straight
-//      from global memory into registers, K alone through shared memory. For the paper's l = 32,
-//      d = 16, l' = 64 the mapping is a fixed 5-term stencil per block (kPaperMap); the top-n
-//      filters candidates before its rounds (select_warp_filtered).
-// cmp_fa_v4: MT m16 tiles per warp (WR = 16 MT rows), nwarps warps, two shared-memory stages
-// (the prefetch of tile kt + 1 overwrites tile kt - 1, which every warp finished before the
-// barrier of iteration kt). Shared memory: sQ [R, DK] | sK [2][64, DK] | sV [2][64, DV] elem.
+// MT m16 tiles per warp (WR = 16 MT rows), nwarps warps, two shared-memory stages (the prefetch of
+// tile kt + 1 overwrites tile kt - 1, which every warp finished before the barrier of iteration
+// kt). Shared memory: sQ [R, DK] | sK [2][64, DK] | sV [2][64, DV] elem.
 constexpr int kFaStages = 2;
 // FlashAttention-2's 32 rows per warp: measured 32.6 ms for the branch at T = 64k against 37.2 ms
 // with 16 rows per warp (MT = 1, 188 registers and no spill instead of 255 and a 36-byte spill).
 constexpr int kFaMT = 2;
 
 template <class T, int DK, int DV, int MT>
-__global__ void __launch_bounds__(256, 1) cmp_fa_v4_kernel(FwdParams p, TileMap tm) {
+__global__ void __launch_bounds__(256, 1) cmp_attn_mma_kernel(FwdParams p, TileMap tm) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int WR = 16 * MT;
   const int nw = blockDim.x / 32, R = WR * nw, G = p.G, BT = R / G;
@@ -562,7 +118,7 @@ __global__ void __launch_bounds__(256, 1) cmp_fa_v4_kernel(FwdParams p, TileMap 
   const int64_t row0 = p.cu_seqlens[b], cmp0 = p.cu_cmp[b];
   const int T_b = int(p.cu_seqlens[b + 1] - row0);
   const int t_last = min(t0 + BT, T_b) - 1;
-  const int nv_max = cmp_visible(t_last, p.l, p.d);
+  const int nv_max = cmp_visible(t_last, p.cmp_len, p.cmp_stride);
   const int ntiles = (nv_max + kKeys - 1) / kKeys;
   const int Hkv = p.Hkv;
 
@@ -593,8 +149,8 @@ __global__ void __launch_bounds__(256, 1) cmp_fa_v4_kernel(FwdParams p, TileMap 
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     const int tA = row_t(m, 0), tB = row_t(m, 8);
-    nvA[m] = tA < T_b ? cmp_visible(tA, p.l, p.d) : 0;
-    nvB[m] = tB < T_b ? cmp_visible(tB, p.l, p.d) : 0;
+    nvA[m] = tA < T_b ? cmp_visible(tA, p.cmp_len, p.cmp_stride) : 0;
+    nvB[m] = tB < T_b ? cmp_visible(tB, p.cmp_len, p.cmp_stride) : 0;
     nv_w = max(nv_w, max(nvA[m], nvB[m]));
     nv_min = min(nv_min, min(nvA[m], nvB[m]));
   }
@@ -661,295 +217,43 @@ __global__ void __launch_bounds__(256, 1) cmp_fa_v4_kernel(FwdParams p, TileMap 
     }
   }
 }
-
-// cmp_score_v4's shared memory (bytes): sK [3][64, DK] elem | sCs [BT][kCs] f32: slot 0 the
-// previous tile's last column sum (the stencil's carry), slots 1..64 this tile's | sBlk [BT][NB]
-// f32 group scores | sList [BT][n] int top-n | sCand [nwarps][kCand] int top-n candidates.
-constexpr int kCs = kKeys + 1;
-constexpr int kCand = 64;
-struct ScoreSmem {
-  size_t k, cs, blk, list, cand, total;
-  __host__ __device__ ScoreSmem(int BT, int nwarps, int DK, int NB, int n, int esize) {
-    k = 0;
-    cs = k + size_t(kStages2) * kKeys * DK * esize;
-    blk = cs + (size_t(BT) * kCs * 4 + 15) / 16 * 16;
-    list = blk + size_t(BT) * NB * 4;
-    cand = list + size_t(BT) * n * 4;
-    total = cand + size_t(nwarps) * kCand * 4;
-  }
-};
-
-// The per-tile work of cmp_score_v4: for each of the warp's positions, the sum over its G heads
-// of p = exp2(s q.k log2e - lse) for every key of the tile, into sCs[pos * kCs + 1 + key]
-// (Eq. 10). v3's layout: the 16 (position, head) rows on the MMA's M dimension, the keys on N, the
-// head sum by column_sums' shuffles across the rows. (Measured against the transposed layout,
-// S^T = K Q^T with the heads on N and the head sum in-thread plus two quad shuffles: that was
-// 1.1 ms slower at T = 64k, 32.6 vs 31.5 ms for the branch.)
-template <class T, int DK>
-struct ScoreRowsOnM {
-  uint32_t qa[DK / 16][4];
-  float lseA, lseB;  // log2 domain; -inf where the row sees no key (it is masked)
-  int nvA, nvB, posA, posB;
-  __device__ __forceinline__ ScoreRowsOnM(const FwdParams& p, int64_t row0, int t0, int T_b, int g, int warp,
-                                          int lane) {
-    const int G = p.G, rA = 16 * warp + (lane >> 2), rB = rA + 8;
-    posA = rA / G, posB = rB / G;
-    const int tA = t0 + posA, tB = t0 + posB;
-    const bool okA = tA < T_b, okB = tB < T_b;
-    const int hA = g * G + rA % G, hB = g * G + rB % G;
-    nvA = okA ? cmp_visible(tA, p.l, p.d) : 0, nvB = okB ? cmp_visible(tB, p.l, p.d) : 0;
-    lseA = okA ? p.lse_cmp[(row0 + tA) * p.Hq + hA] * kLog2e : -INFINITY;
-    lseB = okB ? p.lse_cmp[(row0 + tB) * p.Hq + hB] * kLog2e : -INFINITY;
-    const T* q = static_cast<const T*>(p.q);
-    load_q_global<DK>(qa, okA ? q + ((row0 + tA) * p.Hq + hA) * DK : q, okB ? q + ((row0 + tB) * p.Hq + hB) * DK : q,
-                      okA, okB, lane);
-  }
-  __device__ __forceinline__ int nv_lo() const { return min(nvA, nvB); }
-  __device__ __forceinline__ int nv_hi() const { return max(nvA, nvB); }
-  // Keys i0 .. i0 + 63 of the tile sKt; full: every row sees them all.
-  __device__ __forceinline__ void tile(const T* sKt, int i0, bool full, float sl2, float* sCs, int G, int lane) {
-    float s[8][4];
-    qk_tile<T, DK, kKeys>(s, qa, sKt, lane);
-    if (full) {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[nt][e] = fast_exp2(fmaf(s[nt][e], sl2, -lseA));
-          s[nt][2 + e] = fast_exp2(fmaf(s[nt][2 + e], sl2, -lseB));
-        }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int ci = i0 + nt * 8 + 2 * (lane & 3) + e;
-          s[nt][e] = ci < nvA ? exp2f(s[nt][e] * sl2 - lseA) : 0.0f;
-          s[nt][2 + e] = ci < nvB ? exp2f(s[nt][2 + e] * sl2 - lseB) : 0.0f;
-        }
-    }
-    column_sums(s, sCs + 1, kCs, posA, posB, G, lane);
-  }
-};
-
-template <class T, int DK, bool kPaperMap>
-__global__ void __launch_bounds__(256, 2) cmp_score_v4_kernel(FwdParams p, TileMap tm) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int nw = blockDim.x / 32, R = 16 * nw, G = p.G, BT = R / G;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const ScoreSmem L(BT, nw, DK, p.NB, p.n, sizeof(T));
-  T* sK = reinterpret_cast<T*>(smem + L.k);
-  float* sCs = reinterpret_cast<float*>(smem + L.cs);
-  float* sBlk = reinterpret_cast<float*>(smem + L.blk);
-  int* sList = reinterpret_cast<int*>(smem + L.list);
-  int* sCand = reinterpret_cast<int*>(smem + L.cand) + warp * kCand;
-
-  const int64_t x = tm.total - 1 - blockIdx.x;  // longest tiles first
-  const int g = blockIdx.y;
-  const int b = find_seq(tm.cu_tiles, p.B, x);
-  const int t0 = int(x - tm.cu_tiles[b]) * BT;
-  const int64_t row0 = p.cu_seqlens[b], cmp0 = p.cu_cmp[b];
-  const int T_b = int(p.cu_seqlens[b + 1] - row0);
-  const int t_last = min(t0 + BT, T_b) - 1;
-  const int nv_max = cmp_visible(t_last, p.l, p.d);
-  const int nb_tile = slc_valid(t_last, p.ls);
-  const int ntiles = (nv_max + kKeys - 1) / kKeys;
-  const int Hkv = p.Hkv;
-  const T* kc = static_cast<const T*>(p.kc);
-  auto load_k = [&](int kt) {  // only for kt < ntiles
-    load_rows_async<DK>(sK + (kt % kStages2) * kKeys * DK, kKeys, kc + ((cmp0 + kt * kKeys) * Hkv + g) * DK,
-                        int64_t(Hkv) * DK, nv_max - kt * kKeys, tid, int(blockDim.x));
-  };
-  if (ntiles > 0) load_k(0);
-  cp_async_commit();
-  if (ntiles > 1) load_k(1);
-  cp_async_commit();
-
-  // The warp's positions [wp0, wp0 + wpn) of the tile; only this warp touches their scores.
-  const int wp0 = 16 * warp / G, wpn = 16 / G;
-  for (int e = lane; e < wpn * nb_tile; e += 32) sBlk[(wp0 + e / nb_tile) * p.NB + e % nb_tile] = 0;
-  for (int e = lane; e < wpn; e += 32) sCs[(wp0 + e) * kCs] = 0;  // no key before the first tile
-
-  // Q in registers, kernel 1's lse (back in the log2 domain) and the visible keys of the thread's pairs.
-  ScoreRowsOnM<T, DK> lay(p, row0, t0, T_b, g, warp, lane);
-  int nv_w = lay.nv_hi(), nv_min = lay.nv_lo();  // keys some / every pair of the warp sees
-  for (int o = 16; o > 0; o /= 2) {
-    nv_w = max(nv_w, __shfl_xor_sync(0xffffffffu, nv_w, o));
-    nv_min = min(nv_min, __shfl_xor_sync(0xffffffffu, nv_min, o));
-  }
-  const float sl2 = p.scale * kLog2e;
-
-  for (int kt = 0; kt < ntiles; ++kt) {
-    cp_async_wait<1>();
-    __syncthreads();  // tile kt landed for every thread; every warp is done with tile kt - 1
-    if (kt + 2 < ntiles) load_k(kt + 2);
-    cp_async_commit();
-    if (kt * kKeys >= nv_w) continue;  // p = 0 for all the warp's pairs
-    const int i0 = kt * kKeys;
-    // Eq. 10, into slots 1..64 of the warp's positions; full: no masks (every pair sees every key).
-    lay.tile(sK + (kt % kStages2) * kKeys * DK, i0, (kt + 1) * kKeys <= nv_min, sl2, sCs, G, lane);
-    __syncwarp();
-    if constexpr (kPaperMap) {
-      // Eq. 9 for l = 32, d = 16, l' = 64: block j gathers compressed blocks i = 4j - 1 .. 4j + 3
-      // with the weights |[16 i, 16 i + 32) ∩ [64 j, 64 j + 64)| / 16 = 1, 2, 2, 2, 1. The tile
-      // holds i = 64 kt .. 64 kt + 63, so it completes blocks 16 kt .. 16 kt + 15 with the carried
-      // i = 64 kt - 1 (slot 0); every block is the same 5-term sum, so exactly equal inputs give
-      // exactly equal scores (the tie rule relies on it).
-      for (int e = lane; e < wpn * 16; e += 32) {
-        const int pos = wp0 + e / 16, jj = e % 16, j = kt * 16 + jj;
-        const float* c = sCs + pos * kCs + 4 * jj;
-        const float sc = c[0] + 2.0f * c[1] + 2.0f * c[2] + 2.0f * c[3] + c[4];
-        if (j < nb_tile) sBlk[pos * p.NB + j] = sc;
-      }
-      __syncwarp();
-      for (int e = lane; e < wpn; e += 32) sCs[(wp0 + e) * kCs] = sCs[(wp0 + e) * kCs + kKeys];  // the carry
-    } else {
-      // Eq. 9, general overlaps: v2's mapping, ascending i onto the running score.
-      const float inv_d = 1.0f / float(p.d);
-      const int iend = min(i0 + kKeys, nv_w);
-      const int jlo = i0 * p.d / p.ls, jhi = ((iend - 1) * p.d + p.l - 1) / p.ls, nj = jhi - jlo + 1;
-      for (int e = lane; e < wpn * nj; e += 32) {
-        const int pos = wp0 + e / nj, j = jlo + e % nj;
-        const int lo_num = j * p.ls - p.l + 1;
-        const int ia = max(i0, lo_num > 0 ? (lo_num + p.d - 1) / p.d : 0);
-        const int ib = min(iend - 1, ((j + 1) * p.ls - 1) / p.d);
-        float acc = sBlk[pos * p.NB + j];
-        for (int i = ia; i <= ib; ++i) {
-          const int ov = min(i * p.d + p.l, (j + 1) * p.ls) - max(i * p.d, j * p.ls);
-          acc += sCs[pos * kCs + 1 + (i - i0)] * (float(ov) * inv_d);
-        }
-        sBlk[pos * p.NB + j] = acc;
-      }
-    }
-    __syncwarp();  // the next tile's column sums overwrite sCs
-  }
-  if constexpr (kPaperMap) {
-    // The block after the warp's last tile has one nonzero term, the carried i (itself 0 where
-    // that key is not visible): the 5-term sum with four zeros, i.e. exactly that term. Later
-    // blocks see no key and keep their 0.
-    const int j = 16 * ((nv_w + kKeys - 1) / kKeys);
-    for (int e = lane; e < wpn; e += 32)
-      if (j < nb_tile) sBlk[(wp0 + e) * p.NB + j] = sCs[(wp0 + e) * kCs];
-  }
-  __syncwarp();  // the scores (and, with no tile at all, their zeros) are complete for every lane
-
-  // ---- Eq. 11 for the warp's positions ----
-  for (int pos = wp0; pos < wp0 + wpn; ++pos) {
-    const int t = t0 + pos;
-    if (t >= T_b) break;
-    const float* P = sBlk + pos * p.NB;
-    const int64_t gr = (row0 + t) * p.Hkv + g;
-    if (p.block_scores) {
-      const int valid = slc_valid(t, p.ls);
-      for (int j = lane; j < p.NB; j += 32) p.block_scores[gr * p.NB + j] = j < valid ? P[j] : 0.0f;
-    }
-    select_warp_filtered(P, t, p, sList + pos * p.n, sCand, kCand, p.block_idx + gr * p.n, lane);
-  }
-}
-
 template <class T>
-void launch_v0(const FwdParams& p, cudaStream_t s) {
+void launch_fp32(const FwdParams& p, cudaStream_t s) {
   const int nw = p.G < 4 ? p.G : 4;
-  const size_t smem = cmp_attn_v0_smem(p, nw);
-  NSA_CUDA_CHECK(cudaFuncSetAttribute(cmp_attn_v0_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  cmp_attn_v0_kernel<T><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, smem, s>>>(p);
-  NSA_CUDA_CHECK_LAUNCH("cmp_attn_v0_kernel");
+  const size_t smem = cmp_attn_fp32_smem(p, nw);
+  NSA_CUDA_CHECK(cudaFuncSetAttribute(cmp_attn_fp32_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  cmp_attn_fp32_kernel<T><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, smem, s>>>(p);
+  NSA_CUDA_CHECK_LAUNCH("cmp_attn_fp32_kernel");
 }
-
 template <class T>
-void launch_v1(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
-  const size_t smem = cmp_attn_v1_smem(p, nw);
-  const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-    auto kernel = cmp_attn_v1_kernel<T, decltype(DK)::value, decltype(DV)::value>;
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 32 * nw, smem, s>>>(p, tm);
-    NSA_CUDA_CHECK_LAUNCH("cmp_attn_v1_kernel");
-  });
-  if (!ok) throw ConfigError(cat("cmp_attn v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
-}
-
-template <class T, bool kLean>
-void launch_v2(const FwdParams& p, const TileMap& tm, int nw, cudaStream_t s) {
-  const size_t smem = cmp_attn_v2_smem(p, nw);
-  const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
-    auto kernel = cmp_attn_v2_kernel<T, decltype(DK)::value, decltype(DV)::value, kLean>;
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 32 * nw, smem, s>>>(p, tm);
-    NSA_CUDA_CHECK_LAUNCH("cmp_attn_v2_kernel");
-  });
-  if (!ok) throw ConfigError(cat("cmp_attn v2: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
-}
-
-template <class T>
-void launch_v4(const FwdParams& p, const TileMap& tm_fa, int fa_warps, const TileMap& tm_score, int score_warps,
-               cudaStream_t s) {
-  const size_t smem_fa = cmp_fa_v4_smem(p, fa_warps), smem_sc = cmp_score_v4_smem(p, score_warps);
-  const bool paper_map = p.l == 32 && p.d == 16 && p.ls == 64;
+void launch_mma(const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
+  const size_t smem = cmp_attn_mma_smem(p, nwarps);
   const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK, auto DV) {
     constexpr int A = decltype(DK)::value, B = decltype(DV)::value;
-    auto fa = cmp_fa_v4_kernel<T, A, B, kFaMT>;
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(fa, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_fa)));
-    fa<<<dim3(unsigned(tm_fa.total), unsigned(p.Hkv)), 32 * fa_warps, smem_fa, s>>>(p, tm_fa);
-    NSA_CUDA_CHECK_LAUNCH("cmp_fa_v4_kernel");
-    auto sc = paper_map ? cmp_score_v4_kernel<T, A, true> : cmp_score_v4_kernel<T, A, false>;
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(sc, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_sc)));
-    sc<<<dim3(unsigned(tm_score.total), unsigned(p.Hkv)), 32 * score_warps, smem_sc, s>>>(p, tm_score);
-    NSA_CUDA_CHECK_LAUNCH("cmp_score_v4_kernel");
+    auto fa = cmp_attn_mma_kernel<T, A, B, kFaMT>;
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(fa, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    fa<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 32 * nwarps, smem, s>>>(p, tm);
+    NSA_CUDA_CHECK_LAUNCH("cmp_attn_mma_kernel");
   });
-  if (!ok) throw ConfigError(cat("cmp_attn v4: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
+  if (!ok) throw ConfigError(cat("cmp_attn mma: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
 }
 
 }  // namespace
 
-size_t cmp_attn_v0_smem(const FwdParams& p, int nwarps) { return size_t(nwarps + 1) * p.NB * sizeof(float); }
+size_t cmp_attn_fp32_smem(const FwdParams& p, int nwarps) { return size_t(nwarps + 1) * p.NB * sizeof(float); }
 
-size_t cmp_attn_v1_smem(const FwdParams& p, int nwarps) {
-  const int R = 16 * nwarps;
-  return CmpSmem(R, R / p.G, p.dk, p.dv, p.NB, p.n, 2).total;
-}
-
-size_t cmp_attn_v2_smem(const FwdParams& p, int nwarps) {
-  const int R = 16 * nwarps;
-  return CmpSmem(R, R / p.G, p.dk, p.dv, p.NB, p.n, 2, kStages2).total;
-}
-
-size_t cmp_fa_v4_smem(const FwdParams& p, int nwarps) {
+size_t cmp_attn_mma_smem(const FwdParams& p, int nwarps) {
   return (size_t(16 * kFaMT * nwarps) * p.dk + size_t(kFaStages) * kKeys * (p.dk + p.dv)) * 2;
 }
 
-size_t cmp_score_v4_smem(const FwdParams& p, int nwarps) {
-  return ScoreSmem(16 * nwarps / p.G, nwarps, p.dk, p.NB, p.n, 2).total;
-}
-
-void cmp_attn_v4(Precision prec, const FwdParams& p, const TileMap& tm_fa, int fa_warps, const TileMap& tm_score,
-                 int score_warps, cudaStream_t s) {
-  if (tm_fa.total == 0) return;
-  if (prec == Precision::BF16) launch_v4<__nv_bfloat16>(p, tm_fa, fa_warps, tm_score, score_warps, s);
-  else if (prec == Precision::FP16) launch_v4<__half>(p, tm_fa, fa_warps, tm_score, score_warps, s);
-  else throw ConfigError("cmp_attn v4 needs bf16 or fp16 operands (fp32 runs kernel v0)");
-}
-
-void cmp_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s) {
+void cmp_attn_mma(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
   if (tm.total == 0) return;
-  if (prec == Precision::BF16) lean ? launch_v2<__nv_bfloat16, true>(p, tm, nwarps, s) : launch_v2<__nv_bfloat16, false>(p, tm, nwarps, s);
-  else if (prec == Precision::FP16) lean ? launch_v2<__half, true>(p, tm, nwarps, s) : launch_v2<__half, false>(p, tm, nwarps, s);
-  else throw ConfigError("cmp_attn v2/v3 needs bf16 or fp16 operands (fp32 runs kernel v0)");
+  for_mma_precision(prec, "cmp_attn mma", [&](auto t) { launch_mma<decltype(t)>(p, tm, nwarps, s); });
 }
 
-void cmp_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s) {
+void cmp_attn_fp32(Precision prec, const FwdParams& p, cudaStream_t s) {
   if (p.N == 0) return;
-  switch (prec) {
-    case Precision::BF16: launch_v0<__nv_bfloat16>(p, s); break;
-    case Precision::FP16: launch_v0<__half>(p, s); break;
-    case Precision::FP32: launch_v0<float>(p, s); break;
-  }
-}
-
-void cmp_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s) {
-  if (tm.total == 0) return;
-  if (prec == Precision::BF16) launch_v1<__nv_bfloat16>(p, tm, nwarps, s);
-  else if (prec == Precision::FP16) launch_v1<__half>(p, tm, nwarps, s);
-  else throw ConfigError("cmp_attn v1 needs bf16 or fp16 operands (fp32 runs kernel v0)");
+  for_precision(prec, [&](auto t) { launch_fp32<decltype(t)>(p, s); });
 }
 
 }  // namespace nsa::cuda

@@ -1,4 +1,4 @@
-// Decoding with a KV cache on the device (NSA-SPEC.md 8): the CUDA twin of reference/decode.cpp.
+// Decoding with a KV cache on the device (docs/spec.md 8): the CUDA twin of reference/decode.cpp.
 // The cache mirrors ref::DecodeCache field by field (elements of the precision); the host keeps the
 // lengths (it decides positions, emissions and splits) and the device does the rest. A step is
 //   [append + phi on the completed blocks, when a token completes one]
@@ -21,6 +21,7 @@
 #include "check.hpp"
 #include "device.cuh"
 #include "kernels.hpp"
+#include "measure.hpp"
 #include "nsa_cuda.hpp"
 #include "plan.hpp"
 
@@ -28,8 +29,6 @@ namespace nsa::cuda {
 
 namespace {
 
-// The split kernel's version when Options::decode_kernel is -1 (docs/cuda_decode.md: measured).
-constexpr int kDefaultDecodeKernel = 2;
 
 // Keys per split CTA at most: beyond this a branch takes more splits (several waves of CTAs)
 // rather than longer ones, so that the tail of a launch stays short.
@@ -56,11 +55,6 @@ std::pair<int, int> cut(int keys, int parts) {
   return {(keys + R - 1) / R, R};
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
-
 }  // namespace
 
 struct Decoder::Impl {
@@ -71,7 +65,7 @@ struct Decoder::Impl {
   std::vector<int64_t> len;  // [B] tokens held per sequence
   DecParams p;               // the cache and the step's buffers; rows, splits per step
   int NBcap = 0;             // selection blocks at capacity
-  int sms = 0, optin = 0, ctas_per_sm = 0, waves = 1;
+  int sms = 0, optin = 0, ctas_per_sm = 0, waves = 1;  // waves: Options::dec_waves
   bool pdl = false;          // programmatic dependent launch between the step's kernels (sm_90+)
   std::vector<Buffer> buffers;
   Blas blas;  // cuBLAS: phi's GEMMs on the emitted blocks
@@ -92,8 +86,8 @@ struct Decoder::Impl {
   bool phi_set = false;
   PhiDevice phi_k, phi_v;
   PhiWorkspace ws;
-  void* flush = nullptr;  // L2 flush buffer of the benchmark
-  size_t flush_bytes = 0;
+  L2Flush flush;  // the benchmark's (measure.cu)
+  KernelChoice prefill_kernels;  // what the last prefill's forward pass ran
 
   size_t es() const { return size_t(element_size(opt.dtype)); }
   void* alloc(size_t bytes, const char* what) {
@@ -154,7 +148,6 @@ struct Decoder::Impl {
     blas.destroy();
     for (auto& b : buffers)
       if (b.ptr) cudaFree(b.ptr);
-    if (flush) cudaFree(flush);
     if (stream) cudaStreamDestroy(stream);
   }
 
@@ -195,7 +188,7 @@ struct Decoder::Impl {
 
     // Splits: about one wave of split CTAs per launch (CTAs resident at once over the SMs), the
     // compression and window branches sharing the first launch in proportion to their keys.
-    // NSA_DEC_WAVES=k asks for k waves instead (an experiment knob, docs/cuda_decode.md).
+    // Options::dec_waves = k asks for k waves instead (an experiment knob, docs/cuda_decode.md).
     const int items = std::max(1, Bs * p.Hkv), resident = sms * ctas_per_sm * waves;
     const int partsB = std::max(2, resident / items);
     const int pw = std::max(1, int(std::lround(double(partsB) * Wmax / double(std::max(1, Ncmax + Wmax)))));
@@ -217,8 +210,8 @@ struct Decoder::Impl {
   }
 
   // The step's kernels in order, with names for the timed runs.
-  std::vector<std::pair<const char*, std::function<void(cudaStream_t)>>> stages() {
-    std::vector<std::pair<const char*, std::function<void(cudaStream_t)>>> st;
+  StageList stages() {
+    StageList st;
     const Precision prec = opt.dtype;
     if (emit.M > 0)
       st.push_back({"append+phi", [this, prec](cudaStream_t s) {
@@ -237,9 +230,9 @@ struct Decoder::Impl {
                     }});
     // The first split kernel waits for everything before it (the previous step's merge reads the
     // partials it rewrites); the later kernels start in their predecessor's tail (pdl).
-    st.push_back({"cmp+win split", [this, prec](cudaStream_t s) { dec_split(prec, p, false, false, s); }});
-    st.push_back({"select", [this](cudaStream_t s) { dec_select(p, NBcap, pdl, s); }});
-    st.push_back({"slc split", [this, prec](cudaStream_t s) { dec_split(prec, p, true, pdl, s); }});
+    st.push_back({"cmp_attn+win_attn", [this, prec](cudaStream_t s) { dec_split(prec, p, false, false, s); }});
+    st.push_back({"topn", [this](cudaStream_t s) { dec_select(p, NBcap, pdl, s); }});
+    st.push_back({"slc_attn", [this, prec](cudaStream_t s) { dec_split(prec, p, true, pdl, s); }});
     st.push_back({"combine", [this, prec](cudaStream_t s) { dec_combine(prec, p, pdl, s); }});
     return st;
   }
@@ -248,17 +241,7 @@ struct Decoder::Impl {
     for (auto& [name, fn] : stages()) fn(s);
   }
 
-  PhiDevice upload_phi(const ref::PhiParams<float>& ph) {
-    PhiDevice d;
-    d.pe = upload_f(ph.pe, "phi.pe");
-    d.w = upload_e(ph.w, "phi.w");
-    d.b = upload_f(ph.b, "phi.b");
-    d.w1 = upload_e(ph.w1, "phi.w1");
-    d.b1 = upload_f(ph.b1, "phi.b1");
-    d.w2 = upload_e(ph.w2, "phi.w2");
-    d.b2 = upload_f(ph.b2, "phi.b2");
-    return d;
-  }
+  PhiDevice upload_phi(const ref::PhiParams<float>& ph) { return cuda::upload_phi(*this, ph); }
 };
 
 Decoder::Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int64_t capacity, const Options& opt)
@@ -272,7 +255,7 @@ Decoder::Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int6
     if (opt.dtype == Precision::FP32)
       throw ConfigError("dtype = fp32: the CUDA decode step runs bf16 or fp16 operands (fp32 accumulation)");
     if (cfg.G() > 16) throw ConfigError(cat("G = ", cfg.G(), ": the CUDA decode step holds a group's heads in 16 rows (G <= 16)"));
-    if (!v1_has_dims(int(cfg.dk), int(cfg.dv)))
+    if (!mma_compiled(int(cfg.dk), int(cfg.dv)))
       throw ConfigError(cat("head dims dk = ", cfg.dk, ", dv = ", cfg.dv,
                             " are not compiled for the CUDA decode step (NSA_CUDA_DIMS)"));
     std::string why;
@@ -281,21 +264,16 @@ Decoder::Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int6
     I.cfg = cfg, I.opt = opt, I.share = share, I.B = B, I.capacity = capacity;
     I.len.assign(size_t(B), 0);
     I.sms = device_attr(cudaDevAttrMultiProcessorCount, opt.device);
-    if (const char* e = std::getenv("NSA_DEC_WAVES"); e && *e) I.waves = std::max(1, std::atoi(e));
-    // Experiment knobs (docs/cuda_decode.md): NSA_DEC_PDL=0 launches the kernels plainly,
-    // NSA_DEC_EVICT=0 streams the cache with the default L2 policy.
-    auto off = [](const char* name) {
-      const char* e = std::getenv(name);
-      return e && std::string(e) == "0";
-    };
-    I.pdl = device_attr(cudaDevAttrComputeCapabilityMajor, opt.device) >= 9 && !off("NSA_DEC_PDL");
-    I.p.evict_first = !off("NSA_DEC_EVICT");
+    // Experiment knobs (Options, docs/cuda_decode.md): waves of split CTAs; dec_pdl = false
+    // launches the kernels plainly, dec_evict_first = false streams the cache with the default L2
+    // policy.
+    if (opt.dec_waves < 1) throw ConfigError(cat("dec_waves = ", opt.dec_waves, " is invalid: expected >= 1"));
+    I.waves = opt.dec_waves;
+    I.pdl = device_attr(cudaDevAttrComputeCapabilityMajor, opt.device) >= 9 && opt.dec_pdl;
+    I.p.evict_first = opt.dec_evict_first;
     I.optin = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, opt.device);
     DecParams& p = I.p;
-    p.Hq = int(cfg.Hq), p.Hkv = int(cfg.Hkv), p.G = int(cfg.G()), p.dk = int(cfg.dk), p.dv = int(cfg.dv);
-    p.l = int(cfg.cmp_len), p.d = int(cfg.cmp_stride), p.ls = int(cfg.slc_len), p.n = int(cfg.slc_count);
-    p.init_blocks = int(cfg.init_blocks), p.local_blocks = int(cfg.local_blocks), p.w = int(cfg.window);
-    p.scale = float(cfg.softmax_scale());
+    static_cast<LayerParams&>(p) = layer_params(cfg);
     p.capacity = capacity;
     p.Ncap = int(cfg.num_cmp_blocks(capacity));
     p.Ncs = std::max(4, (p.Ncap + 3) / 4 * 4);
@@ -342,7 +320,7 @@ Decoder::Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int6
     p.lse_cmp = I.alloc_t<float>(BH, "lse_cmp");
     p.lse_slc = I.alloc_t<float>(BH, "lse_slc");
     p.lse_win = I.alloc_t<float>(BH, "lse_win");
-    p.block_idx = I.alloc_t<int32_t>(B * p.Hkv * p.n, "block_idx");
+    p.block_idx = I.alloc_t<int32_t>(B * p.Hkv * p.slc_count, "block_idx");
     p.block_scores = I.alloc_t<float>(B * p.Hkv * I.NBcap, "block_scores");
     p.sel_arrive = I.alloc_t<int>(B * p.Hkv, "selection arrival counts");
     if (B > 0) NSA_CUDA_CHECK(cudaMemset(p.sel_arrive, 0, size_t(B * p.Hkv) * sizeof(int)));
@@ -351,7 +329,7 @@ Decoder::Decoder(const Config& cfg, const ref::KvSharing& share, int64_t B, int6
     I.emit_rows = I.alloc_t<int64_t>(3 * B, "emitted blocks");
     if (cfg.compress != CompressKind::Mean && B > 0) {
       const int64_t D = std::max(p.dk, p.dv), hc = std::max(cfg.hidden_k(), cfg.hidden_v());
-      I.ws.X = I.alloc_e(p.Hkv * B * p.l * D, "phi workspace X");
+      I.ws.X = I.alloc_e(p.Hkv * B * p.cmp_len * D, "phi workspace X");
       I.ws.H = I.alloc_t<float>(p.Hkv * B * std::max(hc, D), "phi workspace H");
       I.ws.Hb = I.alloc_e(p.Hkv * B * hc, "phi workspace Hb");
       I.ws.Y = I.alloc_t<float>(B * p.Hkv * D, "phi workspace Y");
@@ -368,6 +346,7 @@ Decoder::~Decoder() { delete impl_; }
 
 const std::vector<int64_t>& Decoder::lengths() const { return impl_->len; }
 const Config& Decoder::config() const { return impl_->cfg; }
+const KernelChoice& Decoder::prefill_kernels() const { return impl_->prefill_kernels; }
 size_t Decoder::device_bytes() const {
   size_t s = 0;
   for (const auto& b : impl_->buffers) s += b.bytes;
@@ -460,7 +439,7 @@ ref::ForwardResult<float> Decoder::prefill(const ref::Inputs<float>& in, const s
   }
   Options fo = I.opt;
   fo.intermediates = true;
-  ref::ForwardResult<float> r = forward(I.cfg, in, fo);
+  ref::ForwardResult<float> r = forward(I.cfg, in, fo, &I.prefill_kernels);
   const int64_t l = I.cfg.cmp_len, w = I.cfg.window;
   for (size_t i = 0; i < seqs.size(); ++i) {
     const int64_t b = seqs[i], T = cu[i + 1] - cu[i], r0 = cu[i];
@@ -567,9 +546,10 @@ ref::StepResult<float> Decoder::step(const ref::Inputs<float>& in, const std::ve
 
 
 ref::DecodeRun<float> decode_workload(const Config& cfg, const ref::Inputs<float>& in,
-                                      const std::vector<int64_t>& prefix, const Options& opt) {
+                                      const std::vector<int64_t>& prefix, const Options& opt,
+                                      KernelChoice* prefill_kernels) {
   const std::vector<int64_t> cu = in.seqlens_or_single();
-  const int64_t B = int64_t(cu.size()) - 1, H = cfg.Hkv;
+  const int64_t B = int64_t(cu.size()) - 1;
   int64_t Tmax = 0;
   ref::ForwardResult<float> out = ref::decode_outputs(cfg, in, prefix, &Tmax);
 
@@ -589,19 +569,13 @@ ref::DecodeRun<float> decode_workload(const Config& cfg, const ref::Inputs<float
   const auto t0 = clock::now();
   if (!rows.empty()) {
     const ref::ForwardResult<float> pre = dec.prefill(gather.take(rows, cu_p), pre_seqs);
+    if (prefill_kernels) *prefill_kernels = dec.prefill_kernels();
     for (size_t i = 0; i < rows.size(); ++i) ref::copy_outputs(pre, int64_t(i), out, rows[i]);
   }
   run.prefill_seconds = std::chrono::duration<double>(clock::now() - t0).count();
 
-  for (int64_t k = 0;; ++k) {
-    std::vector<int64_t> active;
-    rows.clear();
-    for (int64_t b = 0; b < B; ++b)
-      if (prefix[size_t(b)] + k < cu[b + 1] - cu[b]) {
-        active.push_back(b);
-        rows.push_back(cu[b] + prefix[size_t(b)] + k);
-      }
-    if (active.empty()) break;
+  std::vector<int64_t> active;
+  for (int64_t k = 0; ref::next_step(cu, prefix, k, active, rows); ++k) {
     const ref::Inputs<float>& step_in = gather.take(rows);
     const auto t1 = clock::now();
     const ref::StepResult<float> step = dec.step(step_in, active);
@@ -614,14 +588,7 @@ ref::DecodeRun<float> decode_workload(const Config& cfg, const ref::Inputs<float
   }
 
   run.cache = dec.download();
-  out.k_cmp_compressed = Tensor<float>({out.cu_cmp.back(), H, cfg.dk});
-  out.v_cmp_compressed = Tensor<float>({out.cu_cmp.back(), H, cfg.dv});
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t nc = out.cu_cmp[b + 1] - out.cu_cmp[b];
-    std::copy(run.cache.cmp_key(b, 0), run.cache.cmp_key(b, 0) + nc * H * cfg.dk, out.k_cmp_compressed.row(out.cu_cmp[b], 0));
-    std::copy(run.cache.cmp_value(b, 0), run.cache.cmp_value(b, 0) + nc * H * cfg.dv,
-              out.v_cmp_compressed.row(out.cu_cmp[b], 0));
-  }
+  ref::compressed_from_cache(run.cache, out);
   run.out = std::move(out);
   return run;
 }
@@ -657,54 +624,32 @@ cudaGraphExec_t capture_step(Decoder::Impl& I, cudaStream_t s) {
 // Median latency of the step's kernels (events around them, the L2 flushed before each repeat),
 // launched one by one (eager) and as one CUDA graph, and of each kernel (eager).
 DecodeTiming time_step(Decoder::Impl& I, int warmup, int reps) {
-  auto st = I.stages();
+  const StageList st = I.stages();
   NSA_CUDA_CHECK(cudaDeviceSynchronize());  // the cache's fills (legacy stream) are done
   cudaStream_t s = I.stream;
   for (int i = 0; i < warmup; ++i) I.run(s);
   NSA_CUDA_CHECK(cudaStreamSynchronize(s));
-  std::vector<cudaEvent_t> ev(st.size() + 1);
-  for (auto& e : ev) NSA_CUDA_CHECK(cudaEventCreate(&e));
   // One repeat: the flush (it also gives the host time to queue the launches before the GPU
   // reaches them), then the step between events.
-  auto timed = [&](int r, const std::function<void()>& step) {
-    NSA_CUDA_CHECK(cudaMemsetAsync(I.flush, r & 0xff, I.flush_bytes, s));
-    NSA_CUDA_CHECK(cudaEventRecord(ev[0], s));
-    step();
-    NSA_CUDA_CHECK(cudaEventRecord(ev.back(), s));
-    NSA_CUDA_CHECK(cudaEventSynchronize(ev.back()));
-    float ms = 0;
-    NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev.back()));
-    return double(ms);
-  };
   std::vector<double> eager, graph;
-  for (int r = 0; r < reps; ++r) eager.push_back(timed(r, [&] { I.run(s); }));
+  for (int r = 0; r < reps; ++r) eager.push_back(flushed_ms(I.flush, r, s, [&] { I.run(s); }));
   cudaGraphExec_t exec = capture_step(I, s);
   if (exec) {
     for (int i = 0; i < warmup; ++i) NSA_CUDA_CHECK(cudaGraphLaunch(exec, s));
-    for (int r = 0; r < reps; ++r) graph.push_back(timed(r, [&] { NSA_CUDA_CHECK(cudaGraphLaunch(exec, s)); }));
+    for (int r = 0; r < reps; ++r)
+      graph.push_back(flushed_ms(I.flush, r, s, [&] { NSA_CUDA_CHECK(cudaGraphLaunch(exec, s)); }));
     cudaGraphExecDestroy(exec);
   }
-  std::vector<std::vector<double>> per(st.size());
+  StageMedians per;
   for (int r = 0; r < reps; ++r) {
-    NSA_CUDA_CHECK(cudaMemsetAsync(I.flush, r & 0xff, I.flush_bytes, s));
-    NSA_CUDA_CHECK(cudaEventRecord(ev[0], s));
-    for (size_t i = 0; i < st.size(); ++i) {
-      st[i].second(s);
-      NSA_CUDA_CHECK(cudaEventRecord(ev[i + 1], s));
-    }
-    NSA_CUDA_CHECK(cudaEventSynchronize(ev.back()));
-    for (size_t i = 0; i < st.size(); ++i) {
-      float ms = 0;
-      NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[i], ev[i + 1]));
-      per[i].push_back(ms);
-    }
+    I.flush(r, s);
+    per.add(run_stages_timed(st, s));
   }
-  for (auto& e : ev) cudaEventDestroy(e);
   DecodeTiming t;
   t.ms_eager = median(eager);
   t.ms_graph = median(graph);
   t.ms = graph.empty() ? t.ms_eager : t.ms_graph;
-  for (size_t i = 0; i < st.size(); ++i) t.stages.push_back({st[i].first, median(per[i])});
+  t.stages = per.medians();
   t.splits_cmp = I.p.sc, t.splits_win = I.p.sw, t.splits_slc = I.p.ss;
   t.keys_cmp = I.p.rc, t.keys_win = I.p.rw, t.keys_slc = I.p.rs;
   t.kernel = I.p.kernel;
@@ -739,10 +684,7 @@ DecodeBench bench_decode(const Config& cfg, int64_t B, int64_t s, const Options&
   fill_normal_elems(prec, I.v_in[1], B * I.rv(), seed + 7);
   fill_uniform_floats(I.gates, B * cfg.Hq * 3, seed + 8);
   if (cfg.compress != CompressKind::Mean) dec.set_phi(ref::random_compress_params<float>(cfg, seed));
-  int l2 = 0;
-  NSA_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, opt.device));
-  I.flush_bytes = size_t(std::max(l2, 1 << 20)) * 2;
-  NSA_CUDA_CHECK(cudaMalloc(&I.flush, I.flush_bytes));
+  I.flush.allocate(opt.device);
   std::vector<int64_t> all(static_cast<size_t>(B));
   std::iota(all.begin(), all.end(), 0);
   for (int kind = 0; kind < 2; ++kind) {

@@ -1,4 +1,4 @@
-// The decode step's kernels (NSA-SPEC.md 8): the CUDA twin of the attention part of
+// The decode step's kernels (docs/spec.md 8): the CUDA twin of the attention part of
 // ref::decode_step (reference/decode.cpp). One step computes one new token per sequence, so its
 // work is the keys it reads; the kernels are built to stream them at the card's memory rate even
 // at batch 1, where a step has only Bs * Hkv items (an item = one token's KV group):
@@ -16,7 +16,7 @@
 //            partials' statistics into each head's lse, forms p = exp(s q.k - lse) of the rows
 //            the chunk's blocks overlap, sums it over the group's heads (Eq. 10) and maps it onto
 //            the blocks (Eq. 9); the item's last CTA runs the top-n (Eq. 11, select_cta in
-//            cuda/select.cuh: a radix select with every thread of the CTA).
+//            cuda/topn.cuh: a radix select with every thread of the CTA).
 //   combine  (dec_combine_kernel) per (item, head): merges the three branches' partials into
 //            O_cmp, O_win, O_slc and their lse, and forms o = g_cmp O_cmp + g_slc O_slc + g_win O_win
 //            (Eq. 5).
@@ -24,7 +24,7 @@
 // the splits (and heads) in one thread, one dependent L2 load after another, and took 30-200 us
 // per step whatever the batch (H100, docs/cuda_decode.md).
 // A step that completes a compressed block first appends (dec_append_kernel) and runs phi on the
-// block's l raw rows (dec_emit_*; the mlp/linear products through compress.cu's cuBLAS path).
+// block's l raw rows (dec_emit_*; the mlp/linear products through phi.cu's cuBLAS path).
 #include <algorithm>
 #include <climits>
 #include <utility>
@@ -33,7 +33,7 @@
 #include "check.hpp"
 #include "device.cuh"
 #include "kernels.hpp"
-#include "select.cuh"
+#include "topn.cuh"
 
 namespace nsa::cuda {
 
@@ -100,10 +100,10 @@ __device__ void append_group(const DecParams& p, int r, int g, int tid, int nth)
   auto v_in = [&](int c) { return static_cast<const T*>(p.v_new[c]) + nvv; };
   copy_vec(static_cast<T*>(p.k_slc) + ((b * p.capacity + t) * H + g) * p.dk, k_in(1), p.dk, tid, nth);
   copy_vec(static_cast<T*>(p.v_slc) + ((b * p.capacity + t) * H + g) * p.dv, v_in(1), p.dv, tid, nth);
-  if (p.k_tail) copy_vec(static_cast<T*>(p.k_tail) + ((b * p.L + t % p.l) * H + g) * p.dk, k_in(0), p.dk, tid, nth);
-  if (p.v_tail) copy_vec(static_cast<T*>(p.v_tail) + ((b * p.L + t % p.l) * H + g) * p.dv, v_in(0), p.dv, tid, nth);
-  if (p.k_win) copy_vec(static_cast<T*>(p.k_win) + ((b * p.W + t % p.w) * H + g) * p.dk, k_in(2), p.dk, tid, nth);
-  if (p.v_win) copy_vec(static_cast<T*>(p.v_win) + ((b * p.W + t % p.w) * H + g) * p.dv, v_in(2), p.dv, tid, nth);
+  if (p.k_tail) copy_vec(static_cast<T*>(p.k_tail) + ((b * p.L + t % p.cmp_len) * H + g) * p.dk, k_in(0), p.dk, tid, nth);
+  if (p.v_tail) copy_vec(static_cast<T*>(p.v_tail) + ((b * p.L + t % p.cmp_len) * H + g) * p.dv, v_in(0), p.dv, tid, nth);
+  if (p.k_win) copy_vec(static_cast<T*>(p.k_win) + ((b * p.W + t % p.window) * H + g) * p.dk, k_in(2), p.dk, tid, nth);
+  if (p.v_win) copy_vec(static_cast<T*>(p.v_win) + ((b * p.W + t % p.window) * H + g) * p.dv, v_in(2), p.dv, tid, nth);
 }
 
 // Key x of an item's list for a branch -> its K and V rows (nullptr: masked). Compression: the
@@ -122,8 +122,8 @@ __device__ __forceinline__ void key_rows(const DecParams& p, int kind, int r, in
   }
   int u = ws + x;
   if (kind == kSlc) {
-    const int j = sList[x / p.ls];
-    u = j * p.ls + x % p.ls;
+    const int j = sList[x / p.slc_len];
+    u = j * p.slc_len + x % p.slc_len;
     if (j < 0 || u > t) {
       kp = vp = nullptr;
       return;
@@ -136,8 +136,8 @@ __device__ __forceinline__ void key_rows(const DecParams& p, int kind, int r, in
     return;
   }
   const bool win = kind == kWin;
-  kp = raw_row<T>(p, win ? p.k_win : nullptr, p.W, p.w, p.k_slc, b, u, DK) + g * DK;
-  vp = raw_row<T>(p, win ? p.v_win : nullptr, p.W, p.w, p.v_slc, b, u, DV) + g * DV;
+  kp = raw_row<T>(p, win ? p.k_win : nullptr, p.W, p.window, p.k_slc, b, u, DK) + g * DK;
+  vp = raw_row<T>(p, win ? p.v_win : nullptr, p.W, p.window, p.v_slc, b, u, DV) + g * DV;
 }
 
 // The L2 policy of the cache's K/V tile loads. A step reads each cached row once, and its later
@@ -215,15 +215,15 @@ __global__ void __launch_bounds__(SplitShape<V>::kWarps * 32, (V == 3 && DK <= 1
   if (kind == kCmp && split >= p.sc) kind = kWin, split -= p.sc;
   int count, R, slot;
   if (kind == kCmp) {
-    count = cmp_visible(t, p.l, p.d), R = p.rc, slot = split;
+    count = cmp_visible(t, p.cmp_len, p.cmp_stride), R = p.rc, slot = split;
   } else if (kind == kWin) {
-    count = t - win_start(t, p.w) + 1, R = p.rw, slot = p.sc + split;
+    count = t - win_start(t, p.window) + 1, R = p.rw, slot = p.sc + split;
   } else {
-    count = min(p.n, slc_valid(t, p.ls)) * p.ls, R = p.rs, slot = p.sc + p.sw + split;
+    count = min(p.slc_count, slc_valid(t, p.slc_len)) * p.slc_len, R = p.rs, slot = p.sc + p.sw + split;
   }
   const int x0 = split * R, x1 = min(x0 + R, count);
   const int ntiles = x1 > x0 ? (x1 - x0 + kTile - 1) / kTile : 0;
-  const int ws = win_start(t, p.w);
+  const int ws = win_start(t, p.window);
 
   // The item's query rows: rows A = lane / 4 and B = A + 8 of the mma layout are heads g*G + A, + B.
   // Their loads (step inputs) are issued before the wait for the selection kernel, and before the
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(SplitShape<V>::kWarps * 32, (V == 3 && DK <= 1
   if (first == kCmp && blockIdx.x == 0 && p.append) append_group<T>(p, r, g, tid, blockDim.x);
   int* sList = reinterpret_cast<int*>(smem + split_stage_bytes<V>(DK, DV, sizeof(T)));
   if (kind == kSlc) {
-    for (int i = tid; i < p.n; i += blockDim.x) sList[i] = p.block_idx[int64_t(item) * p.n + i];
+    for (int i = tid; i < p.slc_count; i += blockDim.x) sList[i] = p.block_idx[int64_t(item) * p.slc_count + i];
     __syncthreads();
   }
 
@@ -260,10 +260,10 @@ __global__ void __launch_bounds__(SplitShape<V>::kWarps * 32, (V == 3 && DK <= 1
     if (kind == kWin) {
       if (p.k_win || p.v_win) return false;  // a ring of its own: rows wrap
     } else {
-      if (p.ls % kTile) return false;  // a tile may span two blocks
-      const int j = sList[xt / p.ls];
+      if (p.slc_len % kTile) return false;  // a tile may span two blocks
+      const int j = sList[xt / p.slc_len];
       if (j < 0) return false;
-      u0 = j * p.ls + xt % p.ls;
+      u0 = j * p.slc_len + xt % p.slc_len;
     }
     if (u0 + valid - 1 >= t) return false;  // holds the new token (from the inputs) or keys past t
     row = b * p.capacity + u0;
@@ -426,12 +426,12 @@ __global__ void __launch_bounds__(kSelectThreads) dec_select_kernel(DecParams p)
   __shared__ bool last;
   const int tid = threadIdx.x, nth = blockDim.x, warp = tid / 32, lane = tid % 32;
   const int item = blockIdx.y, r = item / p.Hkv, t = p.pos[r], G = p.G;
-  const int nv = cmp_visible(t, p.l, p.d), valid = slc_valid(t, p.ls);
+  const int nv = cmp_visible(t, p.cmp_len, p.cmp_stride), valid = slc_valid(t, p.slc_len);
   const int ns = nv > 0 ? (nv + p.rc - 1) / p.rc : 0;  // compression splits that saw keys
   const int j0 = blockIdx.x * p.jb, j1 = min(valid, j0 + p.jb);
   // The compressed rows [ia, ib] that overlap blocks [j0, j1) (empty when ib < ia).
-  const int ia = j0 < j1 ? overlap_first(j0, p.l, p.d, p.ls) : 0;
-  const int ib = j0 < j1 ? min(nv - 1, overlap_last(j1 - 1, p.d, p.ls)) : -1;
+  const int ia = j0 < j1 ? overlap_first(j0, p.cmp_len, p.cmp_stride, p.slc_len) : 0;
+  const int ib = j0 < j1 ? min(nv - 1, overlap_last(j1 - 1, p.cmp_stride, p.slc_len)) : -1;
   pdl_release();
   pdl_wait();  // the compression splits' scores and statistics
   float* sLse = reinterpret_cast<float*>(smem);
@@ -468,8 +468,8 @@ __global__ void __launch_bounds__(kSelectThreads) dec_select_kernel(DecParams p)
   for (int j = j0 + tid; j < min(j0 + p.jb, p.NBs); j += nth) {
     float acc = 0;
     if (j < valid) {
-      const int a = overlap_first(j, p.l, p.d, p.ls), b = min(nv - 1, overlap_last(j, p.d, p.ls));
-      for (int i = a; i <= b; ++i) acc += sCol[i - ia] * overlap_weight(i, j, p.l, p.d, p.ls);
+      const int a = overlap_first(j, p.cmp_len, p.cmp_stride, p.slc_len), b = min(nv - 1, overlap_last(j, p.cmp_stride, p.slc_len));
+      for (int i = a; i <= b; ++i) acc += sCol[i - ia] * overlap_weight(i, j, p.cmp_len, p.cmp_stride, p.slc_len);
     }
     P[j] = acc;
   }
@@ -487,9 +487,7 @@ __global__ void __launch_bounds__(kSelectThreads) dec_select_kernel(DecParams p)
   float* sP = reinterpret_cast<float*>(smem);
   for (int j = tid; j < valid; j += nth) sP[j] = __ldcg(P + j);  // L2: other SMs wrote them
   __syncthreads();
-  FwdParams fp;  // what the top-n reads
-  fp.ls = p.ls, fp.n = p.n, fp.init_blocks = p.init_blocks, fp.local_blocks = p.local_blocks;
-  select_cta(sP, t, fp, reinterpret_cast<int*>(sP + p.NBs), p.block_idx + int64_t(item) * p.n, tid, nth);
+  select_cta(sP, t, p, reinterpret_cast<int*>(sP + p.NBs), p.block_idx + int64_t(item) * p.slc_count, tid, nth);
 }
 
 // sum_s f[s] * x[s * stride] in ascending s, eight loads in flight at a time.
@@ -520,10 +518,10 @@ __global__ void __launch_bounds__(128) dec_combine_kernel(DecParams p) {
   float* sF = reinterpret_cast<float*>(smem);
   float* sLse = sF + S;
   // The branches' slots: first slot and the number that saw keys.
-  const int nv = cmp_visible(t, p.l, p.d);
+  const int nv = cmp_visible(t, p.cmp_len, p.cmp_stride);
   const int s0[3] = {0, p.sc, p.sc + p.sw};
-  const int ns[3] = {nv > 0 ? (nv + p.rc - 1) / p.rc : 0, (t - win_start(t, p.w) + 1 + p.rw - 1) / p.rw,
-                     (min(p.n, slc_valid(t, p.ls)) * p.ls + p.rs - 1) / p.rs};
+  const int ns[3] = {nv > 0 ? (nv + p.rc - 1) / p.rc : 0, (t - win_start(t, p.window) + 1 + p.rw - 1) / p.rw,
+                     (min(p.slc_count, slc_valid(t, p.slc_len)) * p.slc_len + p.rs - 1) / p.rs};
   const float* ml = p.part_ml + int64_t(item) * S * 2 * kRows;
   pdl_wait();  // the selection splits' partials (and, through them, every earlier kernel's)
   if (warp < 3) {
@@ -575,8 +573,8 @@ __global__ void dec_emit_mean_kernel(DecParams p, DecEmit em, bool values) {
   T* out = static_cast<T*>(values ? p.v_cmp : p.k_cmp) + (dst * p.Hkv + h) * D;
   for (int c = threadIdx.x; c < D; c += blockDim.x) {
     float s = 0;
-    for (int rr = 0; rr < p.l; ++rr) s += to_f(raw_row<T>(p, tail, p.L, p.l, hist, b, int(u0 + rr), D)[h * D + c]);
-    out[c] = from_f<T>(s / float(p.l));
+    for (int rr = 0; rr < p.cmp_len; ++rr) s += to_f(raw_row<T>(p, tail, p.L, p.cmp_len, hist, b, int(u0 + rr), D)[h * D + c]);
+    out[c] = from_f<T>(s / float(p.cmp_len));
   }
 }
 
@@ -589,12 +587,12 @@ __global__ void dec_emit_gather_kernel(DecParams p, DecEmit em, bool values, con
   const int D = values ? p.dv : p.dk;
   const void* tail = values ? p.v_tail : p.k_tail;
   const void* hist = values ? p.v_slc : p.k_slc;
-  const int64_t lD = int64_t(p.l) * D;
+  const int64_t lD = int64_t(p.cmp_len) * D;
   T* dst = X + (int64_t(h) * M + e) * lD;
   for (int64_t x = threadIdx.x; x < lD; x += blockDim.x) {
     const int rr = int(x / D), c = int(x % D);
-    dst[x] = from_f<T>(to_f(raw_row<T>(p, tail, p.L, p.l, hist, b, int(u0 + rr), D)[h * D + c]) +
-                       pe[(int64_t(h) * p.l + rr) * D + c]);
+    dst[x] = from_f<T>(to_f(raw_row<T>(p, tail, p.L, p.cmp_len, hist, b, int(u0 + rr), D)[h * D + c]) +
+                       pe[(int64_t(h) * p.cmp_len + rr) * D + c]);
   }
 }
 
@@ -624,7 +622,7 @@ size_t dec_split_smem(const DecParams& p, Precision prec) {
   const size_t stages = p.kernel == 3   ? split_stage_bytes<3>(p.dk, p.dv, element_size(prec))
                         : p.kernel == 2 ? split_stage_bytes<2>(p.dk, p.dv, element_size(prec))
                                         : split_stage_bytes<1>(p.dk, p.dv, element_size(prec));
-  return stages + size_t(p.n) * 4;
+  return stages + size_t(p.slc_count) * 4;
 }
 
 int dec_split_threads(const DecParams& p) {
@@ -675,11 +673,11 @@ void dec_split(Precision prec, const DecParams& p, bool selection, bool pdl, cud
 
 int dec_select_blocks_per_cta(const DecParams& p) {
   // The rows of jb blocks, (jb l' + l) / d + 2 at most, fit one per thread.
-  return std::max(1, ((kSelectThreads - 2) * p.d - p.l) / p.ls);
+  return std::max(1, ((kSelectThreads - 2) * p.cmp_stride - p.cmp_len) / p.slc_len);
 }
 
 size_t dec_select_smem(const DecParams& p, int NBcap) {
-  const size_t cols = size_t(p.jb) * p.ls / p.d + size_t(p.l) / p.d + 2;
+  const size_t cols = size_t(p.jb) * p.slc_len / p.cmp_stride + size_t(p.cmp_len) / p.cmp_stride + 2;
   return std::max(size_t(kRows) + cols, size_t(NBcap) + 256 + 32 + 2) * 4;
 }
 

@@ -1,5 +1,5 @@
 // Device helpers shared by the kernels: element conversions, the config arithmetic, the
-// sequence lookup, and the tensor-core primitives of kernel v1 (ldmatrix, mma.sync m16n8k16 with
+// sequence lookup, and the tensor-core primitives of the mma kernels (ldmatrix, mma.sync m16n8k16 with
 // fp32 accumulation, cp.async with zero fill), all available from sm_80 on.
 #pragma once
 
@@ -112,13 +112,50 @@ __device__ __forceinline__ int find_seq(const int64_t* cu, int B, int64_t x) {
   return lo;
 }
 
+// The fp32 attention kernels' online softmax, one warp per (row, head), keys one at a time: the
+// score s q.k (lanes split the head dims, a warp sum), the running max m and sum, and the
+// unnormalised output o (lane holds dims lane + 32 k2; dv <= 256).
+struct Fp32Softmax {
+  float m = -INFINITY, sum = 0, o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  template <class T>
+  __device__ __forceinline__ void add(const T* q, const T* k, const T* v, const LayerParams& p, int lane) {
+    float s = 0;
+    for (int c = lane; c < p.dk; c += 32) s += to_f(q[c]) * to_f(k[c]);
+    for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+    s *= p.scale;
+    const float mn = fmaxf(m, s), alpha = expf(m - mn), pr = expf(s - mn);
+    sum = sum * alpha + pr;
+#pragma unroll
+    for (int k2 = 0; k2 < 8; ++k2)
+      if (lane + 32 * k2 < p.dv) o[k2] = o[k2] * alpha + pr * to_f(v[lane + 32 * k2]);
+    m = mn;
+  }
+};
+
+// The fp32 kernels' CTA (grid (N, Hkv)): its token row and KV group, the row's sequence's first
+// row row0 and its position t there, and the warp's place in the CTA.
+struct TokenCta {
+  int64_t row, row0;
+  int g, t, nw, warp, lane;
+};
+__device__ __forceinline__ TokenCta token_cta(const int64_t* cu_seqlens, int B) {
+  TokenCta c;
+  c.row = blockIdx.x;
+  c.g = blockIdx.y;
+  const int b = find_seq(cu_seqlens, B, c.row);
+  c.row0 = cu_seqlens[b];
+  c.t = int(c.row - c.row0);
+  c.nw = blockDim.x / 32, c.warp = threadIdx.x / 32, c.lane = threadIdx.x % 32;
+  return c;
+}
+
 // Ranking of the top-n (Eq. 11): a NaN score ranks below every number; ties go to the lower index.
 __device__ __forceinline__ float rank_key(float s) { return isnan(s) ? -INFINITY : s; }
 __device__ __forceinline__ bool ranks_before(float ka, int a, float kb, int b) {
   return ka > kb || (ka == kb && a < b);
 }
 
-// ---- tensor-core primitives (kernel v1) ----
+// ---- tensor-core primitives (the mma kernels) ----
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

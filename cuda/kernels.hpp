@@ -1,7 +1,10 @@
-// Internal: the launchers of every stage, called by forward.cu in the order of the spec.
+// Internal: the launchers of every stage's kernels, one section per file, named <stage>_<variant>
+// (docs/cuda.md, "Stages and files"); plan.cu and backward.cu call them in the spec's order.
 #pragma once
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <type_traits>
@@ -20,7 +23,7 @@ struct TileMap {
   int BT = 0;                         // positions per tile
 };
 
-// ---- compress.cu: phi (Eq. 7) ----
+// ---- phi.cu: phi (Eq. 7) ----
 struct PhiDevice {  // one of keys / values; pointers into the Plan's buffers
   const float* pe = nullptr;  // [Hkv, l, D]      fp32
   const void* w = nullptr;    // [Hkv, D, l*D]    elem   linear
@@ -37,8 +40,8 @@ struct PhiWorkspace {
   float* Y = nullptr;     // [Nc, Hkv, D] fp32
 };
 // out [Nc, Hkv, D] elem = phi(x) for x [N, Hkv, D] elem.
-void compress_phi(const Config& cfg, const FwdParams& p, Precision prec, const void* x, int D, int hc,
-                  const PhiDevice& phi, const PhiWorkspace& ws, void* out, cublasHandle_t blas, cudaStream_t s);
+void phi_forward(const Config& cfg, const FwdParams& p, Precision prec, const void* x, int D, int hc,
+                 const PhiDevice& phi, const PhiWorkspace& ws, void* out, cublasHandle_t blas, cudaStream_t s);
 
 // phi's products and epilogues on blocks already gathered (linear, mlp): ws.X [Hkv, M, l*D] elem
 // (rows + pe) -> the [Hkv, D] row of block e at out + rows[e] * Hkv * D (rows nullptr: row e).
@@ -51,7 +54,7 @@ void gemm(cublasHandle_t blas, Precision prec, bool transB, int batch, int M, in
           int64_t lda, int64_t strideA, const void* B, int64_t ldb, int64_t strideB, float* C, int64_t ldc,
           int64_t strideC);
 
-// ---- gate.cu: gates (NSA-SPEC.md 2) and the v0 combine (Eq. 5) ----
+// ---- combine.cu: the gates (docs/spec.md 2) and the fp32 combine (Eq. 5) ----
 struct GateMlpDevice {
   const float* x = nullptr;   // [N, dm]
   const float* w0 = nullptr;  // [dm, dh]  nullptr: no hidden layer
@@ -64,47 +67,37 @@ struct GateMlpDevice {
 };
 void gates_from_mlp(const FwdParams& p, const GateMlpDevice& m, float* gates, cublasHandle_t blas, cudaStream_t s);
 void fill(float* x, int64_t n, float value, cudaStream_t s);
-void combine_v0(Precision prec, const FwdParams& p, cudaStream_t s);
+void combine_fp32(Precision prec, const FwdParams& p, cudaStream_t s);
 
-// ---- cmp_attn.cu: compression attention + Eq. 8-11 (scores, top-n) ----
-void cmp_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s);
-size_t cmp_attn_v0_smem(const FwdParams& p, int nwarps);
-// Rows per CTA = 16 * nwarps (nwarps in 1..4), i.e. BT = 16 * nwarps / G positions.
-void cmp_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
-size_t cmp_attn_v1_smem(const FwdParams& p, int nwarps);
-// v2: nwarps in 1..8, 3-stage pipeline, warp-local Eq. 9 (see cmp_attn.cu); lean: v3.
-void cmp_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
-size_t cmp_attn_v2_smem(const FwdParams& p, int nwarps);
-// v4: two kernels, FlashAttention-2 for O_cmp and lse with 32 rows per warp (tm_fa: tiles of
-// 32 * fa_warps / G positions), then the scores and top-n with lse known (tm_score: tiles of
-// 16 * score_warps / G positions).
-void cmp_attn_v4(Precision prec, const FwdParams& p, const TileMap& tm_fa, int fa_warps, const TileMap& tm_score,
-                 int score_warps, cudaStream_t s);
-size_t cmp_fa_v4_smem(const FwdParams& p, int nwarps);
-size_t cmp_score_v4_smem(const FwdParams& p, int nwarps);
+// ---- cmp_attn.cu: compression attention (its fp32 kernel computes the topn stage too) ----
+void cmp_attn_fp32(Precision prec, const FwdParams& p, cudaStream_t s);
+size_t cmp_attn_fp32_smem(const FwdParams& p, int nwarps);
+// FlashAttention-2 for O_cmp and lse with 32 rows per warp (tm: tiles of 32 * nwarps / G positions).
+void cmp_attn_mma(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
+size_t cmp_attn_mma_smem(const FwdParams& p, int nwarps);
 
-// ---- select.cu: selection attention (Eq. 12) ----
-void slc_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s);
-// tm: tiles of 16 / G positions, one per warp; nwarps warps per CTA; lean: v3 (lists in shared
-// memory, unmasked full chunks, cheaper copies).
-void slc_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
-size_t slc_attn_v1_smem(const FwdParams& p, int nwarps, bool lean);
-// v2: 4 stages per warp, block lists in shared memory.
-void slc_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
-size_t slc_attn_v2_smem(const FwdParams& p, int nwarps);
+// ---- topn.cu: Eq. 8-11 (scores with lse_cmp known, the top-n) ----
+// tm: tiles of 16 * nwarps / G positions.
+void topn_mma(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
+size_t topn_mma_smem(const FwdParams& p, int nwarps);
 
-// ---- window.cu: sliding window (+ Eq. 5 in v1) ----
-void win_attn_v0(Precision prec, const FwdParams& p, cudaStream_t s);
-// tm: tiles of 64 / G positions; writes o (the gated sum) too.
-void win_attn_v1(Precision prec, const FwdParams& p, const TileMap& tm, cudaStream_t s);
-size_t win_attn_v1_smem(const FwdParams& p);
-// v2: 16 * nwarps rows per CTA (tm: tiles of 16 * nwarps / G positions), 3 stages.
-void win_attn_v2(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, bool lean, cudaStream_t s);
-size_t win_attn_v2_smem(const FwdParams& p, int nwarps);
+// ---- slc_attn.cu: selection attention (Eq. 12) ----
+void slc_attn_fp32(Precision prec, const FwdParams& p, cudaStream_t s);
+// tm: tiles of 16 / G positions, one per warp; nwarps warps per CTA (block lists in shared
+// memory, unmasked full chunks).
+void slc_attn_mma(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
+size_t slc_attn_mma_smem(const FwdParams& p, int nwarps);
+
+// ---- win_attn.cu: sliding window (its mma kernel computes the combine stage, Eq. 5, too) ----
+void win_attn_fp32(Precision prec, const FwdParams& p, cudaStream_t s);
+// 16 * nwarps rows per CTA (tm: tiles of 16 * nwarps / G positions), 3 stages; writes o (the
+// gated sum of Eq. 5) too.
+void win_attn_mma(Precision prec, const FwdParams& p, const TileMap& tm, int nwarps, cudaStream_t s);
+size_t win_attn_mma_smem(const FwdParams& p, int nwarps);
 
 // ---- the backward pass (backward.cu runs the stages in this order) ----
-// gate_bwd.cu: dgates = <dL/do, O_c> and the deltas D_c = g_c dgates_c for every (token, head).
-void bwd_prep(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s);
+// combine_bwd.cu: dgates = <dL/do, O_c> and the deltas D_c = g_c dgates_c for every (token, head).
+void combine_bwd(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s);
 struct GateMlpGradDevice {  // gradients of the gate MLP (fp32) and its workspace
   float* dz = nullptr;    // [N, 3 Hq]  dL/d(pre-sigmoid)
   float* a = nullptr;     // [N, dh]    x W0 + b0, recomputed
@@ -118,30 +111,30 @@ struct GateMlpGradDevice {  // gradients of the gate MLP (fp32) and its workspac
 void gate_mlp_backward(const FwdParams& p, const GateMlpDevice& m, const float* dgates, const GateMlpGradDevice& g,
                        cublasHandle_t blas, cudaStream_t s);
 
-// select_bwd.cu: the lists of the positions that selected each block (BwdParams); with items,
-// also the v1 work items (item_cnt, item_off). tmp: cub's scratch of slc_lists_scan_bytes.
+// slc_attn_bwd.cu: the lists of the positions that selected each block (BwdParams); with items,
+// also the mma kernels' work items (item_cnt, item_off). tmp: cub's scratch of slc_lists_scan_bytes.
 size_t slc_lists_scan_bytes(int64_t slots, int64_t lists);
 void build_slc_lists(const FwdParams& p, const BwdParams& bp, int64_t chunks, int64_t slots, bool items, void* tmp,
                      size_t tmp_bytes, cudaStream_t s);
 size_t slc_lists_smem(const FwdParams& p, const BwdParams& bp);
 
-// Per branch (cmp_bwd.cu, select_bwd.cu, window_bwd.cu): dq (cmp writes, slc and win add), then
-// dK/dV. v0: any shape (dk, dv <= 256).
-void cmp_bwd_v0(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s);
-void slc_bwd_v0(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s);
-void win_bwd_v0(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s);
-// v1: tm_dq tiles of 64 / G positions; tm_slc tiles of 16 / G positions (one per warp);
+// Per branch (cmp_attn_bwd.cu, slc_attn_bwd.cu, win_attn_bwd.cu): dq (cmp writes, slc and win add), then
+// dK/dV. fp32: any shape (dk, dv <= 256).
+void cmp_attn_bwd_fp32(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s);
+void slc_attn_bwd_fp32(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s);
+void win_attn_bwd_fp32(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s);
+// mma: tm_dq tiles of 64 / G positions; tm_slc tiles of 16 / G positions (one per warp);
 // tm_keys tiles of 64 tokens; cmp_items work items per group (BwdParams::cu_cmp_items);
 // slc_items an upper bound on the selection's work items (the kernel reads the count).
-void cmp_bwd_v1(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_dq, int64_t cmp_items,
-                cudaStream_t s);
-void slc_bwd_v1(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_slc, int64_t slc_items,
-                cudaStream_t s);
-void win_bwd_v1(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_dq, const TileMap& tm_keys,
-                cudaStream_t s);
-size_t bwd_v1_smem(const FwdParams& p);  // the most shared memory any v1 backward kernel asks for
+void cmp_attn_bwd_mma(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_dq,
+                      int64_t cmp_items, cudaStream_t s);
+void slc_attn_bwd_mma(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_slc,
+                      int64_t slc_items, cudaStream_t s);
+void win_attn_bwd_mma(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_dq,
+                      const TileMap& tm_keys, cudaStream_t s);
+size_t bwd_mma_smem(const FwdParams& p);  // the most shared memory any mma backward kernel asks for
 
-// compress_bwd.cu: phi's backward (Eq. 7): dy = dL/dphi(x) [Nc, Hkv, D] -> dx [N, Hkv, D] (fp32,
+// phi_bwd.cu: phi's backward (Eq. 7): dy = dL/dphi(x) [Nc, Hkv, D] -> dx [N, Hkv, D] (fp32,
 // every row written) and the parameters' gradients.
 struct PhiBwdDevice {
   const float* w = nullptr;   // [Hkv, D, l*D]   fp32 copies of the (rounded) weights
@@ -162,9 +155,9 @@ struct PhiBwdWorkspace {
   float* dA = nullptr;  // [Hkv, Nc, hc]
   float* dX = nullptr;  // [Hkv, Nc, l*D]  dL/d(flattened block + pe)
 };
-void compress_backward(const Config& cfg, const FwdParams& p, Precision prec, const void* x, int D, int hc,
-                       const PhiDevice& phi, const PhiBwdDevice& g, const PhiBwdWorkspace& ws, const float* dy,
-                       float* dx, cublasHandle_t blas, cudaStream_t s);
+void phi_backward(const Config& cfg, const FwdParams& p, Precision prec, const void* x, int D, int hc,
+                  const PhiDevice& phi, const PhiBwdDevice& g, const PhiBwdWorkspace& ws, const float* dy, float* dx,
+                  cublasHandle_t blas, cudaStream_t s);
 // Row-major batched C = op(A) op(B) in fp32 (A [M, K] or, transposed, [K, M]; B [K, N] or [N, K]);
 // tf32: tensor-core TF32 products (for bf16 runs: the operands' own rounding is coarser).
 void gemm_f32(cublasHandle_t blas, bool tf32, bool transA, bool transB, int batch, int M, int N, int K,
@@ -174,8 +167,8 @@ void gemm_f32(cublasHandle_t blas, bool tf32, bool transA, bool transB, int batc
 void colsum(const float* X, int64_t rows, int64_t cols, int64_t ld, int64_t bstride, int batch, float* out,
             int64_t out_stride, cudaStream_t s);
 
-// ---- decode_attn.cu: the decode step (NSA-SPEC.md 8) ----
-constexpr int kDecTile = 32;  // split sizes are multiples of this many keys (whole tiles of every version)
+// ---- decode_attn.cu: the decode step (docs/spec.md 8) ----
+constexpr int kDecTile = 32;  // split sizes are multiples of this many keys (whole tiles of every split kernel)
 // The compressed rows a step emits: rows[e], rows[M + e], rows[2M + e] = cache sequence b, first
 // raw token u0 = i*d of block i, destination row b * Ncap + i (device, int64 [3, M]).
 struct DecEmit {
@@ -204,8 +197,23 @@ void dec_emit_mean(Precision prec, const DecParams& p, const DecEmit& em, bool v
 void dec_emit_gather(Precision prec, const DecParams& p, const DecEmit& em, bool values, const float* pe, void* X,
                      cudaStream_t s);
 
-// True when kernel v1 is compiled for these head dims (NSA_CUDA_DIMS).
-bool v1_has_dims(int dk, int dv);
+
+// Host: calls fn(T()) with T the element type of the precision, the kernels' template argument.
+template <class Fn>
+void for_precision(Precision prec, Fn&& fn) {
+  switch (prec) {
+    case Precision::BF16: fn(__nv_bfloat16()); break;
+    case Precision::FP16: fn(__half()); break;
+    case Precision::FP32: fn(float()); break;
+  }
+}
+// The same for the mma kernels, which take bf16 or fp16 operands; `what` names them in the error.
+template <class Fn>
+void for_mma_precision(Precision prec, const char* what, Fn&& fn) {
+  if (prec == Precision::BF16) fn(__nv_bfloat16());
+  else if (prec == Precision::FP16) fn(__half());
+  else throw ConfigError(cat(what, " needs bf16 or fp16 operands (fp32 runs the fp32 kernels)"));
+}
 
 // Calls fn(integral_constant<DK>, integral_constant<DV>) for the compiled (dk, dv) pair; false if
 // none matches. The pairs are those of NSA_CUDA_DIMS (CMake), to bound compile time.

@@ -1,50 +1,35 @@
-// The CUDA path of the NSA forward pass (../shared/NSA-SPEC.md 1-5): the reference's semantics
-// on an NVIDIA GPU (Hopper first, Ampere supported). Host-side API, free of Eigen and of CUDA
-// headers, so the CLI and the tests include it like reference/nsa_ref.hpp.
+// The CUDA path of NSA (docs/spec.md): the reference's semantics on an NVIDIA GPU (Hopper first,
+// Ampere supported): the forward pass, the backward pass and decoding with a KV cache. Host-side
+// API, free of Eigen and of CUDA headers, so the CLI and the tests include it like
+// reference/nsa_ref.hpp.
 //
-// Stages (cuda/, mirroring reference/):
-//   compress.cu     phi (Eq. 7) for keys and values: mean, linear, mlp (cuBLAS block products)
-//   cmp_attn.cu     compression attention, fused with the importance scores (Eq. 8-10) and the
-//                   top-n selection (Eq. 11): neither the T x Nc probabilities nor the T x NB
-//                   block scores reach device memory unless asked for
-//   select.cu       selection attention (Eq. 12), group-centric: one warp holds all G heads of a
-//                   group for 16/G consecutive positions and streams the union of their blocks
-//   window.cu       sliding-window attention, fused with the gated sum (Eq. 5)
-//   gate.cu         the gates (given, or the gate MLP) and the plain combine of kernel v0
-//   forward.cu      Plan: buffers, the choice of kernel version, the sequence of launches
-// and the backward pass (NSA-SPEC.md 7), stage by stage, each the twin of reference/backward.cpp's:
-//   gate_bwd.cu     dL/dg and the softmax deltas D_c; the gate MLP's backward (cuBLAS)
-//   cmp_bwd.cu      compression attention: dq (query-centric), dK/dV of the compressed rows
-//   select_bwd.cu   per-block lists of the queries that selected each block (counting sort);
-//                   selection attention: dq (group-centric), dK/dV (key-centric, over the lists)
-//   window_bwd.cu   window attention: dq, dK/dV
-//   compress_bwd.cu phi's backward: to the raw k_cmp, v_cmp and phi's parameters (cuBLAS)
-//   backward.cu     the backward stages of Plan, its version choice and benchmark
-// and decoding with a KV cache (NSA-SPEC.md 8), the twin of reference/decode.cpp:
-//   decode_attn.cu  the step's kernels: split-softmax attention over the compressed rows, the
-//                   window and the selected blocks (group-centric), Eq. 8-11, the merges and Eq. 5
-//   decode.cu       Decoder: the device cache, prefill, step; decode_workload; bench_decode
-// Backward versions: v0 = fp32 CUDA cores, one warp per (token, head) or (key, group), no atomics;
-// v1 = tensor cores (mma.sync), FlashAttention-2's split: key-centric kernels for dK/dV, query-
-// centric ones for dq (no atomics on dq); where many work items meet on one key (the compression
-// keys, the selection blocks) the fast mode adds with fp32 atomics and the deterministic mode
-// writes partial sums that one kernel adds in a fixed order.
-// Kernel versions (STYLE 6): v0 = fp32 CUDA cores, one warp per (token, head), any shape: the
-// obviously-right version and the fp32 debug mode; v1 = tensor cores (mma.sync m16n8k16, bf16 or
-// fp16 operands, fp32 accumulation) for dk in {64, 128, 192}, dv in {64, 128}, G in {1, 2, 4, 8, 16};
-// v2 = v1's computation with deeper pipelines, larger CTAs and fewer barriers; v3 = v2's compression
-// and window kernels and v1's selection kernel with the per-element work trimmed; v4 = v3 with the
-// compression branch in two kernels: FlashAttention-2 for O_cmp and lse, then the scores and top-n
-// with lse known (the default).
-// docs/cuda.md has each version's measured times.
+// cuda/ is cut by stage, as reference/ and the tests are (docs/cuda.md, "Stages and files"):
+//   phi.cu, phi_bwd.cu            phi (Eq. 7): mean, linear, mlp (cuBLAS block products); backward
+//   cmp_attn.cu, cmp_attn_bwd.cu  compression attention (its fp32 kernel also runs the topn stage)
+//   topn.cu, topn.cuh             Eq. 8-11: scores, the overlap mapping, group sums, top-n
+//   slc_attn.cu, slc_attn_bwd.cu  selection attention (Eq. 12), group-centric (slc_attn.cuh)
+//   win_attn.cu, win_attn_bwd.cu  sliding-window attention (its mma kernel also runs the combine)
+//   combine.cu, combine_bwd.cu    the gates (given, or the gate MLP) and Eq. 5
+// and the passes that run them:
+//   choice.cu     choose_kernels: the variant of each stage and why
+//   plan.cu       Plan: buffers and the forward's launches; backward.cu: its backward stages
+//   measure.cu    timing (L2 flush, events, warm-up, medians) and the card's ceilings
+//   host.cu       precision conversions, device queries, random fills
+//   decode.cu     Decoder: the device cache, prefill, step; decode_attn.cu: the step's kernels
+//                 (split-softmax attention over the three branches, Eq. 8-11, the merges, Eq. 5)
+// Each stage has an fp32 variant (CUDA cores, fp32 arithmetic on operands of any precision, any
+// shape: the obviously-right kernels and the --dtype fp32 debug mode) and an mma variant (tensor
+// cores, the fastest measured); docs/cuda.md keeps the history of the retired versions.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "decode.hpp"
 #include "nsa_ref.hpp"
+#include "stages.hpp"
 
 struct CUstream_st;  // cudaStream_t, without the CUDA headers
 
@@ -67,43 +52,86 @@ bool available(std::string* why = nullptr);
 // "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)"; throws CudaError without a device.
 std::string device_name();
 
+// ---- How each stage runs (stages.hpp: the stages and variants; docs/cuda.md, "Kernel choice") ----
+
 struct Options {
   Precision dtype = Precision::BF16;
-  int kernel = -1;           // -1: chosen from the config and the device; 0 to 4: that version
+  // Per stage (index: int(Stage)): the variant to run (Auto: chosen) and the warps per CTA of
+  // its mma kernel (0: chosen; cmp_attn, topn and win_attn 1-8, slc_attn 1-2, rounded down to
+  // what fits). On the command line: --variant STAGE=V,... and --warps STAGE=N,...
+  StageVariants variant{};
+  StageWarps warps{};
   bool intermediates = true;  // also produce o_win and block_scores (o_cmp, o_slc, lse, block_idx
                               // and the compressed K/V are always produced: later stages use them)
   int device = 0;
   // ---- backward (cuda/backward.cu) ----
-  bool backward = false;       // the plan also runs the backward pass (keeps O_win, holds gradients)
-  int bwd_kernel = -1;         // -1: chosen; 0: fp32 CUDA cores; 1: tensor cores
-  bool deterministic = false;  // backward without floating-point atomics: bitwise repeatable
+  bool backward = false;                // the plan also runs the backward pass (keeps O_win, holds gradients)
+  Variant bwd_variant = Variant::Auto;  // of every backward stage: Fp32, Mma or Auto (--bwd-variant)
+  bool deterministic = false;           // backward without floating-point atomics: bitwise repeatable
   // ---- decode (cuda/decode.cu) ----
-  int decode_kernel = -1;  // the decode step's split kernel (-1: the default): 1 every tile by the
+  int decode_kernel = -1;  // the decode step's split kernel (-1: kDefaultDecodeKernel): 1 every tile by the
                            // general path; 2 regular tiles by strided copies and an unmasked softmax;
-                           // 3 = 2 with 16-key tiles and twice the warps per SM
+                           // 3 = 2 with 16-key tiles and twice the warps per SM (--dec-kernel)
+  int dec_waves = 1;            // waves of split CTAs the step's grid aims at (--dec-waves)
+  bool dec_pdl = true;          // programmatic dependent launch between the step's kernels, sm_90+ (--dec-pdl)
+  bool dec_evict_first = true;  // the cache's K/V streamed with the L2 evict_first policy (--dec-evict-first)
+
+  // Every stage but phi to v (Auto, Fp32 or Mma).
+  void set_variant(Variant v) { cuda::set_variant(variant, v); }
 };
 
-// True when the tensor-core kernels (v1-v3) are compiled for these head dims (NSA_CUDA_DIMS).
-bool v1_compiled(int dk, int dv);
+// The command line's --variant and --warps (stages.hpp) on opt's fields.
+inline void parse_variants(const std::string& spec, Options& opt) { parse_variants(spec, opt.variant); }
+inline void parse_warps(const std::string& spec, Options& opt) { parse_warps(spec, opt.warps); }
 
-// The version `choose_kernel` picks, or the override; throws ConfigError when the override cannot
-// run this config (the message says why). *why (if given) explains the choice.
-int choose_kernel(const Config& cfg, const Options& opt, std::string* why = nullptr);
+// The decode step's split kernel when Options::decode_kernel is -1 (docs/cuda_decode.md: measured).
+constexpr int kDefaultDecodeKernel = 2;
 
-// The backward version `Plan` uses (v0: fp32 CUDA cores, any shape; v1: tensor cores, the shapes
-// of forward v1-v3), or the override; throws ConfigError when the override cannot run this config.
-int choose_bwd_kernel(const Config& cfg, const Options& opt, std::string* why = nullptr);
+// True when the mma kernels are compiled for these head dims (NSA_CUDA_DIMS).
+bool mma_compiled(int dk, int dv);
+
+// What the kernel choice reads of a device.
+struct DeviceCaps {
+  int major = 0, minor = 0;  // compute capability
+  size_t smem_optin = 0;     // bytes of shared memory one block may opt in to
+  size_t smem_per_sm = 0;    // bytes of shared memory per SM
+  size_t smem_reserved = 0;  // bytes the runtime reserves per block
+};
+DeviceCaps device_caps(int device = 0);  // throws CudaError without a device
+
+// The variant of one stage and why; fused_into >= 0: it runs inside that stage's kernel (topn in
+// cmp_attn's fp32 kernel, combine in win_attn's mma kernel).
+struct StageChoice {
+  Variant variant = Variant::Auto;
+  int warps = 0;        // warps per CTA of its kernel (0: fixed by the kernel)
+  int fused_into = -1;  // an int(Stage), or -1
+  std::string why;
+};
+struct KernelChoice {
+  std::array<StageChoice, kStages> stage;
+  StageChoice backward;  // every backward stage's (Options::backward; else variant Auto)
+  const StageChoice& operator[](Stage s) const { return stage[size_t(s)]; }
+  // "phi=cublas cmp_attn=mma(4 warps) topn=mma(8 warps) ... combine=mma(in win_attn)"
+  std::string summary() const;
+};
+// The kernel of every stage for cfg (sequences of up to Tmax tokens; the block scores' shared
+// memory grows with it) on a device with `dev`'s properties, under opt's overrides: a pure
+// function, which the Plan executes and the command line records. Auto picks mma where it can
+// run and fits, else fp32 (why says which obstacle); an override that cannot run throws
+// ConfigError (it cannot run this config) or ResourceError (it does not fit), naming why.
+KernelChoice choose_kernels(const Config& cfg, int64_t Tmax, const DeviceCaps& dev, const Options& opt);
 
 // Time of one stage of a timed run, in milliseconds.
 struct StageTime {
-  std::string stage;  // "compress", "cmp_attn+select", "slc_attn", "win_attn+combine", ...
+  std::string stage;  // the stage's name; stages one kernel runs together are joined by '+'
+                      // ("cmp_attn+topn", "win_attn+combine"); "combine.gates": the gate MLP
   double ms;
 };
 
 struct BenchResult {
   double ms = 0;                  // median of the whole forward
   std::vector<StageTime> stages;  // per-stage medians
-  int kernel = -1;
+  KernelChoice kernels;           // what ran
 };
 // Forward + backward timing (Options::backward): medians of run + run_backward together, of
 // run_backward alone (after one forward), and the backward's per-stage medians.
@@ -111,7 +139,7 @@ struct BwdBenchResult {
   double fwd_bwd_ms = 0;
   double bwd_ms = 0;
   std::vector<StageTime> stages;
-  int kernel = -1, bwd_kernel = -1;
+  KernelChoice kernels;  // what ran, the backward's included
   bool deterministic = false;
 };
 class Plan;
@@ -122,7 +150,7 @@ BenchResult bench(Plan& plan, int warmup, int reps);
 // the L2 cache is flushed before every timed repeat.
 BwdBenchResult bench_backward(Plan& plan, int warmup, int reps);
 
-// The card's measured ceilings (METHOD.md): a square matrix product through cuBLAS (operands of
+// The card's measured ceilings (docs/cuda.md, "Benchmark"): a square matrix product through cuBLAS (operands of
 // the precision, fp32 accumulation; n = 8192), a device-to-device copy (bytes read + written),
 // and reads of a buffer that fits in L2 (16-byte loads, every SM): the rate at which kernels can
 // pull K/V that is already on chip, the bound of the selection branch on random selections.
@@ -155,7 +183,7 @@ class Plan {
   // Copies every output back, in the reference's layout.
   ref::ForwardResult<float> download() const;
 
-  // ---- backward (NSA-SPEC.md 7; Options::backward) ----
+  // ---- backward (docs/spec.md 7; Options::backward) ----
   // Rounds and copies dL/do [N, Hq, dv] to the device.
   void upload_grad(const Tensor<float>& dO);
   // dL/do ~ N(0, 1) on the device. For benchmarks.
@@ -168,7 +196,6 @@ class Plan {
   ref::BackwardResult<float> download_grads() const;
   // Switches between the fast mode (atomics where partial sums meet) and the deterministic one.
   void set_deterministic(bool on);
-  int bwd_kernel() const;         // the backward version in use
 
   // ---- Device-resident inputs and output (the Python binding's CUDA tensors; cuda/device_io.cu) ----
   // Caller-owned device memory on the plan's device, C-contiguous, in the host inputs' layouts.
@@ -195,7 +222,9 @@ class Plan {
   // those runs; a bound plan is not uploaded to again (upload() would write into it).
   void bind_device(const DeviceIO& io);
 
-  int kernel() const;             // the version in use
+  // The variant of every stage that runs, and why (choose_kernels' answer; its `backward` is set
+  // with Options::backward).
+  const KernelChoice& kernels() const;
   const Config& config() const;
   size_t device_bytes() const;    // bytes allocated on the device
   struct Impl;
@@ -203,14 +232,13 @@ class Plan {
  private:
   friend BenchResult bench(Plan& plan, int warmup, int reps);
   friend BwdBenchResult bench_backward(Plan& plan, int warmup, int reps);
-// The same for the backward pass (plan made with Options::backward, gradient of the output set);
-// the L2 cache is flushed before every timed repeat.
-BwdBenchResult bench_backward(Plan& plan, int warmup, int reps);
   Impl* impl_;
 };
 
-// forward = Plan + upload + run + download: same shapes and meanings as ref::forward.
-ref::ForwardResult<float> forward(const Config& cfg, const ref::Inputs<float>& in, const Options& opt);
+// forward = Plan + upload + run + download: same shapes and meanings as ref::forward; *ran (if
+// given) receives the kernels that ran.
+ref::ForwardResult<float> forward(const Config& cfg, const ref::Inputs<float>& in, const Options& opt,
+                                  KernelChoice* ran = nullptr);
 
 // backward = Plan (Options::backward) + upload + run + upload_grad + run_backward + download: the
 // gradients of ref::backward for dL/do = dO; *fwd (if given) receives the forward's results, whose
@@ -218,15 +246,15 @@ ref::ForwardResult<float> forward(const Config& cfg, const ref::Inputs<float>& i
 ref::BackwardResult<float> backward(const Config& cfg, const ref::Inputs<float>& in, const Tensor<float>& dO,
                                     const Options& opt, ref::ForwardResult<float>* fwd = nullptr);
 
-// ---- Decoding with a KV cache (NSA-SPEC.md 8; docs/cuda_decode.md) ------------------------------
+// ---- Decoding with a KV cache (docs/spec.md 8; docs/cuda_decode.md) ------------------------------
 //
 // The CUDA twin of ref::DecodeCache and ref::decode_step (reference/decode.hpp): the cache lives on
 // the device in the same layout (elements of the precision: compressed rows, the raw history, the
 // rings of branches with keys/values of their own), and a step appends one token to each addressed
 // sequence, emits a compressed row where the token completes a block, and returns every output
 // and intermediate of ref::StepResult. Operands bf16 or fp16, fp32 accumulation; G <= 16 and the
-// head dims of NSA_CUDA_DIMS (the same as kernels v1-v3). Options::kernel applies to the prefill's
-// forward pass, Options::decode_kernel to the step.
+// head dims of NSA_CUDA_DIMS (those of the mma kernels). Options' variants apply to the prefill's
+// forward pass, Options::decode_kernel and the dec_* fields to the step.
 
 class Decoder;
 // A step's time and what it was split into (bench_decode).
@@ -277,6 +305,8 @@ class Decoder {
   // sequence), whose outputs are returned; the cache takes the prompts' rows and the forward
   // pass's compressed rows.
   ref::ForwardResult<float> prefill(const ref::Inputs<float>& in, const std::vector<int64_t>& seqs = {});
+  // The kernels the last prefill's forward pass ran (every variant Auto before the first).
+  const KernelChoice& prefill_kernels() const;
   // ref::decode_step on the device: row b of `in` (one token per stepped sequence) goes to
   // sequence seqs[b]. Gates come from the inputs (given, the gate MLP evaluated on the host, or
   // ones). Refuses what ref::decode_step refuses, with the same error types.
@@ -296,6 +326,7 @@ class Decoder {
 // Decoder::prefill (the CUDA forward pass), the rest one token per step, every sequence with
 // tokens left stepping together; the returned cache is the device cache downloaded at the end.
 ref::DecodeRun<float> decode_workload(const Config& cfg, const ref::Inputs<float>& in,
-                                      const std::vector<int64_t>& prefix, const Options& opt);
+                                      const std::vector<int64_t>& prefix, const Options& opt,
+                                      KernelChoice* prefill_kernels = nullptr);
 
 }  // namespace nsa::cuda

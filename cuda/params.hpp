@@ -6,22 +6,42 @@
 
 #include <cstdint>
 
+#include "config.hpp"
+
 namespace nsa::cuda {
 
-struct FwdParams {
-  // ---- shapes (NSA-SPEC.md names) ----
+// The layer's shapes and NSA settings under Config's names (core/config.hpp; the paper's symbol
+// after each), built from a Config once by layer_params and shared by the forward, backward and
+// decode kernels.
+struct LayerParams {
+  int Hq = 0, Hkv = 0, G = 0;  // query heads, key/value heads, G = Hq / Hkv
+  int dk = 0, dv = 0;          // head dims
+  int cmp_len = 0;             // l: compression block length
+  int cmp_stride = 0;          // d: compression stride
+  int slc_len = 0;             // l': selection block length
+  int slc_count = 0;           // n: selected blocks per query and group, forced included
+  int init_blocks = 0, local_blocks = 0;
+  int window = 0;              // w
+  float scale = 0;             // softmax scale
+};
+
+inline LayerParams layer_params(const Config& cfg) {
+  LayerParams p;
+  p.Hq = int(cfg.Hq), p.Hkv = int(cfg.Hkv), p.G = int(cfg.G()), p.dk = int(cfg.dk), p.dv = int(cfg.dv);
+  p.cmp_len = int(cfg.cmp_len), p.cmp_stride = int(cfg.cmp_stride);
+  p.slc_len = int(cfg.slc_len), p.slc_count = int(cfg.slc_count);
+  p.init_blocks = int(cfg.init_blocks), p.local_blocks = int(cfg.local_blocks), p.window = int(cfg.window);
+  p.scale = float(cfg.softmax_scale());
+  return p;
+}
+
+struct FwdParams : LayerParams {
+  // ---- the packing (docs/spec.md names) ----
   int B = 0;        // packed sequences
   int64_t N = 0;    // tokens in all
   int64_t Nc = 0;   // compressed rows in all (sum over sequences of num_cmp_blocks(T_b))
   int Tmax = 0;     // longest sequence
-  int Hq = 0, Hkv = 0, G = 0;  // query heads, key/value heads, G = Hq / Hkv
-  int dk = 0, dv = 0;          // head dims
-  int l = 0, d = 0;            // compression block length and stride
-  int ls = 0, n = 0;           // selection block length l' and count n
-  int init_blocks = 0, local_blocks = 0;
-  int w = 0;                   // window
-  int NB = 0;                  // selection blocks of the longest sequence, ceil(Tmax / l')
-  float scale = 0;             // softmax scale
+  int NB = 0;       // selection blocks of the longest sequence, ceil(Tmax / l')
   const int64_t* cu_seqlens = nullptr;  // [B+1]
   const int64_t* cu_cmp = nullptr;      // [B+1] first compressed row of each sequence
 
@@ -49,7 +69,7 @@ struct FwdParams {
   float* block_scores = nullptr; // [N, Hkv, NB] Eq. 10, 0 for invalid blocks; nullptr: not stored
 };
 
-// The backward kernels' parameters (NSA-SPEC.md 7), beside the FwdParams of the forward run they
+// The backward kernels' parameters (docs/spec.md 7), beside the FwdParams of the forward run they
 // differentiate (its inputs and what it saved: lse, branch outputs, block_idx, compressed K/V,
 // gates). Gradients are fp32. Per branch c, dO_c = g_c dL/do is never stored: kernels scale dL/do
 // by the gate of the row as they read it.
@@ -75,15 +95,15 @@ struct BwdParams {
   int32_t* slot_off = nullptr;          // [slots + 1] exclusive prefix sums of slot_cnt
   int32_t* list = nullptr;              // [N * Hkv * n] sequence-local positions, ascending per list
   int64_t nlists = 0;                   // lists in all
-  // v1: work items of the selection's key-centric kernel, up to S positions of one list each.
+  // mma: work items of the selection's key-centric kernel, up to S positions of one list each.
   int S = 0;
   int32_t* item_cnt = nullptr;  // [nlists + 1] items of each list
   int32_t* item_off = nullptr;  // [nlists + 1] exclusive prefix sums: list L's items are [off[L], off[L+1])
-  // v1: work items of the compression's key-centric kernel: (b, tile of 64 compressed keys,
+  // mma: work items of the compression's key-centric kernel: (b, tile of 64 compressed keys,
   // chunk of QC positions), item (b, kt, c) = cu_cmp_items[b] + kt * ceil(T_b / QC) + c.
   int QC = 0;
   const int64_t* cu_cmp_items = nullptr;  // [B+1]
-  // v1, deterministic: each item's partial dK, dV of its 64 key slots, summed in item order.
+  // mma, deterministic: each item's partial dK, dV of its 64 key slots, summed in item order.
   float* part_k = nullptr;  // [items, 64, dk]
   float* part_v = nullptr;  // [items, 64, dv]
 };
@@ -107,13 +127,9 @@ namespace nsa::cuda {
 // cache sequence seq[r] at position pos[r] (the cache held pos[r] tokens before the step). An
 // item is a (row, KV group) pair, item = r * Hkv + g: the G query heads of the group share every
 // K/V row the item reads (group-centric).
-struct DecParams {
-  // ---- shapes (NSA-SPEC.md names) ----
-  int Bs = 0;                   // rows of this step
-  int Hq = 0, Hkv = 0, G = 0;   // G = Hq / Hkv <= 16
-  int dk = 0, dv = 0;
-  int l = 0, d = 0, ls = 0, n = 0, init_blocks = 0, local_blocks = 0, w = 0;
-  float scale = 0;
+struct DecParams : LayerParams {  // G <= 16
+  // ---- the step and the cache ----
+  int Bs = 0;            // rows of this step
   int64_t capacity = 0;  // tokens per cache sequence
   int Ncap = 0;          // compressed rows per cache sequence, Nc(capacity)
   int L = 0, W = 0;      // rows of the compression tail ring (min(l, capacity)) and window ring (min(w, capacity))

@@ -1,5 +1,5 @@
-// Internal: the state of a Plan, shared by the forward stages (forward.cu: buffers, the kernel
-// choice, the forward launches) and the backward stages (backward.cu). Not part of the API.
+// Internal: the state of a Plan, shared by the forward stages (plan.cu: buffers, the forward
+// launches), the backward stages (backward.cu) and the benchmarks (measure.cu). Not part of the API.
 #pragma once
 
 #include <cublas_v2.h>
@@ -12,6 +12,7 @@
 #include "blas.hpp"
 #include "check.hpp"
 #include "kernels.hpp"
+#include "measure.hpp"
 #include "nsa_cuda.hpp"
 
 namespace nsa::cuda {
@@ -21,10 +22,6 @@ struct DeviceInfo {
   int smem_optin = 0;  // bytes of shared memory a block may opt in to
 };
 const DeviceInfo& device_info(int device);
-// Kernel-tuning knobs for experiments (documented in docs/cuda.md), e.g. NSA_SLC_WARPS=1.
-int env_int(const char* name, int fallback);
-// Why the tensor-core kernels cannot run cfg at this precision on this device (empty: they can).
-std::string v1_obstacle(const Config& cfg, const Options& opt);
 // Host float -> device elements of the precision (rounded to nearest even), and back.
 std::vector<char> to_elems(Precision prec, const float* x, size_t n);
 void from_elems(Precision prec, const char* src, size_t n, float* out);
@@ -33,6 +30,21 @@ void fill_normal_elems(Precision prec, void* x, int64_t n, uint64_t seed);
 // x ~ U(0, 1) floats (benchmarks' random gates), on the default stream.
 void fill_uniform_floats(float* x, int64_t n, uint64_t seed);
 
+// phi's parameters on the device, through the owner's (a Plan's or a Decoder's) uploads: fp32
+// (upload_f) for pe and the biases, elements of the precision (upload_e) for the weights.
+template <class Owner>
+PhiDevice upload_phi(Owner& o, const ref::PhiParams<float>& ph) {
+  PhiDevice d;
+  d.pe = o.upload_f(ph.pe, "phi.pe");
+  d.w = o.upload_e(ph.w, "phi.w");
+  d.b = o.upload_f(ph.b, "phi.b");
+  d.w1 = o.upload_e(ph.w1, "phi.w1");
+  d.b1 = o.upload_f(ph.b1, "phi.b1");
+  d.w2 = o.upload_e(ph.w2, "phi.w2");
+  d.b2 = o.upload_f(ph.b2, "phi.b2");
+  return d;
+}
+
 struct DeviceBuffer {
   void* ptr = nullptr;
   size_t bytes = 0;
@@ -40,7 +52,7 @@ struct DeviceBuffer {
 
 // What the backward pass holds beside the forward's buffers (backward.cu), when Options::backward.
 struct BwdState {
-  int version = 0;  // backward kernel version: 0 (fp32 CUDA cores) or 1 (tensor cores)
+  bool mma = false;  // the backward's variant: mma (tensor cores) or fp32 (CUDA cores)
   BwdParams bp;
   bool k_shared[kBranches] = {true, true, true};  // branch c reads the shared k (v): its dk_c adds into dk
   bool v_shared[kBranches] = {true, true, true};
@@ -51,9 +63,9 @@ struct BwdState {
   int NBmax = 0;
   void* scan_tmp = nullptr;  // cub's scratch for the prefix sums
   size_t scan_tmp_bytes = 0;
-  int64_t slc_items_max = 0;  // v1: an upper bound on the selection's work items
-  int64_t cmp_items = 0;      // v1: compression work items per group
-  TileMap tm_dq, tm_slc_dq, tm_keys;  // v1: tiles of the dq kernels and of the key-centric window kernel
+  int64_t slc_items_max = 0;  // mma: an upper bound on the selection's work items
+  int64_t cmp_items = 0;      // mma: compression work items per group
+  TileMap tm_dq, tm_slc_dq, tm_keys;  // mma: tiles of the dq kernels and of the key-centric window kernel
   // phi's backward (Eq. 7): fp32 copies of the (rounded) weights, the gradients, a workspace.
   PhiBwdDevice phi_k, phi_v;
   PhiBwdWorkspace phi_ws;
@@ -63,13 +75,13 @@ struct BwdState {
 struct Plan::Impl {
   Config cfg;
   Options opt;
-  int version = 0;
+  KernelChoice kernels;  // choose_kernels' answer, which run() executes
   int64_t N = 0;
   std::vector<int64_t> cu, cu_cmp;  // host copies
   FwdParams p;
-  int cmp_warps = 4, slc_warps = 2, win_warps = 4;  // warps per CTA of the v1/v2 kernels
-  int score_warps = 8;                              // v4: warps per CTA of the score kernel (cmp_warps: FA's)
-  TileMap tm_cmp, tm_slc, tm_win, tm_score;         // tm_score: v4's score kernel
+  TileMap tm_cmp, tm_topn, tm_slc, tm_win;  // tiles of the mma kernels
+  bool mma(Stage s) const { return kernels[s].variant == Variant::Mma; }
+  int warps(Stage s) const { return kernels[s].warps; }
   std::vector<DeviceBuffer> buffers;
   Blas blas;  // cuBLAS: phi's and the gate MLP's GEMMs
   PhiDevice phi_k, phi_v;
@@ -78,8 +90,7 @@ struct Plan::Impl {
   GateMlpDevice gate_mlp;
   void* k_shared = nullptr;  // [N, Hkv, dk] elem
   void* v_shared = nullptr;
-  void* flush = nullptr;     // L2 flush buffer of the benchmark
-  size_t flush_bytes = 0;
+  L2Flush flush;             // the benchmark's (measure.cu)
   bool has_bwd = false;      // Options::backward: bw is set up
   BwdState bw;
 
@@ -128,23 +139,12 @@ struct Plan::Impl {
     tm.cu_tiles = upload_i64(ct, what);
     return tm;
   }
-  PhiDevice upload_phi(const ref::PhiParams<float>& ph) {
-    PhiDevice d;
-    d.pe = upload_f(ph.pe, "phi.pe");
-    d.w = upload_e(ph.w, "phi.w");
-    d.b = upload_f(ph.b, "phi.b");
-    d.w1 = upload_e(ph.w1, "phi.w1");
-    d.b1 = upload_f(ph.b1, "phi.b1");
-    d.w2 = upload_e(ph.w2, "phi.w2");
-    d.b2 = upload_f(ph.b2, "phi.b2");
-    return d;
-  }
+  PhiDevice upload_phi(const ref::PhiParams<float>& ph) { return cuda::upload_phi(*this, ph); }
 
   ~Impl() {
     blas.destroy();
     for (auto& b : buffers)
       if (b.ptr) cudaFree(b.ptr);
-    if (flush) cudaFree(flush);
   }
 };
 
@@ -153,5 +153,7 @@ struct Plan::Impl {
 void setup_backward(Plan::Impl& I);
 // After upload/randomize: fp32 copies of phi's weights for its backward, which branches share k, v.
 void backward_inputs_changed(Plan::Impl& I, const ref::CompressParams<float>* phi);
+// Throws ConfigError unless the plan was made with Options::backward.
+void require_backward(const Plan::Impl& I);
 
 }  // namespace nsa::cuda

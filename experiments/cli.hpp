@@ -1,4 +1,4 @@
-// The `nsa` command's shared machinery (INTERFACE.md): option groups, INI config files, the
+// The `nsa` command's shared machinery (docs/interface.md): option groups, INI config files, the
 // resolved-config JSON, loading a workload into reference inputs, and all-or-nothing output.
 // Each subcommand lives in its own cmd_<name>.cpp and registers in main.cpp.
 #pragma once
@@ -14,6 +14,9 @@
 
 #include "config.hpp"
 #include "nsa_ref.hpp"
+#ifdef NSA_WITH_CUDA
+#include "nsa_cuda.hpp"
+#endif
 
 namespace nsa::cli {
 
@@ -46,17 +49,34 @@ class Command {
   po::positional_options_description pos_;
 };
 
-// ---- Option groups shared by the subcommands (INTERFACE.md, "Common options") ----
+// ---- Option groups shared by the subcommands (docs/interface.md, "Common options") ----
 po::options_description input_options();    // --q --k --v, per-branch K/V, gates, --cu-seqlens
 po::options_description nsa_options();      // l, d, l', n, w, forced blocks, phi, scale
 po::options_description run_options();      // --precision, --dtype, --device, --threads, --path, ...
 po::options_description output_options();   // --out
+// The CUDA kernels' options: --variant, --warps (in run_options); --bwd-variant (backward, bench);
+// --dec-kernel, --dec-waves, --dec-pdl, --dec-evict-first (decode, bench).
+po::options_description variant_options();
+po::options_description bwd_variant_options();
+po::options_description decode_kernel_options();
+// Checks whichever of those options the command has (in every build, CUDA or not).
+void check_cuda_options(const po::variables_map& vm);
+#ifdef NSA_WITH_CUDA
+// The cuda::Options of those options and --dtype.
+cuda::Options cuda_options(const po::variables_map& vm);
+// What ran, per stage: {"cmp_attn": {"variant": "mma", "warps": 4, "why": ...}, ..., "backward": ...}
+// (config.json's "cuda" and the results files' records).
+json kernels_json(const cuda::KernelChoice& k);
+#endif
 
 // For the commands with run_options(): applies --threads (0: all cores; refused outside [0, 1024])
-// and returns the thread count in effect; checks --dtype and --kernel, which only the CUDA path
-// reads, so that a typo is refused on the CPU too. (--device, --precision, --path are checked
+// and returns the thread count in effect; checks --dtype and the CUDA kernels' options, which only
+// the CUDA path reads, so that a typo is refused on the CPU too. (--device, --precision, --path are checked
 // where they are read.)
 int apply_run_options(const po::variables_map& vm);
+
+// --cmp-act and --gate-act: the activation, or a ConfigError naming the option.
+Activation activation_option(const po::variables_map& vm, const char* opt);
 
 // The Config from the options and the tensors' shapes (Hq, dk from q; Hkv from k; dv from v).
 // Validated; errors name the option.
@@ -128,7 +148,7 @@ Workload load_workload(const po::variables_map& vm, bool nsa = true, const Memor
 // RSS now, so that every run records how the estimate compares with what it really used.
 json memory_report(const Workload& w);
 
-// phi's parameter files in a --compress-params folder (INTERFACE.md): pe_k, then w_k, b_k
+// phi's parameter files in a --compress-params folder (docs/interface.md): pe_k, then w_k, b_k
 // (linear) or w1_k, b1_k, w2_k, b2_k (mlp), then the same for _v; none for mean.
 std::vector<std::string> compress_param_names(CompressKind kind);
 // Loads them (shapes are checked later by ref::check_inputs, which names the file).
@@ -192,7 +212,7 @@ template <class T>
 Tensor<T> unpack(const Tensor<T>& t, int64_t batch);
 
 // ---- Shared by `forward` and `decode`, which write the same files ----
-// Adds forward's per-position outputs (INTERFACE.md) to `out`, unpacked to [B, T, ...] for a batch.
+// Adds forward's per-position outputs (docs/interface.md) to `out`, unpacked to [B, T, ...] for a batch.
 template <class S>
 void write_forward(const Workload& w, const ref::ForwardResult<S>& r, OutputDir& out);
 ref::Path parse_path(const po::variables_map& vm);  // --path

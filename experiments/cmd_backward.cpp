@@ -1,4 +1,4 @@
-// `nsa backward`: the gradients of NSA (NSA-SPEC.md 7) for a given dL/do; and `nsa gradcheck`,
+// `nsa backward`: the gradients of NSA (docs/spec.md 7) for a given dL/do; and `nsa gradcheck`,
 // which checks the files `nsa backward` wrote against central finite differences of the forward
 // pass, entry by sampled entry, through the same loading code.
 #include <algorithm>
@@ -25,7 +25,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// The gradient files of a backward result (INTERFACE.md), in a fixed order: dq; dk_c, dv_c for
+// The gradient files of a backward result (docs/interface.md), in a fixed order: dq; dk_c, dv_c for
 // each branch; dk, dv when some branch reads the shared k, v; dgates; d<name> for each of phi's
 // parameter files in use; the gate MLP's dgate_x, dgate_w, dgate_b (dgate_w0, dgate_b0).
 template <class S>
@@ -99,25 +99,25 @@ void write_backward(const Workload& w, const ref::BackwardResult<S>& g, OutputDi
 
 int cmd_backward(const Args& args) {
   Command cmd("backward",
-              "NSA backward pass (NSA-SPEC.md 7): the gradients of a loss L given dL/do (--do), for q, each\n"
+              "NSA backward pass (docs/spec.md 7): the gradients of a loss L given dL/do (--do), for q, each\n"
               "branch's keys and values (and the shared k, v), the gates, phi's parameters and the gate MLP.\n"
               "Selected blocks are held fixed. Writes dq.npy, dk_cmp.npy, ... into --out.");
   cmd.add(input_options());
   po::options_description g("Gradient");
   g.add_options()("do", po::value<std::string>(), "dL/do [T, Hq, dv] (or [B, T, Hq, dv]), shaped like the output o")(
-      "bwd-kernel", po::value<int>()->default_value(-1),
-      "CUDA backward version override: 0 (fp32 CUDA cores), 1 (tensor cores), -1 (automatic choice)")(
       "deterministic", po::bool_switch(),
       "CUDA: no floating-point atomics, bitwise repeatable (slower; see docs/cuda_backward.md)");
   cmd.add(g);
   cmd.add(nsa_options());
   cmd.add(run_options());
+  cmd.add(bwd_variant_options());
   cmd.add(output_options());
   const auto vm = cmd.parse(args);
   if (!vm.count("out")) throw UsageError("the option '--out' is required");
   const bool on_cuda = use_cuda_device(vm, "backward");
   const bool dbl = !on_cuda && use_double(vm);
   const ref::Path path = parse_path(vm);
+  check_cuda_options(vm);
   Workload w = load_workload(vm);
   const Tensor<double> dO = load_do(vm, w, vm["allow-nonfinite"].as<bool>());
   require_memory(backward_bytes(w, dbl ? 8 : 4), "the backward pass");
@@ -140,15 +140,10 @@ int cmd_backward(const Args& args) {
 #ifdef NSA_WITH_CUDA
     // The device rounds the inputs and dL/do to --dtype, runs its forward pass (whose selected
     // blocks the gradients hold fixed) and the backward pass, and returns fp32 gradients.
-    cuda::Options opt;
-    opt.dtype = cuda::parse_precision(vm["dtype"].as<std::string>());
-    opt.kernel = vm["kernel"].as<int>();
-    opt.bwd_kernel = vm["bwd-kernel"].as<int>();
+    cuda::Options opt = cuda_options(vm);
     opt.deterministic = vm["deterministic"].as<bool>();
     opt.backward = true;
     opt.intermediates = false;
-    std::string why;
-    cuda::choose_bwd_kernel(w.cfg, opt, &why);
     const auto t0 = std::chrono::steady_clock::now();
     cuda::Plan plan(w.cfg, w.in.N(), w.in.cu_seqlens, opt);
     plan.upload(w.in.cast<float>());
@@ -157,11 +152,10 @@ int cmd_backward(const Args& args) {
     plan.run_backward();
     write_backward(w, plan.download_grads(), out);
     bwd_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    arith = cat("cuda ", cuda::to_string(opt.dtype), " forward v", plan.kernel(), " backward v", plan.bwd_kernel(),
-                opt.deterministic ? " deterministic" : "");
-    device_json = {{"name", cuda::device_name()}, {"dtype", cuda::to_string(opt.dtype)}, {"kernel", plan.kernel()},
-                   {"bwd_kernel", plan.bwd_kernel()}, {"bwd_kernel_choice", why},
-                   {"deterministic", opt.deterministic}};
+    arith = cat("cuda ", cuda::to_string(opt.dtype), " ", plan.kernels().summary(), " backward=",
+                cuda::to_string(plan.kernels().backward.variant), opt.deterministic ? " deterministic" : "");
+    device_json = {{"name", cuda::device_name()}, {"dtype", cuda::to_string(opt.dtype)},
+                   {"kernels", kernels_json(plan.kernels())}, {"deterministic", opt.deterministic}};
 #endif
   } else if (dbl) {
     run(w.in, dO);

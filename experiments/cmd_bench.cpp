@@ -9,6 +9,7 @@
 #include <chrono>
 #include <ctime>
 #include <fstream>
+#include <functional>
 #include <iomanip>
 #include <iostream>
 #include <sstream>
@@ -18,6 +19,7 @@
 #include "cli.hpp"
 #include "commands.hpp"
 #include "cost.hpp"
+#include "timing.hpp"
 #include "decode.hpp"
 #include "rng.hpp"
 #include "traffic.hpp"
@@ -29,29 +31,9 @@ namespace nsa::cli {
 
 namespace {
 
-// The process's CPU time in ms (all its threads): with one thread, the time the work took even on
-// a machine shared with other jobs, where wall time also counts the time slices given to them.
-double cpu_time_ms() {
-  timespec ts;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return 1e3 * double(ts.tv_sec) + 1e-6 * double(ts.tv_nsec);
-}
-
-// Median time of `reps` runs after `warmup` runs, in ms: wall time, or CPU time (cpu_clock).
-template <class F>
-double median_ms(F&& f, int warmup, int reps, bool cpu_clock) {
-  for (int i = 0; i < warmup; ++i) f();
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    const double c0 = cpu_time_ms();
-    f();
-    ms.push_back(cpu_clock ? cpu_time_ms() - c0
-                           : std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+// Timing (core/timing.hpp): median_ms of wall or process CPU time; with one thread the CPU time is
+// the time the work took even on a machine shared with other jobs, where wall time also counts
+// the time slices given to them.
 
 std::string cpu_name() {
   std::ifstream f("/proc/cpuinfo");
@@ -175,6 +157,48 @@ void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int war
 }
 
 #ifdef NSA_WITH_CUDA
+// The card's measured ceilings at this precision, and the device's record of the results file.
+cuda::Ceilings measure_device(cuda::Precision prec, json& device) {
+  const cuda::Ceilings ceil = cuda::measure_ceilings(prec);
+  device = {{"name", cuda::device_name()},
+            {"ceilings",
+             {{"matmul_tflops", ceil.matmul_tflops}, {"copy_tbps", ceil.copy_tbps}, {"l2_read_tbps", ceil.l2_read_tbps}}}};
+  return ceil;
+}
+
+// The useful FLOPs of a timed stage: its branch's in f (the forward's or the backward's), by the
+// label's first stage (docs/cuda.md, "Stages and files"); 0 for work no branch counts as useful
+// (topn's second q.k, the backward's lists and sums, the gates).
+double stage_flops(const std::string& label, const analysis::ForwardFlops& f) {
+  if (label.find('.') != std::string::npos) return 0.0;
+  std::string st = label.substr(0, label.find('+'));
+  if (st.size() > 4 && st.compare(st.size() - 4, 4, "_bwd") == 0) st.resize(st.size() - 4);
+  if (st == "phi") return f.phi;
+  if (st == "cmp_attn") return f.cmp;
+  if (st == "slc_attn") return f.slc;
+  if (st == "win_attn") return f.win;
+  return 0.0;
+}
+
+// One timed run's stages as records ({stage, ms, gflop, tflops}, and pct_of_ceiling when a matrix
+// rate is given) and as text appended to `line`; `extra` may add to a stage's record and text.
+using StageExtra = std::function<void(const cuda::StageTime&, double, json&, std::ostringstream&)>;
+json stage_records(const std::vector<cuda::StageTime>& stages, const analysis::ForwardFlops& f, double ceiling_tflops,
+                   std::ostringstream& line, const StageExtra& extra = {}) {
+  json out = json::array();
+  line << std::fixed;
+  for (const auto& st : stages) {
+    const double fl = stage_flops(st.stage, f);
+    json sj{{"stage", st.stage}, {"ms", st.ms}, {"gflop", fl / 1e9}, {"tflops", fl / st.ms / 1e9}};
+    if (ceiling_tflops > 0) sj["pct_of_ceiling"] = 100 * fl / st.ms / 1e9 / ceiling_tflops;
+    line << "  " << st.stage << " " << std::setprecision(2) << st.ms << " ms";
+    if (fl > 0) line << " (" << std::setprecision(0) << fl / st.ms / 1e9 << " TF)";
+    if (extra) extra(st, fl, sj, line);
+    out.push_back(sj);
+  }
+  return out;
+}
+
 // --device cuda: the forward pass on device-resident random inputs (Plan::randomize: q, k, v ~
 // N(0, 1), shared K/V, random gates and phi), medians of cuda::bench (L2 flushed before every
 // repeat), the per-stage breakdown, and useful TFLOP/s against the card's measured matrix rate.
@@ -184,21 +208,17 @@ void bench_precision(const Config& base, const std::vector<int64_t>& Ts, int war
 // With backward: also forward + backward (op "forward_backward") in both backward modes, on a
 // second plan holding the gradients (dL/do ~ N(0, 1) on the device): the median of forward +
 // backward together, of the backward alone, and the backward's per-stage medians.
-void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, int reps, cuda::Precision prec,
-                int kernel, int bwd_kernel, bool backward, BenchRun& run, json& device) {
-  const cuda::Ceilings ceil = cuda::measure_ceilings(prec);
-  device = {{"name", cuda::device_name()},
-            {"ceilings",
-             {{"matmul_tflops", ceil.matmul_tflops}, {"copy_tbps", ceil.copy_tbps}, {"l2_read_tbps", ceil.l2_read_tbps}}}};
+void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, int reps, const cuda::Options& opts,
+                bool backward, BenchRun& run, json& device) {
+  const cuda::Precision prec = opts.dtype;
+  const cuda::Ceilings ceil = measure_device(prec, device);
   const std::string dtype = cuda::to_string(prec);
   std::cout << "device: " << cuda::device_name() << "; measured ceilings: " << dtype << " matrix product "
             << std::fixed << std::setprecision(0) << ceil.matmul_tflops << " TFLOP/s, copy " << std::setprecision(2)
             << ceil.copy_tbps << " TB/s, L2 reads " << ceil.l2_read_tbps << " TB/s\n"
             << std::defaultfloat;
   for (int64_t T : Ts) {
-    cuda::Options opt;
-    opt.dtype = prec;
-    opt.kernel = kernel;
+    cuda::Options opt = opts;
     opt.intermediates = false;  // what a model needs: o (block lists and branch outputs stay internal)
     cuda::BenchResult res;
     {
@@ -208,35 +228,18 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
     }
     const auto f = analysis::nsa_forward_flops(base, T);
     const double tflops = f.total() / res.ms / 1e9;
-    // Useful FLOPs of each stage's branch (the compression stage also makes a second q.k pass
-    // for the normalised scores, which the useful count leaves out).
-    auto stage_flop = [&](const std::string& st) {
-      if (st == "compress") return f.phi;
-      if (st == "cmp_attn+select") return f.cmp;
-      if (st == "slc_attn") return f.slc;
-      if (st.rfind("win_attn", 0) == 0) return f.win;
-      return 0.0;
-    };
-    json stages = json::array();
     std::ostringstream line;
-    line << std::fixed;
-    for (const auto& st : res.stages) {
-      const double fl = stage_flop(st.stage);
-      json sj{{"stage", st.stage}, {"ms", st.ms}, {"gflop", fl / 1e9}, {"tflops", fl / st.ms / 1e9},
-              {"pct_of_ceiling", 100 * fl / st.ms / 1e9 / ceil.matmul_tflops}};
-      line << "  " << st.stage << " " << std::setprecision(2) << st.ms << " ms";
-      if (fl > 0) line << " (" << std::setprecision(0) << fl / st.ms / 1e9 << " TF)";
-      if (st.stage == "slc_attn") {
-        // Each (position, group) reads its selected tokens' K and V once: the useful FLOPs over G,
-        // scaled by the element size (2 FLOPs per key element per head, 2 bytes per element).
-        const double kv_bytes = fl / double(base.G()) * cuda::element_size(prec) / 2;
-        sj["kv_gbytes"] = kv_bytes / 1e9;
-        sj["kv_tbps"] = kv_bytes / st.ms / 1e9;
-        sj["pct_of_l2_read"] = 100 * kv_bytes / st.ms / 1e9 / ceil.l2_read_tbps;
-        line << " [" << std::setprecision(1) << kv_bytes / st.ms / 1e9 << " TB/s K/V]";
-      }
-      stages.push_back(sj);
-    }
+    const json stages = stage_records(res.stages, f, ceil.matmul_tflops, line,
+                                      [&](const cuda::StageTime& st, double fl, json& sj, std::ostringstream& text) {
+      if (st.stage != "slc_attn") return;
+      // Each (position, group) reads its selected tokens' K and V once: the useful FLOPs over G,
+      // scaled by the element size (2 FLOPs per key element per head, 2 bytes per element).
+      const double kv_bytes = fl / double(base.G()) * cuda::element_size(prec) / 2;
+      sj["kv_gbytes"] = kv_bytes / 1e9;
+      sj["kv_tbps"] = kv_bytes / st.ms / 1e9;
+      sj["pct_of_l2_read"] = 100 * kv_bytes / st.ms / 1e9 / ceil.l2_read_tbps;
+      text << " [" << std::setprecision(1) << kv_bytes / st.ms / 1e9 << " TB/s K/V]";
+    });
     // The traffic model's roofline prediction (analysis/traffic.hpp) at this call's measured
     // ceilings: each branch's kernels at max(FLOPs / matrix rate, bytes / copy rate), summed.
     const analysis::Device measured{"measured", ceil.matmul_tflops * 1e12, ceil.copy_tbps * 1e12};
@@ -246,14 +249,14 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
     json r{{"op", "forward"}, {"impl", "nsa_cuda"}, {"T", T}, {"B", 1}, {"Hq", base.Hq}, {"Hkv", base.Hkv},
            {"dk", base.dk}, {"dv", base.dv}, {"dtype", dtype}, {"ms", res.ms}, {"gflop", f.total() / 1e9},
            {"gflops", tflops * 1e3}, {"tflops", tflops}, {"ceiling_tflops", ceil.matmul_tflops},
-           {"pct_of_ceiling", 100 * tflops / ceil.matmul_tflops}, {"kernel", res.kernel}, {"reps", reps},
-           {"warmup", warmup}, {"l2_flushed", true}, {"stages", stages},
+           {"pct_of_ceiling", 100 * tflops / ceil.matmul_tflops}, {"kernels", kernels_json(res.kernels)},
+           {"reps", reps}, {"warmup", warmup}, {"l2_flushed", true}, {"stages", stages},
            {"model_ms", model_ms}, {"full_model_ms", full_model_ms}, {"model_gbytes", tm.nsa().bytes / 1e9},
            {"flop_by_branch", {{"phi", f.phi}, {"cmp", f.cmp}, {"slc", f.slc}, {"win", f.win}}},
            {"config", config_json(base)}};
     run.add(r);
     std::cout << "forward nsa_cuda T=" << std::setw(6) << T << " " << dtype << " dk=" << base.dk << " dv=" << base.dv
-              << " v" << res.kernel << "  median " << std::fixed << std::setprecision(3) << std::setw(8) << res.ms
+              << "  median " << std::fixed << std::setprecision(3) << std::setw(8) << res.ms
               << " ms (" << reps << " reps, L2 flushed)  " << std::setprecision(0) << std::setw(4) << tflops
               << " TFLOP/s = " << std::setw(2) << 100 * tflops / ceil.matmul_tflops << "% of "
               << ceil.matmul_tflops << "  |" << line.str() << "\n"
@@ -261,7 +264,6 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
     if (!backward) continue;
 
     opt.backward = true;
-    opt.bwd_kernel = bwd_kernel;
     cuda::Plan plan(base, T, {}, opt);
     plan.randomize(1000 + uint64_t(T));
     plan.randomize_grad(2000 + uint64_t(T));
@@ -270,37 +272,22 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
     for (bool det : {false, true}) {
       plan.set_deterministic(det);
       const cuda::BwdBenchResult br = cuda::bench_backward(plan, warmup, reps);
-      auto stage_bflop = [&](const std::string& st) {
-        if (st == "cmp_bwd") return fb.cmp;
-        if (st == "slc_bwd") return fb.slc;
-        if (st == "win_bwd") return fb.win;
-        if (st == "compress_bwd") return fb.phi;
-        return 0.0;
-      };
-      json bstages = json::array();
       std::ostringstream bl;
-      bl << std::fixed;
-      for (const auto& st : br.stages) {
-        const double fl = stage_bflop(st.stage);
-        json sj{{"stage", st.stage}, {"ms", st.ms}, {"gflop", fl / 1e9}, {"tflops", fl / st.ms / 1e9}};
-        bl << "  " << st.stage << " " << std::setprecision(2) << st.ms << " ms";
-        if (fl > 0) bl << " (" << std::setprecision(0) << fl / st.ms / 1e9 << " TF)";
-        bstages.push_back(sj);
-      }
+      const json bstages = stage_records(br.stages, fb, 0, bl);
       const double tf = flop / br.fwd_bwd_ms / 1e9;
       json rb{{"op", "forward_backward"}, {"impl", det ? "nsa_cuda_deterministic" : "nsa_cuda"}, {"T", T}, {"B", 1},
               {"Hq", base.Hq}, {"Hkv", base.Hkv}, {"dk", base.dk}, {"dv", base.dv}, {"dtype", dtype},
               {"ms", br.fwd_bwd_ms}, {"forward_ms", res.ms}, {"backward_ms", br.bwd_ms},
               {"backward_over_forward", br.bwd_ms / res.ms}, {"gflop", flop / 1e9}, {"gflops", tf * 1e3},
               {"tflops", tf}, {"ceiling_tflops", ceil.matmul_tflops},
-              {"pct_of_ceiling", 100 * tf / ceil.matmul_tflops}, {"kernel", br.kernel},
-              {"bwd_kernel", br.bwd_kernel}, {"deterministic", det}, {"reps", reps}, {"warmup", warmup},
+              {"pct_of_ceiling", 100 * tf / ceil.matmul_tflops}, {"kernels", kernels_json(br.kernels)},
+              {"deterministic", det}, {"reps", reps}, {"warmup", warmup},
               {"l2_flushed", true}, {"backward_stages", bstages},
               {"backward_flop_by_branch", {{"phi", fb.phi}, {"cmp", fb.cmp}, {"slc", fb.slc}, {"win", fb.win}}},
               {"config", config_json(base)}};
       run.add(rb);
       std::cout << "forward_backward nsa_cuda T=" << std::setw(6) << T << " " << dtype << " dk=" << base.dk
-                << " dv=" << base.dv << " v" << br.kernel << "/bwd v" << br.bwd_kernel
+                << " dv=" << base.dv << " backward=" << cuda::to_string(br.kernels.backward.variant)
                 << (det ? " deterministic" : " fast") << "  median " << std::fixed << std::setprecision(3)
                 << br.fwd_bwd_ms << " ms (backward " << br.bwd_ms << " ms = " << std::setprecision(2)
                 << br.bwd_ms / res.ms << "x forward)  " << std::setprecision(0) << tf << " TFLOP/s  |" << bl.str()
@@ -317,11 +304,9 @@ void bench_cuda(const Config& base, const std::vector<int64_t>& Ts, int warmup, 
 // per step, shared by the batch) and the card's measured copy bandwidth. PyTorch SDPA decode is
 // timed by experiments/sdpa_baseline.py --decode in the same device call.
 void bench_cuda_decode(const Config& base, const std::vector<int64_t>& Ts, const std::vector<int64_t>& batches,
-                       int warmup, int reps, cuda::Precision prec, int kernel, BenchRun& run, json& device) {
-  const cuda::Ceilings ceil = cuda::measure_ceilings(prec);
-  device = {{"name", cuda::device_name()},
-            {"ceilings",
-             {{"matmul_tflops", ceil.matmul_tflops}, {"copy_tbps", ceil.copy_tbps}, {"l2_read_tbps", ceil.l2_read_tbps}}}};
+                       int warmup, int reps, const cuda::Options& opts, BenchRun& run, json& device) {
+  const cuda::Precision prec = opts.dtype;
+  const cuda::Ceilings ceil = measure_device(prec, device);
   const std::string dtype = cuda::to_string(prec);
   const int elem = cuda::element_size(prec);
   std::cout << "device: " << cuda::device_name() << "; measured ceilings: copy " << std::fixed << std::setprecision(2)
@@ -329,10 +314,7 @@ void bench_cuda_decode(const Config& base, const std::vector<int64_t>& Ts, const
             << std::defaultfloat;
   for (int64_t T : Ts)
     for (int64_t B : batches) {
-      cuda::Options opt;
-      opt.dtype = prec;
-      opt.decode_kernel = kernel;
-      const cuda::DecodeBench r = cuda::bench_decode(base, B, T, opt, warmup, reps, 1000 + uint64_t(T));
+      const cuda::DecodeBench r = cuda::bench_decode(base, B, T, opts, warmup, reps, 1000 + uint64_t(T));
       // Bytes the step must read for B sequences (the model); phi's parameters once per step.
       auto model = [&](int64_t pos) {
         const ref::StepBytes b = ref::step_bytes(base, ref::step_tokens(base, pos + 1), elem);
@@ -417,11 +399,11 @@ int cmd_bench(const Args& args) {
   po::options_description r("Run");
   r.add_options()("device", po::value<std::string>()->default_value("cpu"), "cpu or cuda")(
       "threads", po::value<int>()->default_value(0), "CPU threads (0: all cores)")(
-      "dtype", po::value<std::string>()->default_value("bf16"), "CUDA operands: bf16, fp16 or fp32")(
-      "kernel", po::value<int>()->default_value(-1),
-      "CUDA kernel version override (-1: automatic choice); with --ops decode the decode step's split kernel (1-3)")(
-      "bwd-kernel", po::value<int>()->default_value(-1), "CUDA backward version override (-1: automatic choice)");
+      "dtype", po::value<std::string>()->default_value("bf16"), "CUDA operands: bf16, fp16 or fp32");
   cmd.add(r);
+  cmd.add(variant_options());
+  cmd.add(bwd_variant_options());
+  cmd.add(decode_kernel_options());
   cmd.add(output_options());
   const auto vm = cmd.parse(args);
   if (!vm.count("out")) throw UsageError("the option '--out' is required");
@@ -486,12 +468,11 @@ int cmd_bench(const Args& args) {
   if (on_cuda) {
 #ifdef NSA_WITH_CUDA
     json device;
-    const cuda::Precision prec = cuda::parse_precision(vm["dtype"].as<std::string>());
+    const cuda::Options opts = cuda_options(vm);
     if (decode)
-      bench_cuda_decode(base, Ts, batches, warmup, reps, prec, vm["kernel"].as<int>(), run, device);
+      bench_cuda_decode(base, Ts, batches, warmup, reps, opts, run, device);
     else
-      bench_cuda(base, Ts, warmup, reps, prec, vm["kernel"].as<int>(), vm["bwd-kernel"].as<int>(), backward, run,
-                 device);
+      bench_cuda(base, Ts, warmup, reps, opts, backward, run, device);
     json j{{"device", device["name"]}, {"date", today()}, {"command", command}, {"config", config_json(base)},
            {"ceilings", device["ceilings"]}, {"records", run.records}};
     out.add_text("bench.csv", run.csv.str());

@@ -1,4 +1,4 @@
-// `nsa decode`: a workload token by token through the KV cache (NSA-SPEC.md 8, reference/decode.hpp).
+// `nsa decode`: a workload token by token through the KV cache (docs/spec.md 8, reference/decode.hpp).
 // Writes the same per-position files as `nsa forward`: positions < --prefill come from the
 // prefill (the forward pass on each sequence's prompt, which also fills the cache), the others
 // from decode steps, all sequences that still have tokens stepping together as one batch. Beside
@@ -23,7 +23,7 @@ json bytes_json(const ref::CacheBytes& c) {
   return {{"cmp", c.cmp}, {"tail", c.tail}, {"slc", c.slc}, {"win", c.win}, {"total", c.total()}, {"full_attention", c.full}};
 }
 
-// Two ratios: against the spec's count (the three branches' keys/values, NSA-SPEC.md 8), and
+// Two ratios: against the spec's count (the three branches' keys/values, docs/spec.md 8), and
 // against everything the step read (the emission of a compressed row included: phi's raw rows
 // and parameters, which dominate at small sizes).
 json bytes_json(const ref::StepBytes& b) {
@@ -99,7 +99,7 @@ json decode_report(const Workload& w, const ref::DecodeRun<S>& run, int64_t pref
 
 int cmd_decode(const Args& args) {
   Command cmd("decode",
-              "NSA decoding through a KV cache (NSA-SPEC.md 8): the same files as `nsa forward`, positions from\n"
+              "NSA decoding through a KV cache (docs/spec.md 8): the same files as `nsa forward`, positions from\n"
               "--prefill on computed one token per step from the cache; config.json reports the cache size and\n"
               "the bytes read per step, decode_steps.csv every step's traffic.");
   cmd.add(input_options());
@@ -110,6 +110,7 @@ int cmd_decode(const Args& args) {
                   "before stepping; a sequence shorter than this is prefilled whole");
   cmd.add(d);
   cmd.add(run_options());
+  cmd.add(decode_kernel_options());
   cmd.add(output_options());
   const auto vm = cmd.parse(args);
   if (!vm.count("out")) throw UsageError("the option '--out' is required");
@@ -149,13 +150,14 @@ int cmd_decode(const Args& args) {
 #ifdef NSA_WITH_CUDA
     // The prefill is the CUDA forward pass on the prompts, the steps the CUDA decode step; the
     // device rounds the inputs to --dtype and every output comes back as float32.
-    cuda::Options opt;
-    opt.dtype = cuda::parse_precision(vm["dtype"].as<std::string>());
-    opt.kernel = vm["kernel"].as<int>();
-    report_run(cuda::decode_workload(w.cfg, w.in.cast<float>(), prefix, opt), cuda::element_size(opt.dtype));
+    const cuda::Options opt = cuda_options(vm);
+    cuda::KernelChoice ran;  // what the prefill's forward pass ran (all Auto without a prefill)
+    report_run(cuda::decode_workload(w.cfg, w.in.cast<float>(), prefix, opt, &ran), cuda::element_size(opt.dtype));
     arith = cat("cuda ", cuda::to_string(opt.dtype));
+    const int split = opt.decode_kernel == -1 ? cuda::kDefaultDecodeKernel : opt.decode_kernel;
     device_json = {{"name", cuda::device_name()}, {"dtype", cuda::to_string(opt.dtype)},
-                   {"prefill_kernel", cuda::choose_kernel(w.cfg, opt)}};
+                   {"prefill_kernels", kernels_json(ran)}, {"decode_kernel", split}, {"dec_waves", opt.dec_waves},
+                   {"dec_pdl", opt.dec_pdl}, {"dec_evict_first", opt.dec_evict_first}};
 #endif
   } else if (dbl) {
     report_run(ref::decode_workload(w.cfg, w.in, prefix, path), 8);

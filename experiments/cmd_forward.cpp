@@ -40,7 +40,7 @@ MemoryPlan run_plan(bool dbl, int threads, ref::Path path, bool nsa) {
 
 // A NaN or Inf in an output although every input was finite: the arithmetic overflowed (logits
 // or sums beyond the range of the precision). Refused rather than written, naming the first.
-// lse = -inf is an empty branch (NSA-SPEC.md 3), not an overflow.
+// lse = -inf is an empty branch (docs/spec.md 3), not an overflow.
 template <class S>
 void check_finite_outputs(const std::vector<std::pair<std::string, const Tensor<S>*>>& outputs, int64_t batch,
                           bool dbl) {
@@ -117,7 +117,7 @@ bool use_cuda_device(const po::variables_map& vm, const char* cmd) {
 }
 
 int cmd_forward(const std::vector<std::string>& args) {
-  Command cmd("forward", "NSA forward pass (NSA-SPEC.md 1-5): every output and intermediate, as .npy files in --out.");
+  Command cmd("forward", "NSA forward pass (docs/spec.md 1-5): every output and intermediate, as .npy files in --out.");
   cmd.add(input_options());
   cmd.add(nsa_options());
   cmd.add(run_options());
@@ -141,18 +141,14 @@ int cmd_forward(const std::vector<std::string>& args) {
   if (on_cuda) {
 #ifdef NSA_WITH_CUDA
     // The device rounds the inputs to --dtype and returns every output as float32.
-    cuda::Options opt;
-    opt.dtype = cuda::parse_precision(vm["dtype"].as<std::string>());
-    opt.kernel = vm["kernel"].as<int>();
-    std::string why;
-    const int version = cuda::choose_kernel(w.cfg, opt, &why);
+    const cuda::Options opt = cuda_options(vm);
     cuda::Plan plan(w.cfg, w.in.N(), w.in.cu_seqlens, opt);
     plan.upload(w.in.cast<float>());
     plan.run();
     finish(plan.download());
-    arith = cat("cuda ", cuda::to_string(opt.dtype), " kernel v", plan.kernel());
-    device_json = {{"name", cuda::device_name()}, {"dtype", cuda::to_string(opt.dtype)}, {"kernel", plan.kernel()},
-                   {"kernel_choice", plan.kernel() == version ? why : "v0: the shared memory of v1 does not fit"}};
+    arith = cat("cuda ", cuda::to_string(opt.dtype), " ", plan.kernels().summary());
+    device_json = {{"name", cuda::device_name()}, {"dtype", cuda::to_string(opt.dtype)},
+                   {"kernels", kernels_json(plan.kernels())}};
 #endif
   } else if (dbl) {
     finish(ref::forward(w.cfg, w.in, path));
@@ -175,7 +171,7 @@ int cmd_forward(const std::vector<std::string>& args) {
 }
 
 int cmd_full(const std::vector<std::string>& args) {
-  Command cmd("full", "Full causal softmax attention with the same GQA layout (NSA-SPEC.md 6): o and lse.");
+  Command cmd("full", "Full causal softmax attention with the same GQA layout (docs/spec.md 6): o and lse.");
   po::options_description in("Inputs");
   in.add_options()("q", po::value<std::string>(), "queries [T, Hq, dk] or [B, T, Hq, dk]")(
       "k", po::value<std::string>(), "keys [T, Hkv, dk]")("v", po::value<std::string>(), "values [T, Hkv, dv]")(

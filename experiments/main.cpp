@@ -1,4 +1,4 @@
-// `nsa`: one executable, git-style subcommands (INTERFACE.md). Every failure becomes one line on
+// `nsa`: one executable, git-style subcommands (docs/interface.md). Every failure becomes one line on
 // stderr naming the problem and a non-zero exit: 2 for usage errors, 1 for everything else.
 #include <cstring>
 #include <iostream>

@@ -12,6 +12,7 @@
 #include "cli.hpp"
 #include "cost.hpp"
 #include "npy.hpp"
+#include "timing.hpp"
 #include "traffic.hpp"
 
 namespace nsa::cli {
@@ -152,18 +153,6 @@ double rel_l2_rows(const Tensor<double>& a, const Tensor<double>& b, const std::
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
-template <class F>
-double median_ms(F&& f, const Timing& tm) {
-  for (int i = 0; i < tm.warmup; ++i) f();
-  std::vector<double> ms;
-  for (int i = 0; i < tm.reps; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
 
 }  // namespace
 
@@ -234,30 +223,27 @@ std::vector<SweepPoint> expand(const SweepAxes& a) {
 json point_params(const SweepPoint& p) {
   const auto& s = p.spec;
   const bool needle = s.workload == "needle", clustered = s.workload == "clustered";
-  const Config& c = p.cfg;
-  return {{"workload", s.workload},
-          {"data", p.data},
-          {"T", s.T},
-          {"depth", needle ? json(s.depths.at(0)) : json()},
-          {"needle_len", needle ? json(s.needle_len) : json()},
-          {"needle_strength", needle ? json(s.needle_strength) : json()},
-          {"corr_len", clustered ? json(s.corr_len) : json()},
-          {"seed", s.seed},
-          {"Hq", c.Hq},
-          {"Hkv", c.Hkv},
-          {"dk", c.dk},
-          {"dv", c.dv},
-          {"cmp_len", c.cmp_len},
-          {"cmp_stride", c.cmp_stride},
-          {"slc_len", c.slc_len},
-          {"slc_count", c.slc_count},
-          {"window", c.window},
-          {"init_blocks", c.init_blocks},
-          {"local_blocks", c.local_blocks},
-          {"compress", to_string(c.compress)},
-          {"compress_params", p.compress_params},
-          {"selector", analysis::to_string(p.selector)},
-          {"precision", p.precision}};
+  // The Config's fields as config.json and the results files write them (config_json), those the
+  // sweep has columns for.
+  json j = config_json(p.cfg);
+  for (auto it = j.begin(); it != j.end();) {
+    const auto& cols = sweep_columns();
+    const bool param =
+        std::any_of(cols.begin(), cols.end(), [&](const Column& c) { return c.param && c.name == it.key(); });
+    it = param ? std::next(it) : j.erase(it);
+  }
+  j.update(json{{"workload", s.workload},
+                {"data", p.data},
+                {"T", s.T},
+                {"depth", needle ? json(s.depths.at(0)) : json()},
+                {"needle_len", needle ? json(s.needle_len) : json()},
+                {"needle_strength", needle ? json(s.needle_strength) : json()},
+                {"corr_len", clustered ? json(s.corr_len) : json()},
+                {"seed", s.seed},
+                {"compress_params", p.compress_params},
+                {"selector", analysis::to_string(p.selector)},
+                {"precision", p.precision}});
+  return j;
 }
 
 std::string row_key(const json& row) {
@@ -411,9 +397,9 @@ json evaluate_as(const SweepPoint& p, const WorkloadData& w, const Timing& timin
   row["traffic_ratio"] = tr.full.bytes / tr.nsa().bytes;
   row["decode_speedup"] = analysis::decode_traffic(c, T, 1, 2).expected_speedup();
   if (timing.enabled) {
-    row["ms_nsa"] = median_ms([&] { (void)ref::forward(c, in); }, timing);
+    row["ms_nsa"] = median_ms([&] { (void)ref::forward(c, in); }, timing.warmup, timing.reps);
     const auto q = w.in.q.template cast<S>(), k = w.in.k.template cast<S>(), v = w.in.v.template cast<S>();
-    row["ms_full"] = median_ms([&] { (void)ref::full_attention(c, q, k, v, w.in.cu_seqlens); }, timing);
+    row["ms_full"] = median_ms([&] { (void)ref::full_attention(c, q, k, v, w.in.cu_seqlens); }, timing.warmup, timing.reps);
   } else {
     row["ms_nsa"] = nullptr;
     row["ms_full"] = nullptr;

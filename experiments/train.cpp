@@ -170,7 +170,7 @@ TrainResult train(const TrainSpec& s, const std::function<void(const StepLog&)>&
     log.recall = pairs ? log.recall / double(pairs) : std::nan("");
     log.mass = pairs ? log.mass / double(pairs) : std::nan("");
 
-    // Gradients (the selection's indices held fixed, NSA-SPEC.md 7) and the update.
+    // Gradients (the selection's indices held fixed, docs/spec.md 7) and the update.
     const auto grad = ref::backward(c, in, fwd, dO);
     std::vector<Tensor<double>*> params;
     std::vector<const Tensor<double>*> grads;

@@ -1,5 +1,5 @@
 // Trainability (docs/experiments.md, "Trainability"): NSA's compression MLP phi and its gates
-// learned by gradient descent through the reference backward pass (NSA-SPEC.md 7), on a
+// learned by gradient descent through the reference backward pass (docs/spec.md 7), on a
 // synthetic retrieval objective, to show that the selection, which gets no gradient of its own
 // (its top-n is discrete), learns to find what matters through the compression branch: the
 // importance scores of Eq. 8 are the compression branch's attention probabilities.
@@ -11,7 +11,7 @@
 // w of their group:
 //   loss = mean over (question t, head h, coordinate e) of (o[t,h,e] - w[g(h),e])^2,
 // o the gated NSA output (Eq. 5). Learned: phi for keys and values (pe, w1, b1, w2, b2 of the
-// mlp kind, or pe, w, b of linear) and the gate MLP g = sigmoid(x W + b) (NSA-SPEC.md 2) with one
+// mlp kind, or pe, w, b of linear) and the gate MLP g = sigmoid(x W + b) (docs/spec.md 2) with one
 // constant feature x[t] = 1, W and b starting at 0 (every gate 1/2): per-head gates, since the
 // synthetic tokens carry no feature that should switch branches token by token (a query-valued
 // x made the gates follow the random needle direction, noise). q, k, v are data. Adam (Kingma and Ba 2015) with the usual betas (0.9, 0.999), eps 1e-8.

@@ -1,4 +1,4 @@
-// The fast path of the NSA backward pass and of full attention's (NSA-SPEC.md 7), and the entry
+// The fast path of the NSA backward pass and of full attention's (docs/spec.md 7), and the entry
 // points of both paths.
 //
 // Tiles are the forward's (forward.cpp): the G query heads of a group for Bq positions as the rows
@@ -309,9 +309,9 @@ void backward_fast(const Config& cfg, const Inputs<S>& in, const ForwardResult<S
   // Through phi (Eq. 7), sequence by sequence so the parameters' sums have a fixed order.
   for (int64_t b = 0; b < B; ++b) {
     const int64_t T = cu[b + 1] - cu[b];
-    compress_backward(cfg, in.key(Branch::Cmp).row(cu[b], 0), T, dk, in.phi.k, cfg.hidden_k(),
+    phi_backward(cfg, in.key(Branch::Cmp).row(cu[b], 0), T, dk, in.phi.k, cfg.hidden_k(),
                       r.dk_cmp_compressed.row(fwd.cu_cmp[b], 0), r.dk_branch[0].row(cu[b], 0), r.dphi.k, Path::Fast);
-    compress_backward(cfg, in.value(Branch::Cmp).row(cu[b], 0), T, dv, in.phi.v, cfg.hidden_v(),
+    phi_backward(cfg, in.value(Branch::Cmp).row(cu[b], 0), T, dv, in.phi.v, cfg.hidden_v(),
                       r.dv_cmp_compressed.row(fwd.cu_cmp[b], 0), r.dv_branch[0].row(cu[b], 0), r.dphi.v, Path::Fast);
   }
 }

@@ -1,5 +1,5 @@
-// The exact CPU reference of the NSA backward pass (../shared/NSA-SPEC.md 7), in double or float.
-// Included by nsa_ref.hpp; the types it builds on (Inputs, ForwardResult, PhiParams) are there.
+// The exact CPU reference of the NSA backward pass (docs/spec.md 7), in double or float.
+// Included by nsa_ref.hpp; the types it builds on (Inputs, ForwardResult, PhiParams) are in forward.hpp.
 //
 // Given dL/do for a loss L of the output o (Eq. 5), backward() returns dL/d of every input the
 // forward pass reads: q, each branch's keys and values, the gates (and the gate MLP's parameters
@@ -25,11 +25,11 @@
 // agree to ~1e-13 relative in double.
 #pragma once
 
-#include "nsa_ref.hpp"
+#include "forward.hpp"
 
 namespace nsa::ref {
 
-// Gradients of the gate MLP (NSA-SPEC.md 2), shaped like GateMlp's tensors.
+// Gradients of the gate MLP (docs/spec.md 2), shaped like GateMlp's tensors.
 template <class S>
 struct GateMlpGrads {
   Tensor<S> x;   // [N, d_model]
@@ -62,7 +62,7 @@ template <class S>
 void check_output_grad(const Config& cfg, const Inputs<S>& in, const Tensor<S>& dO, bool allow_nonfinite = false,
                        const RoleNamer& name = nullptr);
 
-// The NSA backward pass (NSA-SPEC.md 7). `fwd` must be forward(cfg, in) (either path); dO is
+// The NSA backward pass (docs/spec.md 7). `fwd` must be forward(cfg, in) (either path); dO is
 // dL/do [N, Hq, dv]. Inputs must have passed check_inputs and dO check_output_grad.
 template <class S>
 BackwardResult<S> backward(const Config& cfg, const Inputs<S>& in, const ForwardResult<S>& fwd, const Tensor<S>& dO,
@@ -75,7 +75,7 @@ struct FullGrads {
   Tensor<S> dv;  // [N, Hkv, dv]
 };
 
-// Backward of full causal attention (NSA-SPEC.md 6); `fwd` is full_attention(cfg, q, k, v, ...).
+// Backward of full causal attention (docs/spec.md 6); `fwd` is full_attention(cfg, q, k, v, ...).
 template <class S>
 FullGrads<S> full_attention_backward(const Config& cfg, const Tensor<S>& q, const Tensor<S>& k, const Tensor<S>& v,
                                      const FullResult<S>& fwd, const Tensor<S>& dO,
@@ -88,7 +88,7 @@ FullGrads<S> full_attention_backward(const Config& cfg, const Tensor<S>& q, cons
 // x) and dL/dparams into dp (tensors shaped like p's, zero-filled by the caller), so that several
 // sequences accumulate.
 template <class S>
-void compress_backward(const Config& cfg, const S* x, int64_t T, int64_t D, const PhiParams<S>& p, int64_t hidden,
+void phi_backward(const Config& cfg, const S* x, int64_t T, int64_t D, const PhiParams<S>& p, int64_t hidden,
                        const S* dy, S* dx, PhiParams<S>& dp, Path path = Path::Fast);
 
 }  // namespace nsa::ref

@@ -4,6 +4,7 @@
 #include <Eigen/Dense>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "config.hpp"
 #include "tensor.hpp"
@@ -88,6 +89,20 @@ Mat<S> gather_queries(const Tensor<S>& x, int64_t row0, const TileRows& tr, int6
     X.middleRows((t - tr.t0) * tr.G, tr.G) =
         Eigen::Map<const Mat<S>>(x.row(row0 + t, g * tr.G), tr.G, D);  // a group's heads are adjacent
   return X;
+}
+
+// combine (Eq. 5) for one token row of a result R (ForwardResult or StepResult): o = the gates'
+// sum of the branch outputs, in branch order.
+template <class R>
+void combine_row(R& r, int64_t row, int64_t Hq, int64_t dv) {
+  for (int64_t h = 0; h < Hq; ++h) {
+    auto* o = r.o.row(row, h);
+    for (int64_t c = 0; c < dv; ++c) {
+      std::decay_t<decltype(r.o[0])> s = 0;
+      for (int b = 0; b < kBranches; ++b) s += r.gates(row, h, b) * r.o_branch[b](row, h, c);
+      o[c] = s;
+    }
+  }
 }
 
 }  // namespace nsa::ref

@@ -1,4 +1,4 @@
-// Decoding with a KV cache (NSA-SPEC.md 8); the layout is described in decode.hpp.
+// Decoding with a KV cache (docs/spec.md 8); the layout is described in decode.hpp.
 //
 // A step is the forward pass of one query position computed from the cache alone, with the same
 // stages (compress, overlap_map, select_blocks, compute_gates) and the order of forward.cpp's
@@ -357,14 +357,7 @@ StepResult<S> decode_step(DecodeCache<S>& cache, const Inputs<S>& in, const std:
 
   // Eq. 5, and what each row's step read.
   for (int64_t r = 0; r < Bs; ++r) {
-    for (int64_t h = 0; h < Hq; ++h) {
-      S* o = res.o.row(r, h);
-      for (int64_t c = 0; c < dv; ++c) {
-        S s = 0;
-        for (int b = 0; b < kBranches; ++b) s += res.gates(r, h, b) * res.o_branch[b](r, h, c);
-        o[c] = s;
-      }
-    }
+    combine_row(res, r, Hq, dv);
     const int64_t t = res.pos[size_t(r)];
     StepTokens& tok = res.tokens[size_t(r)];
     tok.cmp = double(cfg.cmp_visible(t));
@@ -445,7 +438,7 @@ ForwardResult<S> decode_outputs(const Config& cfg, const Inputs<S>& in, const st
 template <class S>
 DecodeRun<S> decode_workload(const Config& cfg, const Inputs<S>& in, const std::vector<int64_t>& prefix, Path path) {
   const std::vector<int64_t> cu = in.seqlens_or_single();
-  const int64_t B = int64_t(cu.size()) - 1, H = cfg.Hkv;
+  const int64_t B = int64_t(cu.size()) - 1;
   int64_t Tmax = 0;
   ForwardResult<S> out = decode_outputs(cfg, in, prefix, &Tmax);
 
@@ -463,15 +456,8 @@ DecodeRun<S> decode_workload(const Config& cfg, const Inputs<S>& in, const std::
   run.prefill_seconds = std::chrono::duration<double>(clock::now() - t0).count();
   for (size_t i = 0; i < rows.size(); ++i) copy_outputs(pre, int64_t(i), out, rows[i]);
 
-  for (int64_t k = 0;; ++k) {
-    std::vector<int64_t> active;
-    rows.clear();
-    for (int64_t b = 0; b < B; ++b)
-      if (prefix[size_t(b)] + k < cu[b + 1] - cu[b]) {
-        active.push_back(b);
-        rows.push_back(cu[b] + prefix[size_t(b)] + k);
-      }
-    if (active.empty()) break;
+  std::vector<int64_t> active;
+  for (int64_t k = 0; next_step(cu, prefix, k, active, rows); ++k) {
     const Inputs<S>& step_in = gather.take(rows);
     const auto t1 = clock::now();
     const StepResult<S> step = decode_step(run.cache, step_in, active);
@@ -483,14 +469,7 @@ DecodeRun<S> decode_workload(const Config& cfg, const Inputs<S>& in, const std::
     }
   }
 
-  out.k_cmp_compressed = Tensor<S>({out.cu_cmp.back(), H, cfg.dk});
-  out.v_cmp_compressed = Tensor<S>({out.cu_cmp.back(), H, cfg.dv});
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t nc = out.cu_cmp[b + 1] - out.cu_cmp[b];
-    std::copy(run.cache.cmp_key(b, 0), run.cache.cmp_key(b, 0) + nc * H * cfg.dk, out.k_cmp_compressed.row(out.cu_cmp[b], 0));
-    std::copy(run.cache.cmp_value(b, 0), run.cache.cmp_value(b, 0) + nc * H * cfg.dv,
-              out.v_cmp_compressed.row(out.cu_cmp[b], 0));
-  }
+  compressed_from_cache(run.cache, out);
   run.out = std::move(out);
   return run;
 }

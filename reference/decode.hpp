@@ -1,4 +1,4 @@
-// Decoding with a KV cache (NSA-SPEC.md 8): a step appends one token to each of a batch of
+// Decoding with a KV cache (docs/spec.md 8): a step appends one token to each of a batch of
 // sequences and computes its output, which equals the prefill forward pass at that position
 // (ref::forward on the whole sequence; tests/test_decode.cpp checks every output to 1e-12).
 //
@@ -29,7 +29,7 @@
 // tail (they are the last l tokens). One step therefore emits at most one row; an append of many
 // tokens emits all the blocks it completes at once.
 //
-// ---- Traffic per step (NSA-SPEC.md 8, the paper's Section 5.2) ---------------------------------
+// ---- Traffic per step (docs/spec.md 8, the paper's Section 5.2) ---------------------------------
 // The step of the token at position t (cache length s = t + 1 after appending it) reads, per KV
 // head: Nc(s) compressed rows, the tokens of the n selected blocks (u <= t: at most n*l'), and
 // min(w, s) window rows; full attention reads s. A step that emits a compressed row also reads
@@ -127,7 +127,7 @@ template <class S>
 ForwardResult<S> prefill(DecodeCache<S>& cache, const Inputs<S>& in, const std::vector<int64_t>& seqs = {},
                          Path path = Path::Fast);
 
-// The keys/values one step reads, in tokens per KV head (NSA-SPEC.md 8). The groups select
+// The keys/values one step reads, in tokens per KV head (docs/spec.md 8). The groups select
 // different blocks, so a step's selection count is the mean over the Hkv groups (all equal when
 // local_blocks >= 1); counts times Hkv * (dk + dv) * elem are then exactly the bytes read.
 struct StepTokens {
@@ -136,7 +136,7 @@ struct StepTokens {
   double win = 0;   // raw tokens of the window: min(w, s)
   double emit = 0;  // raw tail rows phi reads when this step emits a compressed row: l, else 0
   double full = 0;  // what full attention reads: s
-  double attended() const { return cmp + slc + win; }  // the spec's count (NSA-SPEC.md 8)
+  double attended() const { return cmp + slc + win; }  // the spec's count (docs/spec.md 8)
   double total() const { return attended() + emit; }
 };
 
@@ -237,6 +237,36 @@ void copy_outputs(const R& src, int64_t from, ForwardResult<S>& dst, int64_t to)
   copy_row(src.gates, from, dst.gates, to);
   copy_row(src.block_idx, from, dst.block_idx, to);
   copy_row(src.block_scores, from, dst.block_scores, to);
+}
+
+// Step k of a workload (sequence b's first prefix[b] tokens prefilled, cu: its packing): the
+// sequences with a token left (active) and the input rows of those tokens; false when none has.
+inline bool next_step(const std::vector<int64_t>& cu, const std::vector<int64_t>& prefix, int64_t k,
+                      std::vector<int64_t>& active, std::vector<int64_t>& rows) {
+  active.clear();
+  rows.clear();
+  for (size_t b = 0; b + 1 < cu.size(); ++b)
+    if (prefix[b] + k < cu[b + 1] - cu[b]) {
+      active.push_back(int64_t(b));
+      rows.push_back(cu[b] + prefix[b] + k);
+    }
+  return !active.empty();
+}
+
+// A workload's compressed K/V (packed by out.cu_cmp) from the compressed rows its cache holds at
+// the end (C: DecodeCache<S>).
+template <class S, class C>
+void compressed_from_cache(const C& cache, ForwardResult<S>& out) {
+  const Config& cfg = cache.cfg;
+  const int64_t H = cfg.Hkv;
+  out.k_cmp_compressed = Tensor<S>({out.cu_cmp.back(), H, cfg.dk});
+  out.v_cmp_compressed = Tensor<S>({out.cu_cmp.back(), H, cfg.dv});
+  for (int64_t b = 0; b + 1 < int64_t(out.cu_cmp.size()); ++b) {
+    const int64_t nc = out.cu_cmp[b + 1] - out.cu_cmp[b];
+    std::copy(cache.cmp_key(b, 0), cache.cmp_key(b, 0) + nc * H * cfg.dk, out.k_cmp_compressed.row(out.cu_cmp[b], 0));
+    std::copy(cache.cmp_value(b, 0), cache.cmp_value(b, 0) + nc * H * cfg.dv,
+              out.v_cmp_compressed.row(out.cu_cmp[b], 0));
+  }
 }
 
 // ---- Sizes and traffic: the model, as functions of the cache length -----------------------------

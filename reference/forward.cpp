@@ -1,4 +1,4 @@
-// The fast path of the NSA forward pass and of full attention (NSA-SPEC.md 1-6).
+// The fast path of the NSA forward pass and of full attention (docs/spec.md 1-6).
 //
 // Work is cut into tiles (sequence b, KV group g, query rows [t0, t1)); a tile holds the G query
 // heads of its group for Bq consecutive positions as one [Bq*G, dk] matrix, so every product
@@ -358,15 +358,7 @@ void forward_fast(const Config& cfg, const Inputs<S>& in, const std::vector<int6
   // Eq. 5: the gated sum.
   const int64_t N = in.N(), Hq = cfg.Hq, dv = cfg.dv;
 #pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < N; ++t)
-    for (int64_t h = 0; h < Hq; ++h) {
-      S* o = r.o.row(t, h);
-      for (int64_t c = 0; c < dv; ++c) {
-        S s = 0;
-        for (int b = 0; b < kBranches; ++b) s += r.gates(t, h, b) * r.o_branch[b](t, h, c);
-        o[c] = s;
-      }
-    }
+  for (int64_t t = 0; t < N; ++t) combine_row(r, t, Hq, dv);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Input checks (shapes, sequences, gate range, finiteness) and the gates (NSA-SPEC.md 2).
+// Input checks (shapes, sequences, gate range, finiteness) and the gates (docs/spec.md 2).
 #include <omp.h>
 
 #include <cmath>

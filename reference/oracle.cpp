@@ -1,5 +1,5 @@
 // The oracle: NSA forward in plain loops, one query and head at a time, in the order of the
-// paper's equations (NSA-SPEC.md 1-6). Slow and obvious on purpose; the fast path
+// paper's equations (docs/spec.md 1-6). Slow and obvious on purpose; the fast path
 // (forward.cpp) must agree with it to round-off.
 #include <algorithm>
 #include <cmath>

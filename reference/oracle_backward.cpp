@@ -1,4 +1,4 @@
-// The oracle of the backward pass (NSA-SPEC.md 7): plain loops, one query and head at a time,
+// The oracle of the backward pass (docs/spec.md 7): plain loops, one query and head at a time,
 // the forward oracle's loops with each softmax recomputed from its scores and differentiated.
 // Only the selected blocks are taken from the forward pass (they are held fixed); everything
 // else is recomputed here, so the fast path (backward.cpp), which reuses the forward's lse,
@@ -101,9 +101,9 @@ void oracle_backward_seq(const Config& cfg, const Inputs<S>& in, const ForwardRe
   std::copy(dkc.vec().begin(), dkc.vec().end(), r.dk_cmp_compressed.row(cmp0, 0));
   std::copy(dvc.vec().begin(), dvc.vec().end(), r.dv_cmp_compressed.row(cmp0, 0));
   // Through phi (Eq. 7) to the raw compression-branch keys and values and phi's parameters.
-  compress_backward(cfg, in.key(Branch::Cmp).row(t0, 0), T, dk, in.phi.k, cfg.hidden_k(), dkc.data(),
+  phi_backward(cfg, in.key(Branch::Cmp).row(t0, 0), T, dk, in.phi.k, cfg.hidden_k(), dkc.data(),
                     r.dk_branch[0].row(t0, 0), r.dphi.k, Path::Oracle);
-  compress_backward(cfg, in.value(Branch::Cmp).row(t0, 0), T, dv, in.phi.v, cfg.hidden_v(), dvc.data(),
+  phi_backward(cfg, in.value(Branch::Cmp).row(t0, 0), T, dv, in.phi.v, cfg.hidden_v(), dvc.data(),
                     r.dv_branch[0].row(t0, 0), r.dphi.v, Path::Oracle);
 }
 

@@ -69,8 +69,8 @@ say "machine"
 # ---- 1. build ----
 step build-configure 300 cmake --preset gpu -DNSA_EXTRA_PREFIX="$ROOT/.carry" -DNSA_CUDA_ARCHS=90a -DNSA_NATIVE=OFF \
   -DNSA_CUDA_DIMS="${CUDA_DIMS:-all}"
-step build 500 cmake --build build-gpu -j "$(nproc)" --target nsa test_cuda
-mkdir -p .bin && cp build-gpu/experiments/nsa build-gpu/tests/test_cuda .bin/
+step build 500 cmake --build build-gpu -j "$(nproc)" --target nsa test_cuda test_cuda_host
+mkdir -p .bin && cp build-gpu/experiments/nsa build-gpu/tests/test_cuda build-gpu/tests/test_cuda_host .bin/
 BIN=$ROOT/.bin
 command -v cuobjdump >/dev/null && {
   echo "SASS of test_cuda: $(cuobjdump -sass "$BIN/test_cuda" 2>/dev/null | grep -c 'HMMA') HMMA, $(cuobjdump -sass "$BIN/test_cuda" 2>/dev/null | grep -c 'LDSM') LDSM, $(cuobjdump -sass "$BIN/test_cuda" 2>/dev/null | grep -cE 'LDL|STL') local-memory instructions" >>"$LOG"
@@ -81,6 +81,7 @@ if has test; then
   TARGS=()
   [ -n "${TESTS:-}" ] && TARGS=(-tc="$TESTS")
   step test_cuda 300 "$BIN/test_cuda" --duration=true ${TARGS[@]+"${TARGS[@]}"}
+  step test_cuda_host 60 "$BIN/test_cuda_host"  # the kernel choice on made-up devices
   step cli_cuda_forward 90 bash tests/cli/cuda_forward.sh "$BIN/nsa"
   step cli_cuda_backward 90 bash tests/cli/cuda_backward.sh "$BIN/nsa"
   step cli_cuda_decode 90 bash tests/cli/cuda_decode.sh "$BIN/nsa"
@@ -99,7 +100,7 @@ if has decode; then
   # length (a failure loses one length, not all), then one file of records.
   for K in ${DEC_KERNELS:--1}; do
     for T in ${TS_DEC//,/ }; do
-      step "bench nsa_cuda decode k=$K s=$T" 90 "$BIN/nsa" bench --device cuda --ops decode --kernel "$K" --T "$T" \
+      step "bench nsa_cuda decode k=$K s=$T" 90 "$BIN/nsa" bench --device cuda --ops decode --dec-kernel "$K" --T "$T" \
         --batch "$BATCH" --Hq 64 --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/dec${K}_$T"
     done
   done
@@ -108,8 +109,9 @@ files = [json.load(open(f)) for f in sys.argv[2:]]
 out = dict(files[0]) if files else {"records": []}
 out["records"] = [r for f in files for r in f["records"]]
 json.dump(out, open(sys.argv[1], "w"), indent=1)' "$OUT/bench_decode.json" $(ls "$DSCRATCH"/dec*/bench.json 2>/dev/null | sort -V) >>"$LOG" 2>&1
-  # Variants at 64k, batches 1 and 16 (log only): "--kernel=N" or "NSA_DEC_WAVES=k" (split count).
-  for v in ${DEC_VARIANTS:-"NSA_DEC_WAVES=2"}; do
+  # Variants at 64k, batches 1 and 16 (log only): options such as "--dec-kernel=N", "--dec-waves=k"
+  # (split count), "--dec-pdl=0", "--dec-evict-first=0"; or VAR=value environment settings.
+  for v in ${DEC_VARIANTS:-"--dec-waves=2"}; do
     case $v in
       --*) step "variant $v" 45 "$BIN/nsa" bench --device cuda --ops decode "$v" --T 65536 --batch 1,16 --Hq 64 \
         --Hkv 4 --dk 128 --dv 128 --out "$DSCRATCH/variant" ;;
@@ -147,7 +149,7 @@ rm -rf "$DSCRATCH"
 # bytes each GEMM wrote. Step initcheck_cublas runs the cuBLAS probe (tests/test_cuda_cublas.cpp)
 # under initcheck, where nothing marks them, and counts the reports (initcheck_cublas.txt), so that
 # the reason for the marks stays checked.
-MEMCHECK_TESTS=${MEMCHECK_TESTS:-'cuda forward vs reference: small*,cuda racecheck set*,cuda select*,cuda errors*,cuda backward vs reference: small*,cuda backward racecheck set*,cuda backward errors*,cuda decode: small*,cuda decode racecheck*,cuda decode: refusals*'}
+MEMCHECK_TESTS=${MEMCHECK_TESTS:-'cuda forward vs reference: small*,cuda racecheck set*,cuda topn*,cuda errors*,cuda backward vs reference: small*,cuda backward racecheck set*,cuda backward errors*,cuda decode: small*,cuda decode racecheck*,cuda decode: refusals*'}
 RACECHECK_TESTS=${RACECHECK_TESTS:-'cuda racecheck set*,cuda backward racecheck set*,cuda decode racecheck*'}
 INITCHECK_TESTS=${INITCHECK_TESTS:-$MEMCHECK_TESTS}
 # Left out under every tool: the out-of-device-memory test, whose deliberate failed cudaMalloc
@@ -195,8 +197,9 @@ if has bench; then
     step "bench nsa_cuda dk=$dk" 150 "$BIN/nsa" bench --device cuda --ops forward --T "$TS" --Hq 64 --Hkv 4 \
       --dk "$dk" --dv "$dv" --out "$SCRATCH/b$dk" && cp "$SCRATCH/b$dk/bench.json" "$OUT/bench$dk.json"
   done
-  # Kernel-tuning variants at 64k (log only): versions, warps per CTA of each kernel.
-  for v in ${VARIANTS:-"--kernel=1" "--kernel=2" "NSA_SLC_WARPS=1" "NSA_SLC_WARPS=4"}; do
+  # Kernel-tuning variants at 64k (log only): a stage's variant (--variant=STAGE=V), warps per CTA
+  # of a stage's kernel (--warps=STAGE=N).
+  for v in ${VARIANTS:-"--warps=slc_attn=1" "--warps=cmp_attn=8"}; do
     case $v in
       --*) step "variant $v" 45 "$BIN/nsa" bench --device cuda --T 65536 --Hq 64 --Hkv 4 --dk 128 --dv 128 --reps 5 \
         "$v" --out "$SCRATCH/var" ;;
@@ -216,7 +219,7 @@ if has bench_bwd; then
 fi
 # Nsight Compute on the three attention kernels at T = 16k (stall reasons, occupancy, memory).
 if has profile && command -v ncu >/dev/null; then
-  step "ncu attention kernels" 150 ncu --kernel-name regex:"attn_v[12]" --launch-count 3 --section SpeedOfLight \
+  step "ncu attention kernels" 150 ncu --kernel-name regex:"(cmp_attn|topn|slc_attn|win_attn)_mma" --launch-count 4 --section SpeedOfLight \
     --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
     --section MemoryWorkloadAnalysis "$BIN/nsa" bench --device cuda --T 16384 --Hq 64 --Hkv 4 --dk 128 --dv 128 \
     --warmup 0 --reps 1 --out "$SCRATCH/prof"

@@ -12,7 +12,9 @@
 #include <vector>
 
 #include "cuda_twins.hpp"
+#include "helpers.hpp"
 #include "nsa_ref.hpp"
+#include "tolerances.hpp"
 
 namespace nsa::test {
 
@@ -66,6 +68,70 @@ inline SelectCheck check_selection(const Config& c, const std::vector<int64_t>& 
   std::vector<int64_t> pos(size_t(gpu.block_idx.dim(0)));
   for (int64_t row = 0; row < int64_t(pos.size()); ++row) pos[size_t(row)] = row - cu[size_t(seq_of(cu, row))];
   return check_lists(c, pos, gpu.block_idx, gpu.block_scores, r.block_idx, r.block_scores, tie);
+}
+
+// Every stage of a device result (the forward pass, or a decode workload's outputs) against the
+// reference in double on the same rounded inputs, each to its tolerance (tolerances.hpp): phi,
+// the gates, cmp_attn, topn (the scores; the lists up to near-ties and by the tie rule), slc_attn
+// (against the twin fed the device's lists, so that a near-tie can neither hide nor excuse an
+// error), win_attn and combine (Eq. 5 with the reference's gates and branches, the selection's
+// from the twin). Returns the errors for the test's report.
+struct StageErrors {
+  double k_cmp = 0, v_cmp = 0, gates = 0, o_cmp = 0, lse_cmp = 0, scores = 0, o_slc = 0, lse_slc = 0, o_win = 0,
+         lse_win = 0, o = 0;
+  SelectCheck sel;
+};
+inline StageErrors check_stages(const Config& c, const ref::Inputs<double>& in, const ref::ForwardResult<float>& gpu,
+                                const ref::ForwardResult<double>& r, const tol::Tolerances& tl) {
+  StageErrors e;
+  // phi
+  e.k_cmp = rel_l2(gpu.k_cmp_compressed, r.k_cmp_compressed);
+  e.v_cmp = rel_l2(gpu.v_cmp_compressed, r.v_cmp_compressed);
+  CHECK(gpu.cu_cmp == r.cu_cmp);
+  CHECK(e.k_cmp <= tl.compress);
+  CHECK(e.v_cmp <= tl.compress);
+  // combine's gates
+  e.gates = rel_l2(gpu.gates, r.gates);
+  CHECK(e.gates <= tol::kGates);
+  // cmp_attn
+  e.o_cmp = rel_l2(gpu.o_branch[0], r.o_branch[0]), e.lse_cmp = rel_l2(gpu.lse[0], r.lse[0]);
+  CHECK(e.o_cmp <= tl.attn);
+  CHECK(e.lse_cmp <= tl.lse);
+  // topn
+  e.scores = rel_l2(gpu.block_scores, r.block_scores);
+  CHECK(e.scores <= tl.scores);
+  e.sel = check_selection(c, in.seqlens_or_single(), gpu, r, tl.tie);
+  CHECK(e.sel.self_bad == 0);
+  CHECK(e.sel.bad == 0);
+  // slc_attn, against the twin fed the device's lists
+  Tensor<double> o_s, lse_s;
+  slc_twin(c, in, gpu.block_idx, o_s, lse_s);
+  e.o_slc = rel_l2(gpu.o_branch[1], o_s), e.lse_slc = rel_l2(gpu.lse[1], lse_s);
+  CHECK(e.o_slc <= tl.attn);
+  CHECK(e.lse_slc <= tl.lse);
+  // win_attn
+  e.o_win = rel_l2(gpu.o_branch[2], r.o_branch[2]), e.lse_win = rel_l2(gpu.lse[2], r.lse[2]);
+  CHECK(e.o_win <= tl.attn);
+  CHECK(e.lse_win <= tl.lse);
+  // combine: Eq. 5 with the reference's gates and branches (the selection's from the twin)
+  Tensor<double> o_want(r.o.shape());
+  for (int64_t i = 0; i < o_want.numel(); ++i) {
+    const int64_t th = i / c.dv;
+    o_want[i] = r.gates[th * 3] * r.o_branch[0][i] + r.gates[th * 3 + 1] * o_s[i] + r.gates[th * 3 + 2] * r.o_branch[2][i];
+  }
+  e.o = rel_l2(gpu.o, o_want);
+  CHECK(e.o <= tl.attn);
+  return e;
+}
+
+// The report of check_stages, one line per stage.
+inline std::string stage_report(const StageErrors& e, const tol::Tolerances& tl) {
+  const SelectCheck& s = e.sel;
+  return cat("\n  phi       k ", e.k_cmp, "  v ", e.v_cmp, "  (tol ", tl.compress, ")", "\n  cmp_attn  o ", e.o_cmp,
+             "  lse ", e.lse_cmp, "  (tol ", tl.attn, ", ", tl.lse, ")", "\n  topn      scores ", e.scores, " (tol ",
+             tl.scores, "); lists equal ", s.rows - s.differ, "/", s.rows, ", near-ties ", s.near_ties, ", wrong ",
+             s.bad, ", off own scores ", s.self_bad, "\n  slc_attn  o ", e.o_slc, "  lse ", e.lse_slc,
+             "\n  win_attn  o ", e.o_win, "  lse ", e.lse_win, "\n  combine   o ", e.o, "  gates ", e.gates);
 }
 
 }  // namespace nsa::test

@@ -77,21 +77,39 @@ ref::Inputs<S> make_inputs(const Case& k) {
   return in;
 }
 
-// ||a - b|| / ||b|| over finite entries; entries equal in both (e.g. -inf lse) are skipped.
+// The squared norms ||a - b||^2 and ||b||^2 over entries [begin, end), the entries equal in both
+// (e.g. -inf lse) in the denominator only if finite; false if a differing entry is not finite.
 template <class A, class B>
-double rel_l2(const Tensor<A>& a, const Tensor<B>& b) {
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < a.numel(); ++i) {
+bool diff_norms(const Tensor<A>& a, const Tensor<B>& b, int64_t begin, int64_t end, double& num, double& den) {
+  num = 0, den = 0;
+  for (int64_t i = begin; i < end; ++i) {
     const double x = double(a[i]), y = double(b[i]);
     if (x == y) {
       if (std::isfinite(y)) den += y * y;
       continue;
     }
-    if (!std::isfinite(x) || !std::isfinite(y)) return std::numeric_limits<double>::infinity();
+    if (!std::isfinite(x) || !std::isfinite(y)) return false;
     num += (x - y) * (x - y);
     den += y * y;
   }
+  return true;
+}
+
+// ||a - b|| / ||b|| over finite entries; entries equal in both (e.g. -inf lse) are skipped.
+template <class A, class B>
+double rel_l2(const Tensor<A>& a, const Tensor<B>& b) {
+  double num = 0, den = 0;
+  if (!diff_norms(a, b, 0, a.numel(), num, den)) return std::numeric_limits<double>::infinity();
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// The paper's block settings (l = 32, d = 16, l' = 64, n = 16, w = 512, mlp phi) at these heads.
+inline Config paper_config(int64_t Hq, int64_t Hkv, int64_t dk, int64_t dv) {
+  Config c;
+  c.Hq = Hq, c.Hkv = Hkv, c.dk = dk, c.dv = dv;
+  c.cmp_len = 32, c.cmp_stride = 16, c.slc_len = 64, c.slc_count = 16, c.window = 512;
+  c.compress = CompressKind::Mlp;
+  return c;
 }
 
 template <class A, class B>

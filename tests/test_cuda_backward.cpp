@@ -1,4 +1,4 @@
-// The CUDA backward pass against the double reference (NSA-SPEC.md 7), every gradient tensor
+// The CUDA backward pass against the double reference (docs/spec.md 7), every gradient tensor
 // (STYLE 4): dq, each branch's dk_c and dv_c, the shared k/v's dk and dv, dgates, the compressed
 // keys' and values' gradients, phi's parameters, the gate MLP's. The reference runs ref::backward
 // in double on the very inputs and dL/do the device sees (rounded to its precision first) and on
@@ -27,19 +27,13 @@ using cuda::Precision;
 
 namespace {
 
-Config paper_cfg(int64_t Hq, int64_t Hkv, int64_t dk, int64_t dv) {
-  Config c;
-  c.Hq = Hq, c.Hkv = Hkv, c.dk = dk, c.dv = dv;
-  c.cmp_len = 32, c.cmp_stride = 16, c.slc_len = 64, c.slc_count = 16, c.window = 512;
-  c.compress = CompressKind::Mlp;
-  return c;
-}
+Config paper_cfg(int64_t Hq, int64_t Hkv, int64_t dk, int64_t dv) { return test::paper_config(Hq, Hkv, dk, dv); }
 
 struct BwdCase {
   std::string name;
   test::Case k;
   Precision prec = Precision::BF16;
-  int bwd_kernel = -1;  // -1: the choice function's
+  cuda::Variant bwd_variant = cuda::Variant::Auto;  // Auto: choose_kernels'
 };
 
 BwdCase make(std::string name, Config c, std::vector<int64_t> seqlens, Precision prec = Precision::BF16) {
@@ -122,7 +116,7 @@ void run_case(const BwdCase& bc) {
   for (bool det : {false, true}) {
     cuda::Options opt;
     opt.dtype = bc.prec;
-    opt.bwd_kernel = bc.bwd_kernel;
+    opt.bwd_variant = bc.bwd_variant;
     opt.deterministic = det;
     ref::ForwardResult<float> gfwd;
     const ref::BackwardResult<float> g = cuda::backward(c, in_f, dO_f, opt, &gfwd);
@@ -144,7 +138,9 @@ void run_case(const BwdCase& bc) {
       report += cat("  ", name, " ", e, e <= tol ? "" : " FAIL");
     });
     // Built with cat: doctest's MESSAGE prints a const char* operand as a pointer.
-    MESSAGE(cat(bc.name, " ", cuda::to_string(bc.prec), " bwd v", cuda::choose_bwd_kernel(c, opt),
+    opt.backward = true;
+    MESSAGE(cat(bc.name, " ", cuda::to_string(bc.prec), " backward ",
+                cuda::to_string(cuda::choose_kernels(c, in_f.N(), cuda::device_caps(0), opt).backward.variant),
                 det ? " deterministic" : " fast", ": ", compared, " tensors (tol ", tol, ")\n", report));
     if (det) {  // bitwise repeatable
       const ref::BackwardResult<float> g2 = cuda::backward(c, in_f, dO_f, opt);
@@ -207,16 +203,16 @@ TEST_CASE("cuda backward vs reference: small cases (the sanitizer set)") {
     cases.push_back(make("T=700 G=1 (MHA) dk=192 dv=128 l'=128 (two key sub-tiles)", c, {700}));
   }
   {
-    BwdCase b = make("T=500 G=4 dk=dv=128 backward v0 on bf16", paper_cfg(8, 2, 128, 128), {500});
-    b.bwd_kernel = 0;
+    BwdCase b = make("T=500 G=4 dk=dv=128 backward fp32 on bf16", paper_cfg(8, 2, 128, 128), {500});
+    b.bwd_variant = cuda::Variant::Fp32;
     cases.push_back(b);
   }
   {
-    BwdCase b = make("T=300 G=3 (v0 fallback) dk=dv=64 gates all ones", paper_cfg(6, 2, 64, 64), {300});
+    BwdCase b = make("T=300 G=3 (fp32 fallback) dk=dv=64 gates all ones", paper_cfg(6, 2, 64, 64), {300});
     b.k.gates = test::GateMode::Ones;
     cases.push_back(b);
   }
-  cases.push_back(make("T=400 G=16 fp32 (v0) dk=192 dv=128", paper_cfg(16, 1, 192, 128), {400}, Precision::FP32));
+  cases.push_back(make("T=400 G=16 fp32 dk=192 dv=128", paper_cfg(16, 1, 192, 128), {400}, Precision::FP32));
   for (const auto& bc : cases) run_case(bc);
 }
 
@@ -242,25 +238,27 @@ TEST_CASE("cuda backward vs reference: paper-sized cases") {
     c.compress = CompressKind::Linear;
     cases.push_back(make("T=1025 G=16 dk=dv=128 linear fp16", c, {1025}, Precision::FP16));
   }
-  cases.push_back(make("T=1100 G=16 dk=dv=128 fp32 (v0)", paper_cfg(16, 1, 128, 128), {1100}, Precision::FP32));
+  cases.push_back(make("T=1100 G=16 dk=dv=128 fp32", paper_cfg(16, 1, 128, 128), {1100}, Precision::FP32));
   for (const auto& bc : cases) run_case(bc);
 }
 
 TEST_CASE("cuda backward errors: a backward override that cannot run says why") {
   Config c = paper_cfg(16, 1, 128, 128);
+  const cuda::DeviceCaps dev = cuda::device_caps(0);
   cuda::Options opt;
-  opt.bwd_kernel = 1;
+  opt.backward = true;
+  opt.bwd_variant = cuda::Variant::Mma;
   opt.dtype = Precision::FP32;
-  CHECK_THROWS_AS(cuda::choose_bwd_kernel(c, opt), ConfigError);
+  CHECK_THROWS_AS(cuda::choose_kernels(c, 1024, dev, opt), ConfigError);
   opt.dtype = Precision::BF16;
   c.Hq = 12, c.Hkv = 4;  // G = 3
-  CHECK_THROWS_WITH_AS(cuda::choose_bwd_kernel(c, opt), doctest::Contains("G = 3"), ConfigError);
-  opt.bwd_kernel = 2;
-  CHECK_THROWS_AS(cuda::choose_bwd_kernel(c, opt), ConfigError);
-  opt.bwd_kernel = -1;
-  std::string why;
-  CHECK(cuda::choose_bwd_kernel(c, opt, &why) == 0);
-  CHECK(why.find("G = 3") != std::string::npos);
+  CHECK_THROWS_WITH_AS(cuda::choose_kernels(c, 1024, dev, opt), doctest::Contains("G = 3"), ConfigError);
+  opt.bwd_variant = cuda::Variant::Cublas;
+  CHECK_THROWS_AS(cuda::choose_kernels(c, 1024, dev, opt), ConfigError);
+  opt.bwd_variant = cuda::Variant::Auto;
+  const cuda::StageChoice b = cuda::choose_kernels(c, 1024, dev, opt).backward;
+  CHECK(b.variant == cuda::Variant::Fp32);
+  CHECK(b.why.find("G = 3") != std::string::npos);
   // A plan made without Options::backward holds no gradients.
   cuda::Plan plan(paper_cfg(16, 1, 128, 128), 64, {}, cuda::Options{});
   CHECK_THROWS_AS(plan.run_backward(), ConfigError);
@@ -279,7 +277,11 @@ TEST_CASE("cuda bench backward: timed runs on random device inputs are finite, e
     const auto res = cuda::bench_backward(plan, 1, 3);
     CHECK(res.fwd_bwd_ms > res.bwd_ms);
     CHECK(res.bwd_ms > 0);
-    CHECK(res.stages.size() == 7);  // delta+dgates, slc_lists, cmp, slc, win, compress, sum_kv
+    std::vector<std::string> names;
+    for (const auto& st : res.stages) names.push_back(st.stage);
+    CHECK(names == std::vector<std::string>{"combine_bwd", "slc_attn_bwd.lists", "cmp_attn_bwd", "slc_attn_bwd",
+                                            "win_attn_bwd", "phi_bwd", "sum_kv"});
+    CHECK(res.kernels.backward.variant == cuda::Variant::Mma);
     CHECK(res.deterministic == det);
     const auto g = plan.download_grads();
     for (const Tensor<float>* t : {&g.dq, &g.dk, &g.dv, &g.dgates, &g.dphi.k.w1, &g.dphi.v.w2})

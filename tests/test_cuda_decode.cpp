@@ -32,13 +32,7 @@ using cuda::Precision;
 
 namespace {
 
-Config paper(int64_t Hq, int64_t Hkv, int64_t dk, int64_t dv) {
-  Config c;
-  c.Hq = Hq, c.Hkv = Hkv, c.dk = dk, c.dv = dv;
-  c.cmp_len = 32, c.cmp_stride = 16, c.slc_len = 64, c.slc_count = 16, c.window = 512;
-  c.compress = CompressKind::Mlp;
-  return c;
-}
+Config paper(int64_t Hq, int64_t Hkv, int64_t dk, int64_t dv) { return test::paper_config(Hq, Hkv, dk, dv); }
 
 struct DecCase {
   std::string name;
@@ -68,7 +62,7 @@ DecCase with_kernel(DecCase d, int kernel) {
 }
 
 bool compiled(const DecCase& dc) {
-  if (cuda::v1_compiled(int(dc.k.cfg.dk), int(dc.k.cfg.dv))) return true;
+  if (cuda::mma_compiled(int(dc.k.cfg.dk), int(dc.k.cfg.dv))) return true;
   MESSAGE("skipped " << dc.name << ": dk = " << dc.k.cfg.dk << ", dv = " << dc.k.cfg.dv
                      << " are not compiled in this build (NSA_CUDA_DIMS=paper)");
   return false;
@@ -79,6 +73,14 @@ ref::Inputs<float> device_inputs(const DecCase& dc) {
   ref::Inputs<float> in = cuda::round_to(dc.prec, make_inputs<double>(dc.k).cast<float>());
   if (dc.constant_keys) in.k.fill(0.5f);
   return in;
+}
+
+// A case's device inputs and their double copy for the reference, checked.
+std::pair<ref::Inputs<float>, ref::Inputs<double>> checked_inputs(const DecCase& dc) {
+  ref::Inputs<float> f = device_inputs(dc);
+  ref::Inputs<double> d = f.cast<double>();
+  ref::check_inputs(dc.k.cfg, d);
+  return {std::move(f), std::move(d)};
 }
 
 template <class U, class S>
@@ -122,9 +124,7 @@ void run_workload(const DecCase& dc) {
   const Config& c = dc.k.cfg;
   INFO(dc.name);
   if (!compiled(dc)) return;
-  const ref::Inputs<float> in_f = device_inputs(dc);
-  const ref::Inputs<double> in = in_f.cast<double>();
-  ref::check_inputs(c, in);
+  const auto [in_f, in] = checked_inputs(dc);
   const auto want = ref::decode_workload(c, in, dc.prefix);
   cuda::Options opt;
   opt.dtype = dc.prec;
@@ -134,43 +134,9 @@ void run_workload(const DecCase& dc) {
   const ref::ForwardResult<float>& gpu = got.out;
   const auto tl = tol::for_precision(dc.prec);
 
-  // compress (prefill: the forward pass's phi; steps: the emitted rows)
-  const double e_kc = rel_l2(gpu.k_cmp_compressed, r.k_cmp_compressed);
-  const double e_vc = rel_l2(gpu.v_cmp_compressed, r.v_cmp_compressed);
-  CHECK(gpu.cu_cmp == r.cu_cmp);
-  CHECK(e_kc <= tl.compress);
-  CHECK(e_vc <= tl.compress);
-  const double e_g = rel_l2(gpu.gates, r.gates);
-  CHECK(e_g <= tol::kGates);
-  // compression branch
-  const double e_oc = rel_l2(gpu.o_branch[0], r.o_branch[0]), e_lc = rel_l2(gpu.lse[0], r.lse[0]);
-  CHECK(e_oc <= tl.attn);
-  CHECK(e_lc <= tl.lse);
-  // scores and top-n
-  const double e_sc = rel_l2(gpu.block_scores, r.block_scores);
-  CHECK(e_sc <= tl.scores);
-  const SelectCheck sel = check_selection(c, in.seqlens_or_single(), gpu, r, tl.tie);
-  CHECK(sel.self_bad == 0);
-  CHECK(sel.bad == 0);
+  // every stage (prefill: the forward pass's phi; steps: the emitted rows)
+  const StageErrors e = check_stages(c, in, gpu, r, tl);
   if (dc.constant_keys) CHECK(gpu.block_idx.vec() == r.block_idx.vec());
-  // selection branch against the twin fed the device's lists
-  Tensor<double> o_s, lse_s;
-  slc_twin(c, in, gpu.block_idx, o_s, lse_s);
-  const double e_os = rel_l2(gpu.o_branch[1], o_s), e_ls = rel_l2(gpu.lse[1], lse_s);
-  CHECK(e_os <= tl.attn);
-  CHECK(e_ls <= tl.lse);
-  // window
-  const double e_ow = rel_l2(gpu.o_branch[2], r.o_branch[2]), e_lw = rel_l2(gpu.lse[2], r.lse[2]);
-  CHECK(e_ow <= tl.attn);
-  CHECK(e_lw <= tl.lse);
-  // Eq. 5 with the reference's gates and branches (selection from the twin)
-  Tensor<double> o_want(r.o.shape());
-  for (int64_t i = 0; i < o_want.numel(); ++i) {
-    const int64_t th = i / c.dv;
-    o_want[i] = r.gates[th * 3] * r.o_branch[0][i] + r.gates[th * 3 + 1] * o_s[i] + r.gates[th * 3 + 2] * r.o_branch[2][i];
-  }
-  const double e_o = rel_l2(gpu.o, o_want);
-  CHECK(e_o <= tl.attn);
   // what every step read, and the cache at the end
   REQUIRE(got.steps.size() == want.steps.size());
   int64_t tok_bad = 0;
@@ -184,13 +150,7 @@ void run_workload(const DecCase& dc) {
   CHECK(raw_rows_equal(got.cache, want.cache));
 
   MESSAGE(dc.name << " " << std::string(cuda::to_string(dc.prec)) << tag(dc) << ", " << got.steps.size()
-                  << " steps in " << got.step_calls
-                  << " calls\n  compress  k " << e_kc << "  v " << e_vc << "  (tol " << tl.compress << ")"
-                  << "\n  cmp       o " << e_oc << "  lse " << e_lc << "  (tol " << tl.attn << ", " << tl.lse << ")"
-                  << "\n  select    scores " << e_sc << " (tol " << tl.scores << "); lists equal "
-                  << sel.rows - sel.differ << "/" << sel.rows << ", near-ties " << sel.near_ties << ", wrong "
-                  << sel.bad << ", off own scores " << sel.self_bad << "\n  slc       o " << e_os << "  lse " << e_ls
-                  << "\n  win       o " << e_ow << "  lse " << e_lw << "\n  combine   o " << e_o << "  gates " << e_g);
+                  << " steps in " << got.step_calls << " calls" << stage_report(e, tl));
 }
 
 // ---- step by step from one uploaded cache ----------------------------------------------------
@@ -219,9 +179,7 @@ void run_steps(const DecCase& dc) {
   const Config& c = dc.k.cfg;
   INFO(dc.name);
   if (!compiled(dc)) return;
-  const ref::Inputs<float> in_f = device_inputs(dc);
-  const ref::Inputs<double> in = in_f.cast<double>();
-  ref::check_inputs(c, in);
+  const auto [in_f, in] = checked_inputs(dc);
   const std::vector<int64_t> cu = in.seqlens_or_single();
   const int64_t B = int64_t(cu.size()) - 1;
   int64_t Tmax = 0;
@@ -454,7 +412,7 @@ TEST_CASE("cuda decode bench: a timed step is finite and every stage is timed") 
   const cuda::DecodeBench b = cuda::bench_decode(c, 2, 3000, cuda::Options{}, 1, 3);
   CHECK(b.step.ms > 0);
   CHECK(b.emit.ms > 0);
-  CHECK(b.step.stages.size() == 4);  // cmp+win split, select, slc split, combine
+  CHECK(b.step.stages.size() == 4);  // cmp_attn+win_attn (splits), topn, slc_attn (splits), combine (merges, Eq. 5)
   CHECK(b.step.kernel >= 1);  // the default version
   CHECK(b.step.kernel <= 3);
   CHECK(b.emit.stages.size() == 5);  // + append and phi

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <set>
 #include <string>
 
@@ -30,28 +31,23 @@ using test::slc_twin;
 
 namespace {
 
-Config paper(int64_t Hq, int64_t Hkv, int64_t dk, int64_t dv) {
-  Config c;
-  c.Hq = Hq, c.Hkv = Hkv, c.dk = dk, c.dv = dv;
-  c.cmp_len = 32, c.cmp_stride = 16, c.slc_len = 64, c.slc_count = 16, c.window = 512;
-  c.compress = CompressKind::Mlp;
-  return c;
-}
+Config paper(int64_t Hq, int64_t Hkv, int64_t dk, int64_t dv) { return test::paper_config(Hq, Hkv, dk, dv); }
 
 struct GpuCase {
   std::string name;
   test::Case k;
   Precision prec = Precision::BF16;
-  int kernel = -1;           // -1: the choice function's
+  cuda::Variant variant = cuda::Variant::Auto;  // of every stage but phi (Auto: choose_kernels')
+  std::function<void(cuda::Options&)> tweak;    // per-stage overrides, applied after `variant`
   bool exact_select = false;  // no near-ties possible: block lists must equal the reference's
 };
 
 void run_case(const GpuCase& gc) {
   const Config& c = gc.k.cfg;
   INFO(gc.name);
-  if (gc.kernel >= 1 && !cuda::v1_compiled(int(c.dk), int(c.dv))) {
+  if (gc.variant == cuda::Variant::Mma && !cuda::mma_compiled(int(c.dk), int(c.dv))) {
     MESSAGE("skipped " << gc.name << ": dk = " << c.dk << ", dv = " << c.dv
-                       << " are not compiled for kernels v1-v3 in this build (NSA_CUDA_DIMS=paper)");
+                       << " are not compiled for the mma kernels in this build (NSA_CUDA_DIMS=paper)");
     return;
   }
   const auto in_d = test::make_inputs<double>(gc.k);
@@ -61,61 +57,19 @@ void run_case(const GpuCase& gc) {
   const auto r = ref::forward(c, in);
   cuda::Options opt;
   opt.dtype = gc.prec;
-  opt.kernel = gc.kernel;
+  opt.set_variant(gc.variant);
+  if (gc.tweak) gc.tweak(opt);
   cuda::Plan plan(c, in_f.N(), in_f.cu_seqlens, opt);
   plan.upload(in_f);
   plan.run();
   const auto gpu = plan.download();
-  const std::string tag = cat(gc.name, " ", cuda::to_string(gc.prec), " v", plan.kernel());
+  const std::string tag = cat(gc.name, " ", cuda::to_string(gc.prec), " ", plan.kernels().summary());
   const auto tl = test::tol::for_precision(gc.prec);
   using test::rel_l2;
 
-  // compress_fwd
-  const double e_kc = rel_l2(gpu.k_cmp_compressed, r.k_cmp_compressed);
-  const double e_vc = rel_l2(gpu.v_cmp_compressed, r.v_cmp_compressed);
-  CHECK(gpu.cu_cmp == r.cu_cmp);
-  CHECK(e_kc <= tl.compress);
-  CHECK(e_vc <= tl.compress);
-  // gates
-  const double e_g = rel_l2(gpu.gates, r.gates);
-  CHECK(e_g <= test::tol::kGates);
-  // cmp_fwd
-  const double e_oc = rel_l2(gpu.o_branch[0], r.o_branch[0]), e_lc = rel_l2(gpu.lse[0], r.lse[0]);
-  CHECK(e_oc <= tl.attn);
-  CHECK(e_lc <= tl.lse);
-  // select_fwd
-  const double e_sc = rel_l2(gpu.block_scores, r.block_scores);
-  CHECK(e_sc <= tl.scores);
-  const SelectCheck sel = check_selection(c, in.seqlens_or_single(), gpu, r, tl.tie);
-  CHECK(sel.self_bad == 0);
-  CHECK(sel.bad == 0);
-  if (gc.exact_select) CHECK(sel.differ == 0);
-  // slc_fwd, against the twin fed the device's lists
-  Tensor<double> o_s, lse_s;
-  slc_twin(c, in, gpu.block_idx, o_s, lse_s);
-  const double e_os = rel_l2(gpu.o_branch[1], o_s), e_ls = rel_l2(gpu.lse[1], lse_s);
-  CHECK(e_os <= tl.attn);
-  CHECK(e_ls <= tl.lse);
-  // win_fwd
-  const double e_ow = rel_l2(gpu.o_branch[2], r.o_branch[2]), e_lw = rel_l2(gpu.lse[2], r.lse[2]);
-  CHECK(e_ow <= tl.attn);
-  CHECK(e_lw <= tl.lse);
-  // combine_fwd: Eq. 5 with the reference's gates and branches (selection from the twin)
-  Tensor<double> o_want(r.o.shape());
-  for (int64_t i = 0; i < o_want.numel(); ++i) {
-    const int64_t th = i / c.dv;
-    o_want[i] = r.gates[th * 3] * r.o_branch[0][i] + r.gates[th * 3 + 1] * o_s[i] + r.gates[th * 3 + 2] * r.o_branch[2][i];
-  }
-  const double e_o = rel_l2(gpu.o, o_want);
-  CHECK(e_o <= tl.attn);
-
-  MESSAGE(tag << "\n  compress_fwd  k " << e_kc << "  v " << e_vc << "  (tol " << tl.compress << ")"
-              << "\n  cmp_fwd       o " << e_oc << "  lse " << e_lc << "  (tol " << tl.attn << ", " << tl.lse << ")"
-              << "\n  select_fwd    scores " << e_sc << " (tol " << tl.scores << "); lists equal "
-              << sel.rows - sel.differ << "/" << sel.rows << ", near-ties " << sel.near_ties << ", wrong "
-              << sel.bad << ", off own scores " << sel.self_bad << "\n  slc_fwd       o " << e_os << "  lse " << e_ls
-              << "\n  win_fwd       o " << e_ow << "  lse " << e_lw << "\n  combine_fwd   o " << e_o << "  gates "
-              << e_g);
+  const test::StageErrors e = test::check_stages(c, in, gpu, r, tl);
+  if (gc.exact_select) CHECK(e.sel.differ == 0);
+  MESSAGE(tag << test::stage_report(e, tl));
 }
 
 GpuCase make(std::string name, Config c, std::vector<int64_t> seqlens, Precision prec = Precision::BF16) {
@@ -165,51 +119,62 @@ TEST_CASE("cuda forward vs reference: small cases (the sanitizer set)") {
     cases.push_back(g);
   }
   {
-    GpuCase g = make("T=500 G=4 dk=dv=128 kernel v0 on bf16 storage", paper(8, 2, 128, 128), {500});
-    g.kernel = 0;
+    GpuCase g = make("T=500 G=4 dk=dv=128 fp32 kernels on bf16 storage", paper(8, 2, 128, 128), {500});
+    g.variant = cuda::Variant::Fp32;
     cases.push_back(g);
   }
-  cases.push_back(make("T=300 G=3 (v0 fallback) dk=dv=64", paper(6, 2, 64, 64), {300}));
-  for (int kernel : {1, 2})  // the earlier tensor-core versions, kept for comparison, on the tile edges
-    for (int64_t G : {1, 4, 16}) {
-      GpuCase g = make(cat("packed T={1,63,64,65,130} G=", G, " dk=dv=64 kernel v", kernel), paper(G, 1, 64, 64),
-                       {1, 63, 64, 65, 130});
-      g.kernel = kernel;
-      cases.push_back(g);
-    }
-  cases.push_back(make("T=400 G=16 fp32 (v0) dk=192 dv=128", paper(16, 1, 192, 128), {400}, Precision::FP32));
+  cases.push_back(make("T=300 G=3 (fp32 fallback) dk=dv=64", paper(6, 2, 64, 64), {300}));
+  for (int64_t G : {1, 4, 16}) {  // the tensor-core kernels on the tile edges
+    GpuCase g = make(cat("packed T={1,63,64,65,130} G=", G, " dk=dv=64 mma"), paper(G, 1, 64, 64),
+                     {1, 63, 64, 65, 130});
+    g.variant = cuda::Variant::Mma;
+    cases.push_back(g);
+  }
+  cases.push_back(make("T=400 G=16 fp32 dk=192 dv=128", paper(16, 1, 192, 128), {400}, Precision::FP32));
+  // Stages of different variants in one run (--variant STAGE=V): each reads what the other wrote.
+  {
+    GpuCase g = make("T=777 G=4 dk=dv=128 cmp_attn+topn mma, slc_attn fp32, win_attn+combine mma",
+                     paper(8, 2, 128, 128), {777});
+    g.tweak = [](cuda::Options& o) { o.variant[size_t(cuda::Stage::SlcAttn)] = cuda::Variant::Fp32; };
+    cases.push_back(g);
+    g.name = "T=777 G=4 dk=dv=128 cmp_attn+topn fp32, slc_attn mma, win_attn+combine fp32";
+    g.tweak = [](cuda::Options& o) {
+      o.variant[size_t(cuda::Stage::CmpAttn)] = cuda::Variant::Fp32;
+      o.variant[size_t(cuda::Stage::SlcAttn)] = cuda::Variant::Mma;
+      o.variant[size_t(cuda::Stage::WinAttn)] = cuda::Variant::Fp32;
+    };
+    cases.push_back(g);
+  }
   for (const auto& gc : cases) run_case(gc);
 }
 
 // compute-sanitizer racecheck runs this set: mean phi and given gates, so that only our kernels
 // run (cuBLAS's GEMM kernels synchronise through mbarriers that racecheck reports as hazards).
-TEST_CASE("cuda racecheck set: every tensor-core version on tile edges, no cuBLAS") {
+TEST_CASE("cuda racecheck set: the tensor-core kernels on tile edges, no cuBLAS") {
   std::vector<GpuCase> cases;
-  for (int kernel : {1, 2, 3})
-    for (int64_t G : {1, 4, 16}) {
-      Config c = paper(G, 1, 64, 64);
-      c.compress = CompressKind::Mean;
-      GpuCase g = make(cat("packed T={1,63,64,65,300} G=", G, " dk=dv=64 mean kernel v", kernel), c,
-                       {1, 63, 64, 65, 300});
-      g.kernel = kernel;
-      cases.push_back(g);
-    }
-  // v4's two kernels at the paper's head dims (compiled in every build): one and several key
+  for (int64_t G : {1, 4, 16}) {
+    Config c = paper(G, 1, 64, 64);
+    c.compress = CompressKind::Mean;
+    GpuCase g = make(cat("packed T={1,63,64,65,300} G=", G, " dk=dv=64 mean mma"), c, {1, 63, 64, 65, 300});
+    g.variant = cuda::Variant::Mma;
+    cases.push_back(g);
+  }
+  // cmp_attn's and topn's mma kernels at the paper's head dims (compiled in every build): one and several key
   // tiles (T = 1100 sees 67 compressed keys, so a selection block straddles two tiles).
   for (int64_t G : {1, 4, 16}) {
     Config c = paper(G, 1, 128, 128);
     c.compress = CompressKind::Mean;
-    GpuCase g = make(cat("packed T={1,63,64,65,300,1100} G=", G, " dk=dv=128 mean kernel v4"), c,
+    GpuCase g = make(cat("packed T={1,63,64,65,300,1100} G=", G, " dk=dv=128 mean mma"), c,
                      {1, 63, 64, 65, 300, 1100});
-    g.kernel = 4;
+    g.variant = cuda::Variant::Mma;
     cases.push_back(g);
   }
-  {  // v4's general Eq. 9 mapping (not the paper's stencil) with two positions per warp
+  {  // topn mma's general Eq. 9 mapping (not the paper's stencil) with two positions per warp
     Config c = paper(16, 2, 128, 128);
     c.compress = CompressKind::Mean;
     c.cmp_len = 32, c.cmp_stride = 8, c.slc_len = 32, c.slc_count = 6;
-    GpuCase g = make("T=700 l=32 d=8 l'=32 n=6 G=8 dk=dv=128 mean kernel v4", c, {700});
-    g.kernel = 4;
+    GpuCase g = make("T=700 l=32 d=8 l'=32 n=6 G=8 dk=dv=128 mean mma", c, {700});
+    g.variant = cuda::Variant::Mma;
     cases.push_back(g);
   }
   for (const auto& gc : cases) run_case(gc);
@@ -221,11 +186,9 @@ TEST_CASE("cuda forward vs reference: paper-sized cases") {
   cases.push_back(make("T=1025 G=16 dk=192 dv=128 mlp", paper(32, 2, 192, 128), {1025}));
   cases.push_back(make("T=2049 G=16 dk=dv=128 mlp", paper(16, 1, 128, 128), {2049}, Precision::FP16));
   {
-    for (int kernel : {1, 2}) {
-      GpuCase g = make(cat("T=3000 G=16 dk=192 dv=128 mlp kernel v", kernel), paper(16, 1, 192, 128), {3000});
-      g.kernel = kernel;
-      cases.push_back(g);
-    }
+    GpuCase g = make("T=3000 G=16 dk=192 dv=128 mlp mma", paper(16, 1, 192, 128), {3000});
+    g.variant = cuda::Variant::Mma;
+    cases.push_back(g);
   }
   {
     Config c = paper(16, 2, 64, 64);
@@ -239,20 +202,20 @@ TEST_CASE("cuda forward vs reference: paper-sized cases") {
   for (const auto& gc : cases) run_case(gc);
 }
 
-TEST_CASE("cuda select: exactly tied scores go to the lower block index, as in the reference") {
+TEST_CASE("cuda topn: exactly tied scores go to the lower block index, as in the reference") {
   // Constant keys make every compressed key equal, so every interior block gets exactly the same
   // score in any summation order; the picks must be the lowest indices.
-  for (int kernel : {0, 1, 2, 3, 4}) {
+  for (cuda::Variant v : {cuda::Variant::Fp32, cuda::Variant::Mma}) {
     Config c = paper(16, 1, 128, 128);
     c.compress = CompressKind::Mean;
-    GpuCase g = make(cat("T=1500 constant keys, kernel ", kernel), c, {1500});
-    g.kernel = kernel;
+    GpuCase g = make(cat("T=1500 constant keys, ", cuda::to_string(v)), c, {1500});
+    g.variant = v;
     g.exact_select = true;
     const auto in_d = test::make_inputs<double>(g.k);
     ref::Inputs<float> in_f = cuda::round_to(Precision::BF16, in_d.cast<float>());
     in_f.k.fill(0.5f);
     cuda::Options opt;
-    opt.kernel = kernel;
+    opt.set_variant(v);
     const auto gpu = cuda::forward(c, in_f, opt);
     const auto r = ref::forward(c, in_f.cast<double>());
     INFO(g.name);
@@ -261,20 +224,24 @@ TEST_CASE("cuda select: exactly tied scores go to the lower block index, as in t
 }
 
 TEST_CASE("cuda errors: a kernel override that cannot run says why") {
+  // On this device (the choice function's own tests, on made-up devices: test_choice.cpp).
   Config c = paper(16, 1, 128, 128);
+  const cuda::DeviceCaps dev = cuda::device_caps(0);
   cuda::Options opt;
-  opt.kernel = 1;
+  opt.set_variant(cuda::Variant::Mma);
   opt.dtype = Precision::FP32;
-  CHECK_THROWS_AS(cuda::choose_kernel(c, opt), ConfigError);
+  CHECK_THROWS_AS(cuda::choose_kernels(c, 1024, dev, opt), ConfigError);
   opt.dtype = Precision::BF16;
   c.Hq = 12, c.Hkv = 4;  // G = 3
-  CHECK_THROWS_WITH_AS(cuda::choose_kernel(c, opt), doctest::Contains("G = 3"), ConfigError);
-  opt.kernel = 7;
-  CHECK_THROWS_AS(cuda::choose_kernel(c, opt), ConfigError);
-  opt.kernel = -1;
-  std::string why;
-  CHECK(cuda::choose_kernel(c, opt, &why) == 0);
-  CHECK(why.find("G = 3") != std::string::npos);
+  CHECK_THROWS_WITH_AS(cuda::choose_kernels(c, 1024, dev, opt), doctest::Contains("G = 3"), ConfigError);
+  CHECK_THROWS_WITH_AS(cuda::Plan(c, 1024, {}, opt), doctest::Contains("G = 3"), ConfigError);
+  opt.set_variant(cuda::Variant::Auto);
+  opt.warps[size_t(cuda::Stage::SlcAttn)] = 9;
+  CHECK_THROWS_WITH_AS(cuda::choose_kernels(c, 1024, dev, opt), doctest::Contains("warps of slc_attn = 9"), ConfigError);
+  opt.warps[size_t(cuda::Stage::SlcAttn)] = 0;
+  const cuda::KernelChoice k = cuda::choose_kernels(c, 1024, dev, opt);
+  CHECK(k[cuda::Stage::CmpAttn].variant == cuda::Variant::Fp32);
+  CHECK(k[cuda::Stage::CmpAttn].why.find("G = 3") != std::string::npos);
 }
 
 TEST_CASE("cuda errors: a plan beyond the device's memory is refused by name, and the device stays usable") {
@@ -310,7 +277,10 @@ TEST_CASE("cuda bench: a timed run on random device inputs is finite and every s
   plan.randomize(3);
   const auto res = cuda::bench(plan, 1, 3);
   CHECK(res.ms > 0);
-  CHECK(res.stages.size() == 4);
+  std::vector<std::string> names;
+  for (const auto& st : res.stages) names.push_back(st.stage);
+  CHECK(names == std::vector<std::string>{"phi", "cmp_attn", "topn", "slc_attn", "win_attn+combine"});
+  CHECK(res.kernels.summary() == plan.kernels().summary());
   const auto out = plan.download();
   for (float x : out.o.vec()) REQUIRE(std::isfinite(x));
   CHECK(out.o_branch[2].empty());  // O_win fused away when intermediates are off

@@ -1,5 +1,5 @@
 // Decoding with a KV cache: every output of every decode step equals the prefill forward pass at
-// that position (NSA-SPEC.md 8), the cache holds what the layout says, and the traffic model
+// that position (docs/spec.md 8), the cache holds what the layout says, and the traffic model
 // matches what the steps read.
 #include <doctest/doctest.h>
 
@@ -32,16 +32,7 @@ double worst_row_error(const Tensor<S>& a, const Tensor<S>& b, const std::vector
   for (int64_t r = 0; r < a.dim(0); ++r) {
     if (!rows[size_t(r)]) continue;
     double num = 0, den = 0;
-    for (int64_t i = r * n; i < (r + 1) * n; ++i) {
-      const double x = double(a[i]), y = double(b[i]);
-      if (x == y) {
-        if (std::isfinite(y)) den += y * y;
-        continue;
-      }
-      if (!std::isfinite(x) || !std::isfinite(y)) return std::numeric_limits<double>::infinity();
-      num += (x - y) * (x - y);
-      den += y * y;
-    }
+    if (!test::diff_norms(a, b, r * n, (r + 1) * n, num, den)) return std::numeric_limits<double>::infinity();
     const double err = lse ? std::sqrt(num) / std::max(std::sqrt(den), 1.0) : (den > 0 ? std::sqrt(num / den) : std::sqrt(num));
     worst = std::max(worst, err);
   }
@@ -360,7 +351,7 @@ TEST_CASE("traffic: the steps read what the model says; the paper's decode ratio
     }
     CHECK(emits == k.cfg.num_cmp_blocks(100));  // one emission per compressed block: (100 - 8)/4 + 1
   }
-  // The paper's settings (NSA-SPEC.md 9), Section 5.2: tokens read at 8k..64k against full.
+  // The paper's settings (docs/spec.md 9), Section 5.2: tokens read at 8k..64k against full.
   Config p;
   p.Hq = 64, p.Hkv = 4, p.dk = 192, p.dv = 128;  // l = 32, d = 16, l' = 64, n = 16, w = 512
   const std::vector<std::pair<int64_t, double>> paper = {{8192, 4.0}, {16384, 6.4}, {32768, 9.1}, {65536, 11.6}};

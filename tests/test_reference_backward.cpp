@@ -1,4 +1,4 @@
-// The reference backward pass (NSA-SPEC.md 7): central finite differences of L = <dL/do, o> for
+// The reference backward pass (docs/spec.md 7): central finite differences of L = <dL/do, o> for
 // every gradient tensor, oracle = fast path, the shared-key sums, identities with full attention,
 // thread independence, float against double.
 #include <doctest/doctest.h>

@@ -50,7 +50,7 @@ inline Tolerances for_precision(cuda::Precision p) {
   return {4 * u + 1e-5, 4 * u + 1e-5, 2 * u + 1e-6, 8 * u + 1e-5, 8 * u + 1e-5};
 }
 
-// Backward (NSA-SPEC.md 7): relative L2 of every gradient tensor against ref::backward in double
+// Backward (docs/spec.md 7): relative L2 of every gradient tensor against ref::backward in double
 // on the same rounded inputs, dL/do and selected blocks. A gradient carries the forward's
 // roundings (`attn`, c = 4: P and dS depend on the rounded compressed K/V and on lse), plus its
 // own: dS = P (dP - D) rounded for the dq and dK products (1), P rounded for the dV product (1),

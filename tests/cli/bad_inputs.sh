@@ -229,7 +229,12 @@ class_invalid_config() {
   bad 1 "dtype = 'bf17' is not one of: bf16, fp16, fp32" forward $IN --dtype bf17 --out o
   bad 1 "threads = -1 is invalid: expected 0 (all cores) to 1024" forward $IN --threads -1 --out o
   bad 1 "threads = 5000 is invalid" full $IN --threads 5000 --out o
-  bad 1 "kernel = -2 is invalid" forward $IN --kernel -2 --out o
+  bad 1 "variant = 'v4' is not one of: auto, fp32, mma, cublas" forward $IN --variant cmp_attn=v4 --out o
+  bad 1 "stage = 'select' is not one of: phi, cmp_attn, topn" forward $IN --variant select=mma --out o
+  bad 1 "item 'slc_attn' is not STAGE=VARIANT" backward $IN --do w/do.npy --variant slc_attn --out o
+  bad 1 "item 'topn=9' is not STAGE=N with N in 0..8" forward $IN --warps topn=9 --out o
+  bad 1 "bwd-variant = 'cublas' is not one of: auto, fp32, mma" backward $IN --do w/do.npy --bwd-variant cublas --out o
+  bad 1 "dec-kernel = 4 is invalid: expected 1, 2, 3 or -1" decode $IN --dec-kernel 4 --out o
   bad 1 "threads = -1 is invalid" decode $IN --threads -1 --out o
   bad 1 "prefill = -1 is invalid: expected >= 0 tokens" decode $IN --prefill -1 --out o
   bad 1 "slc_count (n) = 2 is invalid" decode $IN --slc-count 2 --out o

@@ -1,22 +1,15 @@
 #!/usr/bin/env bash
 # `nsa backward --device cuda` writes the same files as `--device cpu` and matches it through the
-# command line: in fp32 (kernels v0) every gradient file to 1e-4 relative L2 when both devices
+# command line: in fp32 (the fp32 kernels) every gradient file to 1e-4 relative L2 when both devices
 # select the same blocks (checked through `nsa forward`); db2_k, zero in exact arithmetic, to an
 # absolute 1e-4. In bf16 (tensor cores) the same file set, and the deterministic mode writes the
 # same bytes twice. Without a GPU (CI) it exits 77, which ctest reports as skipped.
 source "$(dirname "$0")/lib.sh"
 ok $NSA gen --T 700 --Hq 8 --Hkv 2 --dk 128 --dv 128 --gates random --do --seed 5 --out w
 IN="--q w/q.npy --k w/k.npy --v w/v.npy --gates w/gates.npy --slc-count 4"
-set +e
-$NSA backward $IN --do w/do.npy --device cuda --dtype fp32 --out gpu32 >out.txt 2>err.txt
-rc=$?
-set -e
-if [ $rc -ne 0 ] && grep -qE "no usable CUDA device|no CUDA device present|built without the CUDA path" err.txt; then
-  echo "SKIPPED: $(cat err.txt)"
-  exit 77
-fi
-[ $rc -eq 0 ] || { cat out.txt err.txt >&2; fail "nsa backward --device cuda --dtype fp32"; }
-contains gpu32/config.json '"bwd_kernel": 0'
+on_cuda $NSA backward $IN --do w/do.npy --device cuda --dtype fp32 --out gpu32
+contains gpu32/config.json '"backward": {'
+contains gpu32/config.json '"variant": "fp32"'
 ok $NSA backward $IN --do w/do.npy --out cpu
 n=0
 for f in cpu/*.npy; do
@@ -42,7 +35,8 @@ else
 fi
 # bf16 on the tensor cores: the same files; the deterministic mode is bitwise repeatable.
 ok $NSA backward $IN --do w/do.npy --device cuda --out gpu16
-contains gpu16/config.json '"bwd_kernel": 1'
+contains gpu16/config.json '"backward": {'
+contains gpu16/config.json '"variant": "mma"'
 for f in cpu/*.npy; do [ -f "gpu16/$(basename "$f")" ] || fail "gpu16 lacks $(basename "$f")"; done
 ok $NSA backward $IN --do w/do.npy --device cuda --deterministic --out det1
 ok $NSA backward $IN --do w/do.npy --device cuda --deterministic --out det2

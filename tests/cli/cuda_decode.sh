@@ -8,15 +8,7 @@
 source "$(dirname "$0")/lib.sh"
 ok $NSA gen --T 700 --B 2 --Hq 16 --Hkv 1 --dk 128 --dv 128 --gates random --seed 7 --out w
 IN="--q w/q.npy --k w/k.npy --v w/v.npy --gates w/gates.npy"
-set +e
-$NSA decode $IN --device cuda --prefill 600 --out gpu >out.txt 2>err.txt
-rc=$?
-set -e
-if [ $rc -ne 0 ] && grep -qE "no usable CUDA device|no CUDA device present|built without the CUDA path" err.txt; then
-  echo "SKIPPED: $(cat err.txt)"
-  exit 77
-fi
-[ $rc -eq 0 ] || { cat out.txt err.txt >&2; fail "nsa decode --device cuda"; }
+on_cuda $NSA decode $IN --device cuda --prefill 600 --out gpu
 contains gpu/config.json '"dtype": "bf16"'
 contains gpu/config.json '"steps": 200'
 ok $NSA decode $IN --prefill 600 --precision float --out cpu

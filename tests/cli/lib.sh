@@ -24,6 +24,16 @@ refused() {
   [ -z "$text" ] || grep -qF -- "$text" err.txt || { cat err.txt >&2; fail "expected '$text' in stderr of: $*"; }
   no_sanitizer_report "$@"
 }
+# on_cuda CMD...: the first CUDA command of a test; without a GPU (or a CUDA build) the test is
+# skipped: exit 77, which ctest reports as skipped, with the reason printed.
+on_cuda() {
+  set +e; "$@" >out.txt 2>err.txt; local rc=$?; set -e
+  if [ $rc -ne 0 ] && grep -qE "no usable CUDA device|no CUDA device present|built without the CUDA path" err.txt; then
+    echo "SKIPPED: $(cat err.txt)"
+    exit 77
+  fi
+  [ $rc -eq 0 ] || { cat out.txt err.txt >&2; fail "expected success: $*"; }
+}
 # contains FILE TEXT
 contains() { grep -qF -- "$2" "$1" || { cat "$1" >&2; fail "expected '$2' in $1"; }; }
 

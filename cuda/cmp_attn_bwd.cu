@@ -1,6 +1,6 @@
-// The compression branch's backward (NSA-SPEC.md 7): dq of the softmax over the visible
+// The compression branch's backward (docs/spec.md 7): dq of the softmax over the visible
 // compressed keys, and the gradients of the compressed keys and values dL/dphi(k_cmp),
-// dL/dphi(v_cmp), which compress_bwd.cu takes on through phi. The CUDA twin of the compression
+// dL/dphi(v_cmp), which phi_bwd.cu takes on through phi. The CUDA twin of the compression
 // part of reference/backward.cpp's nsa_tile_backward.
 //
 // Every compressed key is seen by every later query of its sequence, so its key-centric work is
@@ -26,7 +26,7 @@ __global__ void reduce_kernel(FwdParams p, BwdParams bp) {
   const int T_b = int(p.cu_seqlens[b + 1] - p.cu_seqlens[b]);
   const int i = int(ci - p.cu_cmp[b]), kt = i / kBwdKeys, slot = i % kBwdKeys;
   const int nch = (T_b + bp.QC - 1) / bp.QC;
-  const int c0 = (kt * kBwdKeys * p.d + p.l - 1) / bp.QC;  // chunks before c0 hold no position that sees the tile
+  const int c0 = (kt * kBwdKeys * p.cmp_stride + p.cmp_len - 1) / bp.QC;  // chunks before c0 hold no position that sees the tile
   const int64_t x0 = bp.cu_cmp_items[b] + int64_t(kt) * nch;
   for (int c = threadIdx.x; c < p.dk + p.dv; c += blockDim.x) {
     const bool isk = c < p.dk;
@@ -39,58 +39,52 @@ __global__ void reduce_kernel(FwdParams p, BwdParams bp) {
 }
 
 template <class T>
-void launch_v0(const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
+void launch_fp32(const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
   const int nw = p.G < 4 ? p.G : 4;
-  dq_v0_kernel<T, kCmp><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, 0, s>>>(p, bp);
-  NSA_CUDA_CHECK_LAUNCH("dq_v0_kernel<cmp>");
+  dq_fp32_kernel<T, kCmp><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, 0, s>>>(p, bp);
+  NSA_CUDA_CHECK_LAUNCH("dq_fp32_kernel<cmp>");
   if (p.Nc == 0) return;
-  dkdv_v0_kernel<T, kCmp><<<dim3(unsigned(p.Nc), unsigned(p.Hkv)), 32 * nw, size_t(nw) * (p.dk + p.dv) * 4, s>>>(
+  dkdv_fp32_kernel<T, kCmp><<<dim3(unsigned(p.Nc), unsigned(p.Hkv)), 32 * nw, size_t(nw) * (p.dk + p.dv) * 4, s>>>(
       p, bp);
-  NSA_CUDA_CHECK_LAUNCH("dkdv_v0_kernel<cmp>");
+  NSA_CUDA_CHECK_LAUNCH("dkdv_fp32_kernel<cmp>");
 }
 
 template <class T>
-void launch_v1(const FwdParams& p, const BwdParams& bp, const TileMap& tm, int64_t items, cudaStream_t s) {
+void launch_mma(const FwdParams& p, const BwdParams& bp, const TileMap& tm, int64_t items, cudaStream_t s) {
   const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK_, auto DV_) {
     constexpr int DK = decltype(DK_)::value, DV = decltype(DV_)::value;
-    auto dq = dq_v1_kernel<T, DK, DV, kCmp>;
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dq_v1_bytes(DK, DV))));
-    dq<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 128, dq_v1_bytes(DK, DV), s>>>(p, bp, tm);
-    NSA_CUDA_CHECK_LAUNCH("dq_v1_kernel<cmp>");
+    auto dq = dq_mma_kernel<T, DK, DV, kCmp>;
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dq_mma_bytes(DK, DV))));
+    dq<<<dim3(unsigned(tm.total), unsigned(p.Hkv)), 128, dq_mma_bytes(DK, DV), s>>>(p, bp, tm);
+    NSA_CUDA_CHECK_LAUNCH("dq_mma_kernel<cmp>");
     if (p.Nc == 0) return;
     if (!bp.deterministic) {  // the items add into zeros
       NSA_CUDA_CHECK(cudaMemsetAsync(bp.dkc, 0, size_t(p.Nc) * p.Hkv * DK * 4, s));
       NSA_CUDA_CHECK(cudaMemsetAsync(bp.dvc, 0, size_t(p.Nc) * p.Hkv * DV * 4, s));
     }
-    auto kv = dkdv_v1_kernel<T, DK, DV, kCmp>;
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dkdv_v1_bytes(DK, DV))));
-    kv<<<dim3(unsigned(items), unsigned(p.Hkv)), 128, dkdv_v1_bytes(DK, DV), s>>>(p, bp, TileMap{});
-    NSA_CUDA_CHECK_LAUNCH("dkdv_v1_kernel<cmp>");
+    auto kv = dkdv_mma_kernel<T, DK, DV, kCmp>;
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dkdv_mma_bytes(DK, DV))));
+    kv<<<dim3(unsigned(items), unsigned(p.Hkv)), 128, dkdv_mma_bytes(DK, DV), s>>>(p, bp, TileMap{});
+    NSA_CUDA_CHECK_LAUNCH("dkdv_mma_kernel<cmp>");
     if (bp.deterministic) {
       reduce_kernel<<<dim3(unsigned(p.Nc), unsigned(p.Hkv)), 128, 0, s>>>(p, bp);
       NSA_CUDA_CHECK_LAUNCH("cmp reduce_kernel");
     }
   });
-  if (!ok) throw ConfigError(cat("cmp_bwd v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
+  if (!ok) throw ConfigError(cat("cmp_attn_bwd mma: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
 }
 
 }  // namespace
 
-void cmp_bwd_v0(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
+void cmp_attn_bwd_fp32(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
   if (p.N == 0) return;
-  switch (prec) {
-    case Precision::BF16: launch_v0<__nv_bfloat16>(p, bp, s); break;
-    case Precision::FP16: launch_v0<__half>(p, bp, s); break;
-    case Precision::FP32: launch_v0<float>(p, bp, s); break;
-  }
+  for_precision(prec, [&](auto t) { launch_fp32<decltype(t)>(p, bp, s); });
 }
 
-void cmp_bwd_v1(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_dq, int64_t cmp_items,
+void cmp_attn_bwd_mma(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_dq, int64_t cmp_items,
                 cudaStream_t s) {
   if (p.N == 0) return;
-  if (prec == Precision::BF16) launch_v1<__nv_bfloat16>(p, bp, tm_dq, cmp_items, s);
-  else if (prec == Precision::FP16) launch_v1<__half>(p, bp, tm_dq, cmp_items, s);
-  else throw ConfigError("cmp_bwd v1 needs bf16 or fp16 operands (fp32 runs v0)");
+  for_mma_precision(prec, "cmp_attn_bwd mma", [&](auto t) { launch_mma<decltype(t)>(p, bp, tm_dq, cmp_items, s); });
 }
 
 }  // namespace nsa::cuda

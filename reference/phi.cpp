@@ -1,9 +1,9 @@
-// Compression phi (NSA-SPEC.md 3, Eq. 7): block i of a sequence covers tokens [i*d, i*d + l);
+// Compression phi (docs/spec.md 3, Eq. 7): block i of a sequence covers tokens [i*d, i*d + l);
 // phi maps its l rows (keys or values, dim D) to one row.
 //   mean:   the mean of the rows;
 //   linear: flat = rows + pe, flattened row-major over (token, dim) to l*D; W flat + b;
 //   mlp:    W2 act(W1 flat + b1) + b2.
-// And phi's backward (NSA-SPEC.md 7): the gradient of a compressed row goes to the l raw rows of
+// And phi's backward (docs/spec.md 7): the gradient of a compressed row goes to the l raw rows of
 // its block (overlapping blocks add up) and to the parameters.
 #include <omp.h>
 
@@ -232,7 +232,7 @@ void compress_backward_fast(const Config& cfg, const S* x, int64_t T, int64_t D,
 }  // namespace
 
 template <class S>
-void compress_backward(const Config& cfg, const S* x, int64_t T, int64_t D, const PhiParams<S>& p, int64_t hidden,
+void phi_backward(const Config& cfg, const S* x, int64_t T, int64_t D, const PhiParams<S>& p, int64_t hidden,
                        const S* dy, S* dx, PhiParams<S>& dp, Path path) {
   if (path == Path::Oracle)
     compress_backward_oracle(cfg, x, T, D, p, hidden, dy, dx, dp);
@@ -296,9 +296,9 @@ template Tensor<double> compress(const Config&, const double*, int64_t, int64_t,
                                  Path);
 template Tensor<float> compress(const Config&, const float*, int64_t, int64_t, const PhiParams<float>&, int64_t,
                                 Path);
-template void compress_backward(const Config&, const double*, int64_t, int64_t, const PhiParams<double>&, int64_t,
+template void phi_backward(const Config&, const double*, int64_t, int64_t, const PhiParams<double>&, int64_t,
                                 const double*, double*, PhiParams<double>&, Path);
-template void compress_backward(const Config&, const float*, int64_t, int64_t, const PhiParams<float>&, int64_t,
+template void phi_backward(const Config&, const float*, int64_t, int64_t, const PhiParams<float>&, int64_t,
                                 const float*, float*, PhiParams<float>&, Path);
 template CompressParams<double> random_compress_params<double>(const Config&, uint64_t);
 template CompressParams<float> random_compress_params<float>(const Config&, uint64_t);

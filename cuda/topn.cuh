@@ -1,4 +1,4 @@
-// Top-n block selection (NSA-SPEC.md 4, Eq. 11), the CUDA twin of ref::select_blocks: given the
+// Top-n block selection (docs/spec.md 4, Eq. 11), the CUDA twin of ref::select_blocks: given the
 // group scores P[j] of query t's valid blocks, the forced blocks (the first init_blocks and the
 // local_blocks ending at t's own block) plus the highest-scoring others, n in all, ascending,
 // -1 padding. Ranking: higher score first, exactly equal scores to the lower index, NaN last.
@@ -24,14 +24,14 @@ struct Forced {
   }
 };
 
-__device__ __forceinline__ Forced forced_blocks(const FwdParams& p, int t) {
-  const int own = t / p.ls, lo = own - p.local_blocks + 1;
+__device__ __forceinline__ Forced forced_blocks(const LayerParams& p, int t) {
+  const int own = t / p.slc_len, lo = own - p.local_blocks + 1;
   return {p.init_blocks, lo > 0 ? lo : 0, own};  // init_blocks <= n < valid whenever it is used
 }
 
-// One thread (kernel v0): writes out[0, n) in global memory.
-__device__ inline void select_serial(const float* P, int t, const FwdParams& p, int32_t* out) {
-  const int valid = slc_valid(t, p.ls), n = p.n;
+// One thread (the fp32 kernel): writes out[0, n) in global memory.
+__device__ inline void select_serial(const float* P, int t, const LayerParams& p, int32_t* out) {
+  const int valid = slc_valid(t, p.slc_len), n = p.slc_count;
   if (valid <= n) {  // every valid block fits
     for (int m = 0; m < n; ++m) out[m] = m < valid ? m : -1;
     return;
@@ -62,10 +62,10 @@ __device__ inline void select_serial(const float* P, int t, const FwdParams& p, 
   }
 }
 
-// One warp (kernel v1): P in shared memory, list[n] shared scratch; writes out[0, n) in global
+// One warp: P in shared memory, list[n] shared scratch; writes out[0, n) in global
 // memory. Each round scans the valid blocks lane-strided and reduces (key, index) over the warp.
-__device__ inline void select_warp(const float* P, int t, const FwdParams& p, int* list, int32_t* out, int lane) {
-  const int valid = slc_valid(t, p.ls), n = p.n;
+__device__ inline void select_warp(const float* P, int t, const LayerParams& p, int* list, int32_t* out, int lane) {
+  const int valid = slc_valid(t, p.slc_len), n = p.slc_count;
   if (valid <= n) {
     for (int m = lane; m < n; m += 32) out[m] = m < valid ? m : -1;
     return;
@@ -109,16 +109,16 @@ __device__ inline void select_warp(const float* P, int t, const FwdParams& p, in
   __syncwarp();
 }
 
-// One warp (kernel v4): select_warp's result with far fewer passes over the scores. select_warp
+// One warp (topn_mma): select_warp's result with far fewer passes over the scores. select_warp
 // rescans all valid blocks in each of its n - nf rounds (13 rounds over up to 1024 blocks at T =
 // 64k). Here K = n - nf <= 32 (else: select_warp): each lane finds the best block of its strided
 // share; tau = the K-th best of those 32 lane maxima, so at least K blocks have key >= tau and
 // every one of the K best has key >= tau. Those candidates are compacted in ascending order into
 // cand[cap] (shared scratch), and select_warp's rounds run over them alone. With more than cap
 // candidates (e.g. many exactly tied scores) it falls back to select_warp. list[n] shared scratch.
-__device__ inline void select_warp_filtered(const float* P, int t, const FwdParams& p, int* list, int* cand, int cap,
+__device__ inline void select_warp_filtered(const float* P, int t, const LayerParams& p, int* list, int* cand, int cap,
                                             int32_t* out, int lane) {
-  const int valid = slc_valid(t, p.ls), n = p.n;
+  const int valid = slc_valid(t, p.slc_len), n = p.slc_count;
   const Forced f = forced_blocks(p, t);
   const int nf = valid <= n ? 0 : f.count(), K = n - nf;
   if (valid <= n || K <= 0 || K > 32) return select_warp(P, t, p, list, out, lane);
@@ -185,58 +185,6 @@ __device__ inline void select_warp_filtered(const float* P, int t, const FwdPara
   __syncwarp();
 }
 
-// ---- the group-centric walk of the selection kernels (select.cu, select_bwd.cu) ----
-constexpr int kSlcChunk = 32;  // tokens per pipeline stage
-
-struct Item {
-  int j;          // selection block; INT_MAX: no more
-  unsigned mask;  // bit p: position t0 + p selected block j
-  int c;          // chunk of the block: tokens j l' + c*32 + [0, 32)
-};
-
-// The warp-uniform walk over the union of the P sorted block lists of a warp's positions, chunk by
-// chunk: lane p < P holds a cursor into position t0 + p's list; each new block is the minimum of
-// the lanes' heads, and the lanes holding it advance. head(cursor) is the calling lane's list
-// entry (INT_MAX past the end or at -1 padding).
-struct BlockUnion {
-  int hv = INT_MAX, cursor = 0, blk_j = -1, blk_chunks = 0, next_c = 0;
-  unsigned blk_mask = 0;
-  template <class Head>
-  __device__ __forceinline__ Item next(Head&& head, int ls, int t_maxw) {
-    if (blk_j >= 0 && next_c < blk_chunks) return {blk_j, blk_mask, next_c++};
-    int jm = hv;
-    for (int o = 16; o > 0; o /= 2) jm = min(jm, __shfl_xor_sync(0xffffffffu, jm, o));
-    if (jm == INT_MAX) return {INT_MAX, 0u, 0};
-    const unsigned mask = __ballot_sync(0xffffffffu, hv == jm);
-    if (hv == jm) hv = head(++cursor);
-    // Tokens past the warp's last position are masked for every row: not loaded.
-    const int len = min((jm + 1) * ls, t_maxw + 1) - jm * ls;
-    blk_j = jm, blk_mask = mask, blk_chunks = (len + kSlcChunk - 1) / kSlcChunk, next_c = 1;
-    return {jm, mask, 0};
-  }
-};
-
-// Copies chunk `it` (tokens [u0, u_end) of group g's K and V; zeros past u_end) into one stage,
-// with the warp's 32 lanes. kStrided: from a row base and stride (v3), else row by row (v1, v2).
-template <class T, int DK, int DV, bool kStrided>
-__device__ __forceinline__ void load_chunk(T* sKs, T* sVs, const Item& it, const T* K, const T* V, int64_t row0,
-                                           int Hkv, int g, int ls, int t_maxw, int lane) {
-  const int u0 = it.j * ls + it.c * kSlcChunk, u_end = min((it.j + 1) * ls, t_maxw + 1);
-  if constexpr (kStrided) {
-    load_rows_async<DK>(sKs, kSlcChunk, K + ((row0 + u0) * Hkv + g) * DK, int64_t(Hkv) * DK, u_end - u0, lane, 32);
-    load_rows_async<DV>(sVs, kSlcChunk, V + ((row0 + u0) * Hkv + g) * DV, int64_t(Hkv) * DV, u_end - u0, lane, 32);
-  } else {
-    load_tile_async<DK>(
-        sKs, kSlcChunk,
-        [&](int r) -> const T* { return u0 + r < u_end ? K + ((row0 + u0 + r) * Hkv + g) * DK : nullptr; }, K, lane,
-        32);
-    load_tile_async<DV>(
-        sVs, kSlcChunk,
-        [&](int r) -> const T* { return u0 + r < u_end ? V + ((row0 + u0 + r) * Hkv + g) * DV : nullptr; }, V, lane,
-        32);
-  }
-}
-
 // ---- the decode step's top-n: one query, up to thousands of blocks, all threads of a CTA ----
 
 // rank_key as an unsigned integer of the same order: a ranks above b (by score) exactly when
@@ -284,8 +232,8 @@ __device__ __forceinline__ int cta_exclusive_scan(int v, int* sw, int* total, in
 // prefix sum over the blocks in index order places the chosen ones in ascending order.
 // P [valid] in shared memory is overwritten by the keys; hist [256 + 32 + 2] ints of shared
 // scratch; out [n] global. Threads own contiguous runs of blocks, so the scans run in index order.
-__device__ inline void select_cta(float* P, int t, const FwdParams& p, int* hist, int32_t* out, int tid, int nth) {
-  const int valid = slc_valid(t, p.ls), n = p.n;
+__device__ inline void select_cta(float* P, int t, const LayerParams& p, int* hist, int32_t* out, int tid, int nth) {
+  const int valid = slc_valid(t, p.slc_len), n = p.slc_count;
   if (valid <= n) {  // every valid block fits
     for (int m = tid; m < n; m += nth) out[m] = m < valid ? m : -1;
     return;

@@ -1,4 +1,4 @@
-// The gates' backward (NSA-SPEC.md 2, 7) and the softmax deltas every branch's backward needs;
+// The gates' backward (docs/spec.md 2, 7) and the softmax deltas every branch's backward needs;
 // the CUDA twin of the first loop of reference/backward.cpp's backward_fast and of its
 // gate_mlp_backward_fast.
 //   dL/dg_c[t, h] = <dL/do[t, h], O_c[t, h]>,   D_c[t, h] = g_c dL/dg_c = rowsum(dO_c * O_c);
@@ -65,7 +65,7 @@ int blocks_for(int64_t n) {
 
 }  // namespace
 
-void bwd_prep(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
+void combine_bwd(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
   const int64_t NHq = p.N * p.Hq;
   if (NHq == 0) return;
   const unsigned grid = unsigned((NHq + 7) / 8);

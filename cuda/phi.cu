@@ -1,4 +1,4 @@
-// phi (NSA-SPEC.md 3, Eq. 7), the CUDA twin of reference/compress.cpp: compressed block i of a
+// phi (docs/spec.md 3, Eq. 7), the CUDA twin of reference/phi.cpp: compressed block i of a
 // sequence covers its tokens [i*d, i*d + l).
 //   mean:   one kernel, the fp32 sum of the l rows divided by l (the reference's order);
 //   linear: gather X[h, i, r*D + c] = x[i*d + r, h, c] + pe[h, r, c] (blocks overlap when d < l,
@@ -39,11 +39,11 @@ __global__ void mean_kernel(FwdParams p, const T* __restrict__ x, int D, T* __re
   const int64_t ci = blockIdx.x;
   const int h = blockIdx.y;
   const int b = dev::find_seq(p.cu_cmp, p.B, ci);
-  const int64_t src0 = p.cu_seqlens[b] + (ci - p.cu_cmp[b]) * p.d;
+  const int64_t src0 = p.cu_seqlens[b] + (ci - p.cu_cmp[b]) * p.cmp_stride;
   for (int c = threadIdx.x; c < D; c += blockDim.x) {
     float s = 0;
-    for (int r = 0; r < p.l; ++r) s += to_f(x[((src0 + r) * p.Hkv + h) * D + c]);
-    out[(ci * p.Hkv + h) * D + c] = from_f<T>(s / float(p.l));
+    for (int r = 0; r < p.cmp_len; ++r) s += to_f(x[((src0 + r) * p.Hkv + h) * D + c]);
+    out[(ci * p.Hkv + h) * D + c] = from_f<T>(s / float(p.cmp_len));
   }
 }
 
@@ -54,12 +54,12 @@ __global__ void gather_kernel(FwdParams p, const T* __restrict__ x, const float*
   const int64_t ci = blockIdx.x;
   const int h = blockIdx.y;
   const int b = dev::find_seq(p.cu_cmp, p.B, ci);
-  const int64_t src0 = p.cu_seqlens[b] + (ci - p.cu_cmp[b]) * p.d;
-  const int64_t lD = int64_t(p.l) * D;
+  const int64_t src0 = p.cu_seqlens[b] + (ci - p.cu_cmp[b]) * p.cmp_stride;
+  const int64_t lD = int64_t(p.cmp_len) * D;
   T* dst = X + (int64_t(h) * p.Nc + ci) * lD;
   for (int64_t e = threadIdx.x; e < lD; e += blockDim.x) {
     const int64_t r = e / D, c = e % D;
-    dst[e] = from_f<T>(to_f(x[((src0 + r) * p.Hkv + h) * D + c]) + pe[(int64_t(h) * p.l + r) * D + c]);
+    dst[e] = from_f<T>(to_f(x[((src0 + r) * p.Hkv + h) * D + c]) + pe[(int64_t(h) * p.cmp_len + r) * D + c]);
   }
 }
 
@@ -164,7 +164,7 @@ void phi_gathered(const Config& cfg, Precision prec, int64_t M, int Hkv, int D, 
   }
 }
 
-void compress_phi(const Config& cfg, const FwdParams& p, Precision prec, const void* x, int D, int hc,
+void phi_forward(const Config& cfg, const FwdParams& p, Precision prec, const void* x, int D, int hc,
                   const PhiDevice& phi, const PhiWorkspace& ws, void* out, cublasHandle_t blas, cudaStream_t s) {
   switch (prec) {
     case Precision::BF16:

@@ -1,4 +1,4 @@
-// Selection (NSA-SPEC.md 4): the mapping of compressed-block probabilities to selection blocks
+// Selection (docs/spec.md 4): the mapping of compressed-block probabilities to selection blocks
 // (Eq. 9) and the choice of the n blocks (Eq. 11 with the forced initial and local blocks).
 #include <algorithm>
 #include <cmath>

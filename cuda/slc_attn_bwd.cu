@@ -1,4 +1,4 @@
-// The selection branch's backward (NSA-SPEC.md 4, 7): the selected blocks are held fixed, so the
+// The selection branch's backward (docs/spec.md 4, 7): the selected blocks are held fixed, so the
 // branch is attention over given token sets; dq by query, dK/dV by key. The CUDA twin of the
 // selection part of reference/backward.cpp's nsa_tile_backward.
 //
@@ -13,8 +13,8 @@
 //   scan:  exclusive prefix sums over the slots, in the order (b, g, j, chunk): each list is the
 //          run of its chunks' slots, in position order;
 //   fill:  the same walk writes each position at its slot's offset plus the running count.
-// dq (v1) is the forward's group-centric kernel run backwards: a warp owns all G heads of 16 / G
-// positions and walks the union of their block lists chunk by chunk. dK/dV (v1) is key-centric
+// dq (mma) is the forward's group-centric kernel run backwards: a warp owns all G heads of 16 / G
+// positions and walks the union of their block lists chunk by chunk. dK/dV (mma) is key-centric
 // over the lists: a work item is a segment of S positions of one list against one sub-tile of 64
 // of the block's tokens; the blocks every query selects (the initial and local ones) have lists as
 // long as the sequence, so long lists are cut into several items, whose sums the fast mode adds
@@ -24,7 +24,7 @@
 #include "bwd_tile.cuh"
 #include "check.hpp"
 #include "kernels.hpp"
-#include "select.cuh"
+#include "slc_attn.cuh"
 
 namespace nsa::cuda {
 
@@ -38,12 +38,12 @@ template <bool kFill>
 __global__ void lists_kernel(FwdParams p, BwdParams bp) {
   extern __shared__ int sm[];
   const int64_t x = blockIdx.x;
-  const int g = blockIdx.y, lane = threadIdx.x, n = p.n;
+  const int g = blockIdx.y, lane = threadIdx.x, n = p.slc_count;
   const int b = find_seq(bp.cu_chunks, p.B, x);
   const int64_t row0 = p.cu_seqlens[b];
   const int T_b = int(p.cu_seqlens[b + 1] - row0);
   const int c = int(x - bp.cu_chunks[b]);
-  const int NB_b = (T_b + p.ls - 1) / p.ls, nch = (T_b + bp.QS - 1) / bp.QS;
+  const int NB_b = (T_b + p.slc_len - 1) / p.slc_len, nch = (T_b + bp.QS - 1) / bp.QS;
   const int t0 = c * bp.QS, t1 = min(t0 + bp.QS, T_b);
   int* cnt = sm;
   int* rows = sm + p.NB;
@@ -64,13 +64,13 @@ __global__ void lists_kernel(FwdParams p, BwdParams bp) {
     for (int j = lane; j < NB_b; j += 32) bp.slot_cnt[s0 + int64_t(j) * nch] = cnt[j];
 }
 
-// v1: the work items of list L, ceil(len / S). One thread per list.
+// mma: the work items of list L, ceil(len / S). One thread per list.
 __global__ void items_kernel(FwdParams p, BwdParams bp) {
   const int64_t L = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (L >= bp.nlists) return;
   const int b = find_seq(bp.cu_lists, p.B, L);
   const int T_b = int(p.cu_seqlens[b + 1] - p.cu_seqlens[b]);
-  const int NB_b = (T_b + p.ls - 1) / p.ls, Lloc = int(L - bp.cu_lists[b]);
+  const int NB_b = (T_b + p.slc_len - 1) / p.slc_len, Lloc = int(L - bp.cu_lists[b]);
   int e0, e1;
   slc_list_range(p, bp, b, T_b, Lloc / NB_b, Lloc % NB_b, e0, e1);
   bp.item_cnt[L] = (e1 - e0 + bp.S - 1) / bp.S;
@@ -83,8 +83,8 @@ __global__ void reduce_kernel(FwdParams p, BwdParams bp, int nsub) {
   const int g = blockIdx.y;
   const int b = find_seq(p.cu_seqlens, p.B, row);
   const int T_b = int(p.cu_seqlens[b + 1] - p.cu_seqlens[b]);
-  const int u = int(row - p.cu_seqlens[b]), j = u / p.ls, NB_b = (T_b + p.ls - 1) / p.ls;
-  const int sub = (u - j * p.ls) / kBwdKeys, slot = (u - j * p.ls) % kBwdKeys;
+  const int u = int(row - p.cu_seqlens[b]), j = u / p.slc_len, NB_b = (T_b + p.slc_len - 1) / p.slc_len;
+  const int sub = (u - j * p.slc_len) / kBwdKeys, slot = (u - j * p.slc_len) % kBwdKeys;
   const int64_t L = bp.cu_lists[b] + int64_t(g) * NB_b + j;
   const int i0 = bp.item_off[L], i1 = bp.item_off[L + 1];
   for (int c = threadIdx.x; c < p.dk + p.dv; c += blockDim.x) {
@@ -97,7 +97,7 @@ __global__ void reduce_kernel(FwdParams p, BwdParams bp, int nsub) {
   }
 }
 
-// ---- dq, v1: the forward's group-centric walk (select.cu) with the softmax run backwards ----
+// ---- dq, mma: the forward's group-centric walk (slc_attn.cu) with the softmax run backwards ----
 constexpr int kDqWarps = 2;  // warps per CTA (each its own rows and stages)
 
 __host__ __device__ constexpr size_t slc_dq_warp_bytes(int dk, int dv) {
@@ -105,7 +105,7 @@ __host__ __device__ constexpr size_t slc_dq_warp_bytes(int dk, int dv) {
 }
 
 template <class T, int DK, int DV>
-__global__ void __launch_bounds__(32 * kDqWarps) slc_dq_v1_kernel(FwdParams p, BwdParams bp, TileMap tm) {
+__global__ void __launch_bounds__(32 * kDqWarps) slc_dq_mma_kernel(FwdParams p, BwdParams bp, TileMap tm) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t wi = int64_t(blockIdx.x) * kDqWarps + warp;
@@ -137,20 +137,20 @@ __global__ void __launch_bounds__(32 * kDqWarps) slc_dq_v1_kernel(FwdParams p, B
   const float DA = okA ? bp.delta[kSlc * NHq + thA] : 0.0f, DB = okB ? bp.delta[kSlc * NHq + thB] : 0.0f;
   const float gA = okA ? p.gates[thA * 3 + kSlc] : 0.0f, gB = okB ? p.gates[thB * 3 + kSlc] : 0.0f;
 
-  const int32_t* mylist = lane < P && t0 + lane < T_b ? p.block_idx + ((row0 + t0 + lane) * Hkv + g) * p.n : nullptr;
+  const int32_t* mylist = lane < P && t0 + lane < T_b ? p.block_idx + ((row0 + t0 + lane) * Hkv + g) * p.slc_count : nullptr;
   auto head = [&](int c) -> int {
-    if (!mylist || c >= p.n) return INT_MAX;
+    if (!mylist || c >= p.slc_count) return INT_MAX;
     const int j = mylist[c];
     return j >= 0 ? j : INT_MAX;  // -1 padding ends the list
   };
   BlockUnion walk;
   walk.hv = head(0);
-  auto next = [&]() { return walk.next(head, p.ls, t_maxw); };
+  auto next = [&]() { return walk.next(head, p.slc_len, t_maxw); };
   const T* K = static_cast<const T*>(p.k_slc);
   const T* V = static_cast<const T*>(p.v_slc);
   auto issue = [&](const Item& it, int stage) {
     load_chunk<T, DK, DV, false>(sK + stage * kSlcChunk * DK, sV + stage * kSlcChunk * DV, it, K, V, row0, Hkv, g,
-                                 p.ls, t_maxw, lane);
+                                 p.slc_len, t_maxw, lane);
   };
   const float sl2 = p.scale * kLog2e;
   float dq[DK / 8][4];
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(32 * kDqWarps) slc_dq_v1_kernel(FwdParams p, B
     float s[4][4], dp[4][4];
     qk_tile<T, DK, kSlcChunk>(s, qa, sKs, lane);
     qk_tile<T, DV, kSlcChunk>(dp, da, sVs, lane);
-    const int u0 = cur.j * p.ls + cur.c * kSlcChunk, blk_end = (cur.j + 1) * p.ls;
+    const int u0 = cur.j * p.slc_len + cur.c * kSlcChunk, blk_end = (cur.j + 1) * p.slc_len;
     const bool selA = okA && ((cur.mask >> posA) & 1u), selB = okB && ((cur.mask >> posB) & 1u);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
@@ -206,40 +206,40 @@ __global__ void __launch_bounds__(32 * kDqWarps) slc_dq_v1_kernel(FwdParams p, B
 }
 
 template <class T>
-void launch_v0(const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
+void launch_fp32(const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
   const int nw = p.G < 4 ? p.G : 4;
-  dq_v0_kernel<T, kSlc><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, 0, s>>>(p, bp);
-  NSA_CUDA_CHECK_LAUNCH("dq_v0_kernel<slc>");
-  dkdv_v0_kernel<T, kSlc><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, size_t(nw) * (p.dk + p.dv) * 4, s>>>(p,
+  dq_fp32_kernel<T, kSlc><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, 0, s>>>(p, bp);
+  NSA_CUDA_CHECK_LAUNCH("dq_fp32_kernel<slc>");
+  dkdv_fp32_kernel<T, kSlc><<<dim3(unsigned(p.N), unsigned(p.Hkv)), 32 * nw, size_t(nw) * (p.dk + p.dv) * 4, s>>>(p,
                                                                                                                  bp);
-  NSA_CUDA_CHECK_LAUNCH("dkdv_v0_kernel<slc>");
+  NSA_CUDA_CHECK_LAUNCH("dkdv_fp32_kernel<slc>");
 }
 
 template <class T>
-void launch_v1(const FwdParams& p, const BwdParams& bp, const TileMap& tm, int64_t items, cudaStream_t s) {
-  const int nsub = (p.ls + kBwdKeys - 1) / kBwdKeys;
+void launch_mma(const FwdParams& p, const BwdParams& bp, const TileMap& tm, int64_t items, cudaStream_t s) {
+  const int nsub = (p.slc_len + kBwdKeys - 1) / kBwdKeys;
   const bool ok = dispatch_dims(p.dk, p.dv, [&](auto DK_, auto DV_) {
     constexpr int DK = decltype(DK_)::value, DV = decltype(DV_)::value;
-    auto dq = slc_dq_v1_kernel<T, DK, DV>;
+    auto dq = slc_dq_mma_kernel<T, DK, DV>;
     const size_t dq_smem = kDqWarps * slc_dq_warp_bytes(DK, DV);
     NSA_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dq_smem)));
     const int64_t warps = int64_t(p.Hkv) * tm.total;
     dq<<<unsigned((warps + kDqWarps - 1) / kDqWarps), 32 * kDqWarps, dq_smem, s>>>(p, bp, tm);
-    NSA_CUDA_CHECK_LAUNCH("slc_dq_v1_kernel");
+    NSA_CUDA_CHECK_LAUNCH("slc_dq_mma_kernel");
     if (!bp.deterministic) {  // the items add into zeros
       NSA_CUDA_CHECK(cudaMemsetAsync(bp.dk[kSlc], 0, size_t(p.N) * p.Hkv * DK * 4, s));
       NSA_CUDA_CHECK(cudaMemsetAsync(bp.dv[kSlc], 0, size_t(p.N) * p.Hkv * DV * 4, s));
     }
-    auto kv = dkdv_v1_kernel<T, DK, DV, kSlc>;
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dkdv_v1_bytes(DK, DV))));
-    kv<<<dim3(unsigned(items), unsigned(nsub)), 128, dkdv_v1_bytes(DK, DV), s>>>(p, bp, TileMap{});
-    NSA_CUDA_CHECK_LAUNCH("dkdv_v1_kernel<slc>");
+    auto kv = dkdv_mma_kernel<T, DK, DV, kSlc>;
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dkdv_mma_bytes(DK, DV))));
+    kv<<<dim3(unsigned(items), unsigned(nsub)), 128, dkdv_mma_bytes(DK, DV), s>>>(p, bp, TileMap{});
+    NSA_CUDA_CHECK_LAUNCH("dkdv_mma_kernel<slc>");
     if (bp.deterministic) {
       reduce_kernel<<<dim3(unsigned(p.N), unsigned(p.Hkv)), 128, 0, s>>>(p, bp, nsub);
       NSA_CUDA_CHECK_LAUNCH("slc reduce_kernel");
     }
   });
-  if (!ok) throw ConfigError(cat("slc_bwd v1: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
+  if (!ok) throw ConfigError(cat("slc_attn_bwd mma: head dims dk = ", p.dk, ", dv = ", p.dv, " are not compiled"));
 }
 
 }  // namespace
@@ -254,7 +254,7 @@ size_t slc_lists_scan_bytes(int64_t slots, int64_t lists) {
 }
 
 size_t slc_lists_smem(const FwdParams& p, const BwdParams& bp) {
-  return (size_t(p.NB) + size_t(bp.QS) * p.n) * sizeof(int);
+  return (size_t(p.NB) + size_t(bp.QS) * p.slc_count) * sizeof(int);
 }
 
 void build_slc_lists(const FwdParams& p, const BwdParams& bp, int64_t chunks, int64_t slots, bool items, void* tmp,
@@ -279,25 +279,19 @@ void build_slc_lists(const FwdParams& p, const BwdParams& bp, int64_t chunks, in
   NSA_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(tmp, bytes, bp.item_cnt, bp.item_off, int(bp.nlists + 1), s));
 }
 
-void slc_bwd_v0(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
+void slc_attn_bwd_fp32(Precision prec, const FwdParams& p, const BwdParams& bp, cudaStream_t s) {
   if (p.N == 0) return;
-  switch (prec) {
-    case Precision::BF16: launch_v0<__nv_bfloat16>(p, bp, s); break;
-    case Precision::FP16: launch_v0<__half>(p, bp, s); break;
-    case Precision::FP32: launch_v0<float>(p, bp, s); break;
-  }
+  for_precision(prec, [&](auto t) { launch_fp32<decltype(t)>(p, bp, s); });
 }
 
-void slc_bwd_v1(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_slc, int64_t slc_items,
+void slc_attn_bwd_mma(Precision prec, const FwdParams& p, const BwdParams& bp, const TileMap& tm_slc, int64_t slc_items,
                 cudaStream_t s) {
   if (p.N == 0) return;
-  if (prec == Precision::BF16) launch_v1<__nv_bfloat16>(p, bp, tm_slc, slc_items, s);
-  else if (prec == Precision::FP16) launch_v1<__half>(p, bp, tm_slc, slc_items, s);
-  else throw ConfigError("slc_bwd v1 needs bf16 or fp16 operands (fp32 runs v0)");
+  for_mma_precision(prec, "slc_attn_bwd mma", [&](auto t) { launch_mma<decltype(t)>(p, bp, tm_slc, slc_items, s); });
 }
 
-size_t bwd_v1_smem(const FwdParams& p) {
-  const size_t a = dq_v1_bytes(p.dk, p.dv), b = dkdv_v1_bytes(p.dk, p.dv), c = kDqWarps * slc_dq_warp_bytes(p.dk, p.dv);
+size_t bwd_mma_smem(const FwdParams& p) {
+  const size_t a = dq_mma_bytes(p.dk, p.dv), b = dkdv_mma_bytes(p.dk, p.dv), c = kDqWarps * slc_dq_warp_bytes(p.dk, p.dv);
   return a > b ? (a > c ? a : c) : (b > c ? b : c);
 }
 

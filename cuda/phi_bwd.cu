@@ -1,5 +1,5 @@
-// phi's backward (NSA-SPEC.md 3, 7; Eq. 7), the CUDA twin of reference/compress.cpp's
-// compress_backward: the gradient dy of the compressed rows goes to phi's parameters and, through
+// phi's backward (docs/spec.md 3, 7; Eq. 7), the CUDA twin of reference/phi.cpp's
+// phi_backward: the gradient dy of the compressed rows goes to phi's parameters and, through
 // the overlapping blocks, to the raw keys (values) of the compression branch.
 //   mean:   dx[u] = sum over the blocks i covering u of dy[i] / l;
 //   linear: X = gathered blocks + pe (as the forward rounded it); dW = dy^T X, db = colsum dy,
@@ -30,12 +30,12 @@ __global__ void gather_kernel(FwdParams p, const T* __restrict__ x, const float*
   const int64_t ci = blockIdx.x;
   const int h = blockIdx.y;
   const int b = dev::find_seq(p.cu_cmp, p.B, ci);
-  const int64_t src0 = p.cu_seqlens[b] + (ci - p.cu_cmp[b]) * p.d;
-  const int64_t lD = int64_t(p.l) * D;
+  const int64_t src0 = p.cu_seqlens[b] + (ci - p.cu_cmp[b]) * p.cmp_stride;
+  const int64_t lD = int64_t(p.cmp_len) * D;
   float* dst = X + (int64_t(h) * p.Nc + ci) * lD;
   for (int64_t e = threadIdx.x; e < lD; e += blockDim.x) {
     const int64_t r = e / D, c = e % D;
-    dst[e] = to_f(from_f<T>(to_f(x[((src0 + r) * p.Hkv + h) * D + c]) + pe[(int64_t(h) * p.l + r) * D + c]));
+    dst[e] = to_f(from_f<T>(to_f(x[((src0 + r) * p.Hkv + h) * D + c]) + pe[(int64_t(h) * p.cmp_len + r) * D + c]));
   }
 }
 
@@ -68,11 +68,11 @@ __global__ void overlap_add_kernel(FwdParams p, const float* __restrict__ src, i
     const int u = int(row - p.cu_seqlens[b]);
     const int64_t cmp0 = p.cu_cmp[b];
     const int nc = int(p.cu_cmp[b + 1] - cmp0);
-    const int lo = u >= p.l ? (u - p.l) / p.d + 1 : 0, hi = min(u / p.d, nc - 1);
+    const int lo = u >= p.cmp_len ? (u - p.cmp_len) / p.cmp_stride + 1 : 0, hi = min(u / p.cmp_stride, nc - 1);
     float s = 0;
     for (int i = lo; i <= hi; ++i) {
-      if (kMean) s += src[((cmp0 + i) * p.Hkv + h) * D + c] / float(p.l);
-      else s += src[(int64_t(h) * p.Nc + cmp0 + i) * p.l * D + int64_t(u - i * p.d) * D + c];
+      if (kMean) s += src[((cmp0 + i) * p.Hkv + h) * D + c] / float(p.cmp_len);
+      else s += src[(int64_t(h) * p.Nc + cmp0 + i) * p.cmp_len * D + int64_t(u - i * p.cmp_stride) * D + c];
     }
     dx[e] = s;
   }
@@ -100,7 +100,7 @@ template <class T>
 void backward_typed(const Config& cfg, const FwdParams& p, bool tf32, const T* x, int D, int hc, const PhiDevice& phi,
                     const PhiBwdDevice& g, const PhiBwdWorkspace& ws, const float* dy, float* dx,
                     cublasHandle_t blas, cudaStream_t s) {
-  const int64_t Nc = p.Nc, lD = int64_t(p.l) * D, H = p.Hkv;
+  const int64_t Nc = p.Nc, lD = int64_t(p.cmp_len) * D, H = p.Hkv;
   const int64_t nx = p.N * H * D;
   if (cfg.compress == CompressKind::Mean) {
     if (nx) overlap_add_kernel<true><<<grid_for(nx), 256, 0, s>>>(p, dy, D, dx);
@@ -171,7 +171,7 @@ void colsum(const float* X, int64_t rows, int64_t cols, int64_t ld, int64_t bstr
   NSA_CUDA_CHECK_LAUNCH("colsum_kernel");
 }
 
-void compress_backward(const Config& cfg, const FwdParams& p, Precision prec, const void* x, int D, int hc,
+void phi_backward(const Config& cfg, const FwdParams& p, Precision prec, const void* x, int D, int hc,
                        const PhiDevice& phi, const PhiBwdDevice& g, const PhiBwdWorkspace& ws, const float* dy,
                        float* dx, cublasHandle_t blas, cudaStream_t s) {
   const bool tf32 = prec == Precision::BF16;

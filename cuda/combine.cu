@@ -1,4 +1,5 @@
-// Gates (NSA-SPEC.md 2) and the gated sum of kernel v0 (Eq. 5); the CUDA twin of
+// combine: the gates (docs/spec.md 2) and the fp32 gated sum (Eq. 5; the mma one is win_attn's
+// epilogue); the CUDA twin of
 // ref::compute_gates and the last loop of reference/forward.cpp. The gate MLP is small next to
 // attention (N x d_model x 3 Hq), so it runs in fp32 through cuBLAS whatever the precision.
 #include "check.hpp"
@@ -9,23 +10,13 @@ namespace nsa::cuda {
 
 namespace {
 
-__device__ __forceinline__ float act_f(Activation a, float x) {
-  switch (a) {
-    case Activation::Gelu: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-    case Activation::GeluTanh: return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
-    case Activation::Relu: return x > 0 ? x : 0.0f;
-    case Activation::Silu: return x / (1.0f + expf(-x));
-  }
-  return x;
-}
-
 // y[r, c] = act(y[r, c] + b[c]) (sigmoid when `sig`) for a [rows, cols] row-major matrix.
 __global__ void bias_act_rows(float* y, const float* b, int64_t rows, int cols, Activation act, bool sig) {
   const int64_t n = rows * cols;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
     const float z = y[e] + b[e % cols];
     // The reference's stable sigmoid: both branches equal 1 / (1 + e^-z) in exact arithmetic.
-    y[e] = sig ? (z >= 0 ? 1.0f / (1.0f + expf(-z)) : expf(z) / (1.0f + expf(z))) : act_f(act, z);
+    y[e] = sig ? (z >= 0 ? 1.0f / (1.0f + expf(-z)) : expf(z) / (1.0f + expf(z))) : dev::activation(act, z);
   }
 }
 
@@ -77,7 +68,7 @@ void gates_from_mlp(const FwdParams& p, const GateMlpDevice& m, float* gates, cu
   NSA_CUDA_CHECK_LAUNCH("bias_act_rows");
 }
 
-void combine_v0(Precision prec, const FwdParams& p, cudaStream_t s) {
+void combine_fp32(Precision prec, const FwdParams& p, cudaStream_t s) {
   const int blocks = blocks_for(p.N * p.Hq * p.dv);
   switch (prec) {
     case Precision::BF16: combine_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(p); break;
