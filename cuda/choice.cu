@@ -24,6 +24,18 @@ std::string mma_obstacle(const Config& cfg, Precision dtype, const DeviceCaps& d
   return "";
 }
 
+// Why the wgmma (Hopper) kernels cannot run cfg at this precision on this device (empty: they can).
+std::string wgmma_obstacle(const Config& cfg, Precision dtype, const DeviceCaps& dev) {
+  const int64_t G = cfg.G();
+  if (!dev.wgmma)
+    return cat("the device is sm_", dev.major, dev.minor, " or this build has no sm_90a code; the wgmma kernels need both");
+  if (dtype == Precision::FP32) return "dtype fp32 runs on CUDA cores (the wgmma kernels need bf16 or fp16 operands)";
+  if (G != 1 && G != 2 && G != 4 && G != 8 && G != 16) return cat("G = ", G, " is not one of 1, 2, 4, 8, 16");
+  if (!((cfg.dk == 128 || cfg.dk == 192) && cfg.dv == 128))
+    return cat("head dims dk = ", cfg.dk, ", dv = ", cfg.dv, ": the wgmma kernels are built for (128, 128) and (192, 128)");
+  return "";
+}
+
 // The most warps in [1, most] (the override, or `most`) whose CTA fits the device, halving from
 // there; 0 when not even one warp fits.
 template <class Smem>
@@ -55,6 +67,10 @@ KernelChoice choose_kernels(const Config& cfg, int64_t Tmax, const DeviceCaps& d
     throw ConfigError(cat("phi = ", to_string(want(Stage::Phi)), ": phi runs one variant, cublas"));
   for (Stage s : {Stage::CmpAttn, Stage::Topn, Stage::SlcAttn, Stage::WinAttn, Stage::Combine})
     if (want(s) == Variant::Cublas) throw ConfigError(cat(to_string(s), " = cublas: expected fp32, mma or auto"));
+  for (Stage s : {Stage::Topn, Stage::SlcAttn})
+    if (want(s) == Variant::Wgmma)
+      throw ConfigError(cat(to_string(s), " = wgmma: only cmp_attn and win_attn (with combine) have wgmma kernels; ",
+                            to_string(s), " runs fp32 or mma"));
   // The fp32 compression kernel computes the top-n too, and the mma window kernel the combine:
   // such pairs take one variant.
   auto pair = [&](Stage a, Stage b, const char* why) {
@@ -63,8 +79,12 @@ KernelChoice choose_kernels(const Config& cfg, int64_t Tmax, const DeviceCaps& d
                             " cannot run together: ", why));
     return want(a) != Variant::Auto ? want(a) : want(b);
   };
-  const Variant cmp = pair(Stage::CmpAttn, Stage::Topn, "the fp32 cmp_attn kernel computes the top-n as well");
-  const Variant win = pair(Stage::WinAttn, Stage::Combine, "the mma win_attn kernel computes the combine as well");
+  // topn follows cmp_attn's mma or wgmma kernel with its own mma kernel; a wgmma combine is the
+  // wgmma win_attn's epilogue.
+  const Variant cmp = want(Stage::CmpAttn) == Variant::Wgmma && want(Stage::Topn) != Variant::Fp32
+                          ? Variant::Wgmma
+                          : pair(Stage::CmpAttn, Stage::Topn, "the fp32 cmp_attn kernel computes the top-n as well");
+  const Variant win = pair(Stage::WinAttn, Stage::Combine, "the mma and wgmma win_attn kernels compute the combine as well");
   const Variant slc = want(Stage::SlcAttn);
   for (int i = 0; i < kStages; ++i)
     if (opt.warps[size_t(i)] < 0 || opt.warps[size_t(i)] > 8)
@@ -75,6 +95,10 @@ KernelChoice choose_kernels(const Config& cfg, int64_t Tmax, const DeviceCaps& d
   for (auto [s, v] : {std::pair{Stage::CmpAttn, cmp}, {Stage::SlcAttn, slc}, {Stage::WinAttn, win}})
     if (v == Variant::Mma && !obstacle.empty())
       throw ConfigError(cat(to_string(s), " = mma cannot run this config: ", obstacle));
+  const std::string wg_obstacle = wgmma_obstacle(cfg, opt.dtype, dev);
+  for (auto [s, v] : {std::pair{Stage::CmpAttn, cmp}, {Stage::WinAttn, win}})
+    if (v == Variant::Wgmma && !wg_obstacle.empty())
+      throw ConfigError(cat(to_string(s), " = wgmma cannot run this config: ", wg_obstacle));
 
   // The layer's shapes at the longest sequence: what the shared memory of each kernel depends on.
   FwdParams p;
@@ -96,6 +120,15 @@ KernelChoice choose_kernels(const Config& cfg, int64_t Tmax, const DeviceCaps& d
     cmp_fp32("fp32 requested");
   } else if (!obstacle.empty()) {
     cmp_fp32("fp32: " + obstacle);
+  } else if (cmp == Variant::Wgmma || (cmp == Variant::Auto && wg_obstacle.empty())) {
+    // The Hopper kernel (cmp_attn_sm90.cu): 8.15 ms against mma's 16.7 at 64k on the H200
+    // (docs/cuda_sm90.md); its grid is persistent (one CTA per SM walking the work, longest first)
+    // from 16k on, one CTA per work item below (8k: 0.403 ms against the persistent grid's 0.455).
+    const std::string why = cmp == Variant::Wgmma ? "wgmma requested" : "wgmma: Hopper's wgmma and TMA, the fastest measured";
+    st(Stage::CmpAttn) = {Variant::Wgmma, 0, -1, cat(why, Tmax > 8192 ? " (persistent grid)" : " (a CTA per work item)")};
+    const int sc = fit_warps([&](int nw) { return topn_mma_smem(p, nw); }, 8, opt.warps[size_t(Stage::Topn)], optin);
+    if (sc) st(Stage::Topn) = {Variant::Mma, sc, -1, "mma: tensor cores (its wgmma twin measured slower, docs/cuda_sm90.md)"};
+    else throw ResourceError(cat("topn = mma", no_fit));
   } else {
     // FlashAttention-2's shape: warps of 32 rows, 4 per CTA where two CTAs fit in an SM's shared
     // memory (dk = dv = 128), else 8 (dk = 192), so that an SM holds 8 warps either way (4 or 8
@@ -140,6 +173,11 @@ KernelChoice choose_kernels(const Config& cfg, int64_t Tmax, const DeviceCaps& d
     win_fp32("fp32 requested");
   } else if (!obstacle.empty()) {
     win_fp32("fp32: " + obstacle);
+  } else if (win == Variant::Wgmma || (win == Variant::Auto && wg_obstacle.empty())) {
+    // The Hopper kernel (win_attn_sm90.cu), combine in its epilogue: 3.56 ms against mma's 8.03
+    // at 64k, 0.421 against 1.000 at 8k on the H200 (docs/cuda_sm90.md).
+    st(Stage::WinAttn) = {Variant::Wgmma, 0, -1, win == Variant::Wgmma ? "wgmma requested" : "wgmma: Hopper's wgmma and TMA, the fastest measured"};
+    st(Stage::Combine) = {Variant::Wgmma, 0, int(Stage::WinAttn), "in win_attn's epilogue (it runs last)"};
   } else {
     const int nw = fit_warps([&](int w) { return win_attn_mma_smem(p, w); }, 8, opt.warps[size_t(Stage::WinAttn)], optin);
     if (nw) {

@@ -91,6 +91,9 @@ DeviceCaps device_caps(int device) {
   c.smem_optin = size_t(d.smem_optin);
   c.smem_per_sm = d.prop.sharedMemPerMultiprocessor;
   c.smem_reserved = d.prop.reservedSharedMemPerBlock;
+#ifdef NSA_HAS_SM90A
+  c.wgmma = c.major == 9 && c.minor == 0;
+#endif
   return c;
 }
 

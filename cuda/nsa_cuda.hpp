@@ -96,6 +96,7 @@ struct DeviceCaps {
   size_t smem_optin = 0;     // bytes of shared memory one block may opt in to
   size_t smem_per_sm = 0;    // bytes of shared memory per SM
   size_t smem_reserved = 0;  // bytes the runtime reserves per block
+  bool wgmma = false;        // compute capability 9.0 and this build has sm_90a code (the wgmma kernels)
 };
 DeviceCaps device_caps(int device = 0);  // throws CudaError without a device
 
@@ -116,8 +117,9 @@ struct KernelChoice {
 };
 // The kernel of every stage for cfg (sequences of up to Tmax tokens; the block scores' shared
 // memory grows with it) on a device with `dev`'s properties, under opt's overrides: a pure
-// function, which the Plan executes and the command line records. Auto picks mma where it can
-// run and fits, else fp32 (why says which obstacle); an override that cannot run throws
+// function, which the Plan executes and the command line records. Auto picks wgmma where it can
+// run (Hopper, cmp_attn and win_attn+combine), else mma where it can run and fits, else fp32 (why
+// says which obstacle); an override that cannot run throws
 // ConfigError (it cannot run this config) or ResourceError (it does not fit), naming why.
 KernelChoice choose_kernels(const Config& cfg, int64_t Tmax, const DeviceCaps& dev, const Options& opt);
 

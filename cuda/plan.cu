@@ -8,10 +8,12 @@
 #include <functional>
 
 #include "check.hpp"
+#include "cmp_attn_sm90.hpp"
 #include "kernels.hpp"
 #include "measure.hpp"
 #include "nsa_cuda.hpp"
 #include "plan.hpp"
+#include "win_attn_sm90.hpp"
 
 namespace nsa::cuda {
 
@@ -71,7 +73,7 @@ Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const 
     p.o_cmp = I.alloc_e(NHq * p.dv, "o_cmp");
     p.o_slc = I.alloc_e(NHq * p.dv, "o_slc");
     // The fp32 combine is a kernel of its own, reading O_win; the backward pass reads it too.
-    p.o_win = opt.intermediates || !I.mma(Stage::Combine) || opt.backward ? I.alloc_e(NHq * p.dv, "o_win") : nullptr;
+    p.o_win = opt.intermediates || I.kernels[Stage::Combine].fused_into < 0 || opt.backward ? I.alloc_e(NHq * p.dv, "o_win") : nullptr;
     p.lse_cmp = I.alloc_t<float>(NHq, "lse_cmp");
     p.lse_slc = I.alloc_t<float>(NHq, "lse_slc");
     p.lse_win = I.alloc_t<float>(NHq, "lse_win");
@@ -100,6 +102,8 @@ Plan::Plan(const Config& cfg, int64_t N, std::vector<int64_t> cu_seqlens, const 
     if (I.mma(Stage::Topn)) I.tm_topn = I.tile_map(16 * I.warps(Stage::Topn) / p.G, "topn tiles");
     if (I.mma(Stage::SlcAttn)) I.tm_slc = I.tile_map(16 / p.G, "slc_attn tiles");
     if (I.mma(Stage::WinAttn)) I.tm_win = I.tile_map(16 * I.warps(Stage::WinAttn) / p.G, "win_attn tiles");
+    if (I.wgmma(Stage::CmpAttn)) I.tm_cmp = I.tile_map(cmp_attn_sm90_tile_positions(p.G), "cmp_attn tiles");
+    if (I.wgmma(Stage::WinAttn)) I.tm_win = I.tile_map(win_attn_sm90_tile_positions(p.G), "win_attn tiles");
     I.blas.create();
     if (opt.backward) setup_backward(I);
     NSA_CUDA_CHECK(cudaDeviceSynchronize());
@@ -192,6 +196,32 @@ void Plan::randomize(uint64_t seed) {
 
 // The stages in order, each labelled by its stage (or the stages one kernel runs together);
 // run_timed records an event after each.
+// The Hopper kernels' parameters (cmp_attn_sm90.hpp, win_attn_sm90.hpp) from the plan's, at each
+// run: a plan bound to caller memory (bind_device) changes its pointers between runs.
+static Sm90Elem sm90_elem(Precision prec) { return prec == Precision::FP16 ? Sm90Elem::FP16 : Sm90Elem::BF16; }
+
+static CmpAttnSm90Params cmp_attn_sm90_params(const Plan::Impl& I) {
+  const FwdParams& p = I.p;
+  CmpAttnSm90Params a;
+  a.B = p.B, a.N = p.N, a.Nc = p.Nc, a.Hq = p.Hq, a.Hkv = p.Hkv, a.G = p.G, a.dk = p.dk, a.dv = p.dv;
+  a.l = p.cmp_len, a.d = p.cmp_stride, a.scale = p.scale, a.elem = sm90_elem(I.opt.dtype);
+  a.cu_seqlens = p.cu_seqlens, a.cu_cmp = p.cu_cmp, a.cu_tiles = I.tm_cmp.cu_tiles, a.tiles = I.tm_cmp.total;
+  a.q = p.q, a.kc = p.kc, a.vc = p.vc, a.o_cmp = p.o_cmp, a.lse_cmp = p.lse_cmp;
+  a.persistent = p.Tmax > 8192;  // choice.cu says why
+  return a;
+}
+
+static WinAttnSm90Params win_attn_sm90_params(const Plan::Impl& I) {
+  const FwdParams& p = I.p;
+  WinAttnSm90Params a;
+  a.B = p.B, a.N = p.N, a.Hq = p.Hq, a.Hkv = p.Hkv, a.G = p.G, a.dk = p.dk, a.dv = p.dv, a.w = p.window;
+  a.scale = p.scale, a.elem = sm90_elem(I.opt.dtype);
+  a.cu_seqlens = p.cu_seqlens, a.cu_tiles = I.tm_win.cu_tiles, a.tiles = I.tm_win.total;
+  a.q = p.q, a.k_win = p.k_win, a.v_win = p.v_win, a.gates = p.gates, a.o_cmp = p.o_cmp, a.o_slc = p.o_slc;
+  a.o = p.o, a.lse_win = p.lse_win, a.o_win = p.o_win;
+  return a;
+}
+
 static StageList stages(Plan::Impl& I) {
   StageList st;
   const Precision prec = I.opt.dtype;
@@ -207,7 +237,10 @@ static StageList stages(Plan::Impl& I) {
                   phi_forward(I.cfg, I.p, prec, I.p.v_cmp, I.p.dv, int(I.cfg.hidden_v()), I.phi_v, I.ws, I.p.vc,
                               I.blas.handle, s);
                 }});
-  if (I.mma(Stage::CmpAttn)) {
+  if (I.wgmma(Stage::CmpAttn)) {
+    st.push_back({"cmp_attn", [&I](cudaStream_t s) { cmp_attn_sm90(cmp_attn_sm90_params(I), s); }});
+    st.push_back({"topn", [&I, prec](cudaStream_t s) { topn_mma(prec, I.p, I.tm_topn, I.warps(Stage::Topn), s); }});
+  } else if (I.mma(Stage::CmpAttn)) {
     st.push_back({"cmp_attn", [&I, prec](cudaStream_t s) {
                     cmp_attn_mma(prec, I.p, I.tm_cmp, I.warps(Stage::CmpAttn), s);
                   }});
@@ -221,7 +254,9 @@ static StageList stages(Plan::Impl& I) {
                   }});
   else
     st.push_back({"slc_attn", [&I, prec](cudaStream_t s) { slc_attn_fp32(prec, I.p, s); }});
-  if (I.mma(Stage::WinAttn)) {
+  if (I.wgmma(Stage::WinAttn)) {
+    st.push_back({"win_attn+combine", [&I](cudaStream_t s) { win_attn_sm90(win_attn_sm90_params(I), s); }});
+  } else if (I.mma(Stage::WinAttn)) {
     st.push_back({"win_attn+combine", [&I, prec](cudaStream_t s) {
                     win_attn_mma(prec, I.p, I.tm_win, I.warps(Stage::WinAttn), s);
                   }});

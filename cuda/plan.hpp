@@ -79,8 +79,9 @@ struct Plan::Impl {
   int64_t N = 0;
   std::vector<int64_t> cu, cu_cmp;  // host copies
   FwdParams p;
-  TileMap tm_cmp, tm_topn, tm_slc, tm_win;  // tiles of the mma kernels
+  TileMap tm_cmp, tm_topn, tm_slc, tm_win;  // tiles of the mma and wgmma kernels
   bool mma(Stage s) const { return kernels[s].variant == Variant::Mma; }
+  bool wgmma(Stage s) const { return kernels[s].variant == Variant::Wgmma; }
   int warps(Stage s) const { return kernels[s].warps; }
   std::vector<DeviceBuffer> buffers;
   Blas blas;  // cuBLAS: phi's and the gate MLP's GEMMs

@@ -1,5 +1,5 @@
 // The selection kernel alone on a given block_idx (slc_replay.hpp): the same launcher, tile map and
-// warps per CTA as the forward plan's slc_attn stage (forward.cu), on buffers of its own.
+// warps per CTA as the forward plan's slc_attn stage (plan.cu, choice.cu), on buffers of its own.
 #include "slc_replay.hpp"
 
 #include <algorithm>
@@ -15,8 +15,6 @@ SlcReplay replay_selection(const Config& cfg, const Tensor<int32_t>& block_idx, 
   cfg.validate();
   Options opt;
   opt.dtype = prec;
-  const int version = choose_kernel(cfg, opt);
-  if (version == 0) throw ConfigError(cat("the selection replay needs a tensor-core kernel: ", v1_obstacle(cfg, opt)));
   if (cu.size() < 2 || cu.front() != 0) throw InputError("cu_seqlens must start at 0 and hold a sequence");
   const int64_t N = cu.back();
   if (block_idx.shape() != Shape{N, cfg.Hkv, cfg.slc_count})
@@ -28,16 +26,20 @@ SlcReplay replay_selection(const Config& cfg, const Tensor<int32_t>& block_idx, 
   r.sms = d.prop.multiProcessorCount;
   r.l2_bytes = d.prop.l2CacheSize;
   r.smem_per_sm = int64_t(d.prop.sharedMemPerMultiprocessor);
-  r.kernel = version;
 
-  FwdParams p;
-  p.B = int(cu.size()) - 1, p.N = N;
   int64_t Tmax = 0;
   for (size_t b = 0; b + 1 < cu.size(); ++b) Tmax = std::max(Tmax, cu[b + 1] - cu[b]);
+  // The plan's choice for the selection stage: its variant and warps per CTA.
+  const StageChoice slc = choose_kernels(cfg, Tmax, device_caps(0), opt).stage[size_t(Stage::SlcAttn)];
+  if (slc.variant != Variant::Mma)
+    throw ConfigError(cat("the selection replay needs the tensor-core kernel; the plan would run ", to_string(slc.variant),
+                          ": ", slc.why));
+  r.kernel = to_string(slc.variant);
+
+  FwdParams p;
+  static_cast<LayerParams&>(p) = layer_params(cfg);
+  p.B = int(cu.size()) - 1, p.N = N;
   p.Tmax = int(Tmax);
-  p.Hq = int(cfg.Hq), p.Hkv = int(cfg.Hkv), p.G = int(cfg.G()), p.dk = int(cfg.dk), p.dv = int(cfg.dv);
-  p.l = int(cfg.cmp_len), p.d = int(cfg.cmp_stride), p.ls = int(cfg.slc_len), p.n = int(cfg.slc_count);
-  p.init_blocks = int(cfg.init_blocks), p.local_blocks = int(cfg.local_blocks), p.w = int(cfg.window);
   p.NB = int(cfg.num_slc_blocks(Tmax));
   p.scale = float(cfg.softmax_scale());
 
@@ -70,7 +72,7 @@ SlcReplay replay_selection(const Config& cfg, const Tensor<int32_t>& block_idx, 
   NSA_CUDA_CHECK(cudaMemcpy(p.block_idx, block_idx.data(), size_t(block_idx.numel()) * sizeof(int32_t),
                             cudaMemcpyHostToDevice));
 
-  // The plan's tile map (16 / G positions per warp) and warps per CTA (forward.cu's pick_warps).
+  // The plan's tile map (16 / G positions per warp) and warps per CTA (choose_kernels).
   TileMap tm;
   tm.BT = 16 / p.G;
   std::vector<int64_t> ct(1, 0);
@@ -79,23 +81,13 @@ SlcReplay replay_selection(const Config& cfg, const Tensor<int32_t>& block_idx, 
   auto* ct_d = static_cast<int64_t*>(alloc(ct.size() * sizeof(int64_t), "cu_tiles"));
   NSA_CUDA_CHECK(cudaMemcpy(ct_d, ct.data(), ct.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
   tm.cu_tiles = ct_d;
-  const bool lean = version >= 3;
-  auto smem_of = [&](int nw) { return version == 2 ? slc_attn_v2_smem(p, nw) : slc_attn_v1_smem(p, nw, lean); };
-  const size_t optin = size_t(d.smem_optin);
-  int nw = std::min(version == 2 ? 1 : 2, std::max(1, env_int("NSA_SLC_WARPS", version == 2 ? 1 : 2)));
-  while (nw > 1 && smem_of(nw) > optin) nw /= 2;
-  if (smem_of(nw) > optin) throw ResourceError("the selection kernel's CTA does not fit in shared memory");
+  const int nw = slc.warps;
   r.warps_per_cta = nw;
-  r.smem_per_cta = int64_t(smem_of(nw));
+  r.smem_per_cta = int64_t(slc_attn_mma_smem(p, nw));
   r.ctas = (int64_t(p.Hkv) * tm.total + nw - 1) / nw;
   r.ctas_per_sm_smem = int(r.smem_per_sm / (r.smem_per_cta + int64_t(d.prop.reservedSharedMemPerBlock)));
 
-  auto launch = [&]() {
-    if (version == 2)
-      slc_attn_v2(prec, p, tm, nw, nullptr);
-    else
-      slc_attn_v1(prec, p, tm, nw, lean, nullptr);
-  };
+  auto launch = [&]() { slc_attn_mma(prec, p, tm, nw, nullptr); };
   // Twice the L2, rewritten before each timed launch so that nothing of the last one stays cached.
   const size_t flush_bytes = size_t(std::max(d.prop.l2CacheSize, 1 << 20)) * 2;
   void* flush = alloc(flush_bytes, "L2 flush");

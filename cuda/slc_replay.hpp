@@ -16,8 +16,8 @@ struct SlcReplay {
   int sms = 0;
   int64_t l2_bytes = 0;       // cudaDeviceProp::l2CacheSize
   int64_t smem_per_sm = 0;    // cudaDeviceProp::sharedMemPerMultiprocessor
-  int kernel = 0;             // the forward's version (choose_kernel), whose selection kernel ran
-  int warps_per_cta = 0;      // as the plan picks them (NSA_SLC_WARPS caps)
+  std::string kernel;         // the selection stage's variant (choose_kernels), the one that ran
+  int warps_per_cta = 0;      // as the plan picks them (choose_kernels)
   int64_t smem_per_cta = 0;   // dynamic shared memory of one CTA
   int64_t ctas = 0;           // grid size
   int ctas_per_sm_smem = 0;   // CTAs one SM's shared memory holds (registers may allow fewer:
@@ -25,7 +25,7 @@ struct SlcReplay {
   std::vector<double> ms;     // each timed launch, L2 flushed before it
 };
 
-// Runs the selection kernel the forward pass would run for cfg (kernels v1-v4; v0 is refused) on
+// Runs the selection kernel the forward pass would run for cfg (the mma variant; fp32 is refused) on
 // device-resident q, K, V ~ N(0, 1) (shared K/V, one packed batch given by cu_seqlens) and the
 // selection block_idx [N, Hkv, n]: one launch, then `reps` timed launches with the L2 flushed
 // before each. Throws ConfigError / CudaError naming the problem.

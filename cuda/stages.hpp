@@ -23,10 +23,13 @@ constexpr int kStages = 6;
 // The kernel a stage runs. Fp32: CUDA cores, fp32 arithmetic on operands of any precision, any
 // shape (dk, dv <= 256): the obviously-right kernels and the --dtype fp32 debug mode. Mma: tensor
 // cores (mma.sync m16n8k16, sm_80 and newer, bf16/fp16 operands, fp32 accumulation) for G in
-// {1, 2, 4, 8, 16} and the head dims of NSA_CUDA_DIMS. Cublas: phi's block products (linear,
-// mlp; mean is one kernel). Auto: choose_kernels decides. A new kernel of a stage (a Hopper
+// {1, 2, 4, 8, 16} and the head dims of NSA_CUDA_DIMS. Wgmma: Hopper's own instructions (wgmma, TMA,
+// a producer warp and two consumer warpgroups; sm_90a builds on compute capability 9.0; cmp_attn
+// and win_attn+combine, docs/cuda_sm90.md). Cublas: phi's block products (linear, mlp; mean is one
+// kernel). Auto: choose_kernels decides. A new kernel of a stage (a Hopper
 // wgmma one, say) is one more value here and one branch in choose_kernels (cuda/choice.cu).
-enum class Variant { Auto, Fp32, Mma, Cublas };
+enum class Variant { Auto, Fp32, Mma, Cublas, Wgmma };
+constexpr int kVariants = 5;
 
 using StageVariants = std::array<Variant, kStages>;  // index: int(Stage)
 using StageWarps = std::array<int, kStages>;         // warps per CTA of a stage's kernel; 0: chosen
@@ -43,14 +46,14 @@ inline Stage parse_stage(const std::string& s) {
 }
 
 inline const char* to_string(Variant v) {
-  static const char* names[4] = {"auto", "fp32", "mma", "cublas"};
+  static const char* names[kVariants] = {"auto", "fp32", "mma", "cublas", "wgmma"};
   return names[int(v)];
 }
 
 inline Variant parse_variant(const std::string& s) {
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < kVariants; ++i)
     if (s == to_string(Variant(i))) return Variant(i);
-  throw ConfigError(cat("variant = '", s, "' is not one of: auto, fp32, mma, cublas"));
+  throw ConfigError(cat("variant = '", s, "' is not one of: auto, fp32, mma, cublas, wgmma"));
 }
 
 // Every stage but phi (which has one variant) to v.
@@ -78,7 +81,7 @@ inline std::vector<std::pair<std::string, std::string>> stage_items(const std::s
 }  // namespace detail
 
 // --variant: "auto", "fp32" or "mma" for every stage but phi, or "STAGE=VARIANT,..." (e.g.
-// "cmp_attn=fp32,slc_attn=mma"): sets the named stages.
+// "cmp_attn=fp32,slc_attn=mma", "cmp_attn=wgmma"): sets the named stages.
 inline void parse_variants(const std::string& spec, StageVariants& variants) {
   if (spec == "auto" || spec == "fp32" || spec == "mma") {
     set_variant(variants, parse_variant(spec));

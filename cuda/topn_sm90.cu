@@ -16,7 +16,7 @@
 //     128 / G positions x NB floats): the fixed 5-term stencil 1,2,2,2,1 for l = 32, d = 16,
 //     l' = 64, the general overlap weights otherwise. Each warp owns 16 / G positions (its rows),
 //     so the scores need no barrier beyond the warp's; at the end of the item each warp runs the
-//     top-n of its positions (select.cuh's select_warp_filtered, the code cmp_score_v4 runs) while
+//     top-n of its positions (topn.cuh's select_warp_filtered, the code cmp_score_v4 runs) while
 //     the producer already loads the next item's tiles.
 #include "topn_sm90.hpp"
 
@@ -30,7 +30,7 @@
 
 #include "check.hpp"
 #include "errors.hpp"
-#include "select.cuh"
+#include "topn.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NSA_SM90A_BODY 1
@@ -224,8 +224,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float sl2 = p.scale * kLog2eF;
     const bool paper_map = p.l == 32 && p.d == 16 && p.ls == 64;
     int* sCand = sCandAll + W * kCand;
-    FwdParams sel;  // the fields select.cuh reads
-    sel.ls = p.ls, sel.n = p.n, sel.init_blocks = p.init_blocks, sel.local_blocks = p.local_blocks;
+    LayerParams sel;  // the fields topn.cuh's selection reads
+    sel.slc_len = p.ls, sel.slc_count = p.n, sel.init_blocks = p.init_blocks, sel.local_blocks = p.local_blocks;
     int it = 0, k = 0;
 
     for (int64_t i = blockIdx.x; i < items; i += gridDim.x, ++k) {

@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
                               {"n", c.slc_count}, {"slc_len", c.slc_len}, {"dtype", a["--dtype"]},
                               {"ms", r.ms}, {"median_ms", med}};
     std::ofstream(a["--out"]) << j.dump(2) << "\n";
-    std::cout << "slc_replay: " << r.device << ", kernel v" << r.kernel << ", " << r.warps_per_cta << " warps x "
+    std::cout << "slc_replay: " << r.device << ", slc_attn " << r.kernel << ", " << r.warps_per_cta << " warps x "
               << r.ctas << " CTAs (" << r.smem_per_cta << " B shared each, " << r.ctas_per_sm_smem
               << " per SM by shared memory), median " << med << " ms\n";
     return 0;

@@ -195,3 +195,52 @@ TEST_CASE("choice: stage and variant names parse back, and bad names are listed"
   CHECK_THROWS_WITH_AS(cuda::parse_variants("cmp_attn", o), doctest::Contains("STAGE=VARIANT"), ConfigError);
   CHECK_THROWS_WITH_AS(cuda::parse_warps("topn=x", o), doctest::Contains("topn=x"), ConfigError);
 }
+
+TEST_CASE("choice: on Hopper with sm_90a code, cmp_attn and win_attn+combine run the wgmma kernels") {
+  cuda::DeviceCaps h200 = h100();
+  h200.wgmma = true;
+  auto k = cuda::choose_kernels(paper(64, 4, 128, 128), 65536, h200, bf16());
+  CHECK(k[Stage::CmpAttn].variant == Variant::Wgmma);
+  CHECK(k[Stage::CmpAttn].why.find("persistent grid") != std::string::npos);
+  CHECK(k[Stage::Topn].variant == Variant::Mma);  // its own kernel after the wgmma cmp_attn
+  CHECK(k[Stage::Topn].fused_into == -1);
+  CHECK(k[Stage::SlcAttn].variant == Variant::Mma);
+  CHECK(k[Stage::WinAttn].variant == Variant::Wgmma);
+  CHECK(k[Stage::Combine].variant == Variant::Wgmma);
+  CHECK(k[Stage::Combine].fused_into == int(Stage::WinAttn));
+  CHECK(k.summary() ==
+        "phi=cublas cmp_attn=wgmma topn=mma(8 warps) slc_attn=mma(2 warps) win_attn=wgmma combine=wgmma(in win_attn)");
+  // Short sequences: one CTA per work item. dk = 192 / dv = 128 is built too.
+  CHECK(cuda::choose_kernels(paper(64, 4, 128, 128), 8192, h200, bf16())[Stage::CmpAttn].why.find("a CTA per work item") !=
+        std::string::npos);
+  CHECK(cuda::choose_kernels(paper(64, 4, 192, 128), 65536, h200, bf16())[Stage::WinAttn].variant == Variant::Wgmma);
+
+  // The sm_80 path on the same device: mma forced for every stage.
+  cuda::Options o = bf16();
+  cuda::set_variant(o.variant, Variant::Mma);
+  k = cuda::choose_kernels(paper(64, 4, 128, 128), 65536, h200, o);
+  for (Stage s : {Stage::CmpAttn, Stage::Topn, Stage::SlcAttn, Stage::WinAttn, Stage::Combine})
+    CHECK(k[s].variant == Variant::Mma);
+
+  // Shapes the wgmma kernels are not built for fall back to mma, saying why.
+  k = cuda::choose_kernels(paper(64, 4, 64, 64), 8192, h200, bf16());
+  CHECK(k[Stage::CmpAttn].variant != Variant::Wgmma);
+  k = cuda::choose_kernels(paper(12, 4, 128, 128), 4096, h200, bf16());  // G = 3
+  CHECK(k[Stage::WinAttn].variant == Variant::Fp32);
+
+  // Overrides: wgmma where it cannot run, or on a stage without a wgmma kernel, is refused by name.
+  o = bf16();
+  o.variant[size_t(Stage::CmpAttn)] = Variant::Wgmma;
+  CHECK_THROWS_WITH_AS(cuda::choose_kernels(paper(64, 4, 128, 128), 65536, h100(), o),
+                       doctest::Contains("cmp_attn = wgmma cannot run this config"), ConfigError);
+  k = cuda::choose_kernels(paper(64, 4, 128, 128), 65536, h200, o);
+  CHECK(k[Stage::CmpAttn].why == "wgmma requested (persistent grid)");
+  o = bf16();
+  o.variant[size_t(Stage::SlcAttn)] = Variant::Wgmma;
+  CHECK_THROWS_WITH_AS(cuda::choose_kernels(paper(64, 4, 128, 128), 65536, h200, o),
+                       doctest::Contains("slc_attn = wgmma: only cmp_attn and win_attn"), ConfigError);
+  o = bf16();
+  o.dtype = cuda::Precision::FP32;
+  k = cuda::choose_kernels(paper(64, 4, 128, 128), 8192, h200, o);
+  CHECK(k[Stage::CmpAttn].variant == Variant::Fp32);
+}

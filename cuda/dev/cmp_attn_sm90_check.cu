@@ -274,19 +274,20 @@ int main(int argc, char** argv) {
     // kernel by capturing cmp_attn_v4 into a graph and removing every node but the first.
     FwdParams p;
     p.B = int(c.Ts.size()), p.N = B.N, p.Nc = B.Nc, p.Tmax = Tmax, p.Hq = c.Hq, p.Hkv = c.Hkv, p.G = G;
-    p.dk = c.dk, p.dv = c.dv, p.l = l, p.d = d, p.ls = 64, p.n = 16, p.init_blocks = 1, p.local_blocks = 2;
-    p.w = 512, p.NB = (Tmax + 63) / 64, p.scale = float(1.0 / std::sqrt(double(c.dk)));
+    p.dk = c.dk, p.dv = c.dv, p.cmp_len = l, p.cmp_stride = d, p.slc_len = 64, p.slc_count = 16, p.init_blocks = 1, p.local_blocks = 2;
+    p.window = 512, p.NB = (Tmax + 63) / 64, p.scale = float(1.0 / std::sqrt(double(c.dk)));
     p.cu_seqlens = B.cu_d, p.cu_cmp = B.cuc_d, p.q = B.q, p.kc = B.kc, p.vc = B.vc;
     p.o_cmp = B.o_ref, p.lse_cmp = B.lse_ref, p.block_idx = B.block_idx;
-    const int fa_warps = 2 * (cmp_fa_v4_smem(p, 4) + prop.reservedSharedMemPerBlock) <= prop.sharedMemPerMultiprocessor ? 4 : 8;
+    const int fa_warps = 2 * (cmp_attn_mma_smem(p, 4) + prop.reservedSharedMemPerBlock) <= prop.sharedMemPerMultiprocessor ? 4 : 8;
     int score_warps = 8;
-    while (score_warps > 1 && cmp_score_v4_smem(p, score_warps) > size_t(optin)) score_warps /= 2;
+    while (score_warps > 1 && topn_mma_smem(p, score_warps) > size_t(optin)) score_warps /= 2;
     const std::vector<int64_t> fa_tiles = tile_prefix(B.cu, 32 * fa_warps / G), sc_tiles = tile_prefix(B.cu, 16 * score_warps / G);
     TileMap tm_fa{upload_i64(fa_tiles), fa_tiles.back(), 32 * fa_warps / G};
     TileMap tm_sc{upload_i64(sc_tiles), sc_tiles.back(), 16 * score_warps / G};
     cudaGraph_t graph;
     NSA_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-    cmp_attn_v4(c.fp16 ? Precision::FP16 : Precision::BF16, p, tm_fa, fa_warps, tm_sc, score_warps, s);
+    cmp_attn_mma(c.fp16 ? Precision::FP16 : Precision::BF16, p, tm_fa, fa_warps, s);
+    topn_mma(c.fp16 ? Precision::FP16 : Precision::BF16, p, tm_sc, score_warps, s);
     NSA_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
     cudaGraphExec_t branch_exec;  // both kernels: the branch as the Plan runs it today
     NSA_CUDA_CHECK(cudaGraphInstantiate(&branch_exec, graph, 0));

@@ -239,13 +239,13 @@ int main(int argc, char** argv) {
 
     FwdParams p;
     p.B = int(c.Ts.size()), p.N = N, p.Nc = Nc, p.Tmax = Tmax, p.Hq = c.Hq, p.Hkv = c.Hkv, p.G = G;
-    p.dk = c.dk, p.dv = dv, p.l = l, p.d = d, p.ls = c.ls, p.n = n, p.init_blocks = 1, p.local_blocks = 2;
-    p.w = 512, p.NB = NB, p.scale = float(1.0 / std::sqrt(double(c.dk)));
+    p.dk = c.dk, p.dv = dv, p.cmp_len = l, p.cmp_stride = d, p.slc_len = c.ls, p.slc_count = n, p.init_blocks = 1, p.local_blocks = 2;
+    p.window = 512, p.NB = NB, p.scale = float(1.0 / std::sqrt(double(c.dk)));
     p.cu_seqlens = cu_d, p.cu_cmp = cuc_d, p.q = q, p.kc = kc, p.vc = vc;
     p.o_cmp = o, p.lse_cmp = lse, p.block_idx = idx_ref, p.block_scores = bs_ref;
-    const int fa_warps = 2 * (cmp_fa_v4_smem(p, 4) + prop.reservedSharedMemPerBlock) <= prop.sharedMemPerMultiprocessor ? 4 : 8;
+    const int fa_warps = 2 * (cmp_attn_mma_smem(p, 4) + prop.reservedSharedMemPerBlock) <= prop.sharedMemPerMultiprocessor ? 4 : 8;
     int score_warps = 8;
-    while (score_warps > 1 && cmp_score_v4_smem(p, score_warps) > size_t(optin)) score_warps /= 2;
+    while (score_warps > 1 && topn_mma_smem(p, score_warps) > size_t(optin)) score_warps /= 2;
     const std::vector<int64_t> fa_tiles = tile_prefix(cu, 32 * fa_warps / G), sc_tiles = tile_prefix(cu, 16 * score_warps / G);
     TileMap tm_fa{upload_i64(fa_tiles), fa_tiles.back(), 32 * fa_warps / G};
     TileMap tm_sc{upload_i64(sc_tiles), sc_tiles.back(), 16 * score_warps / G};
@@ -255,7 +255,8 @@ int main(int argc, char** argv) {
     auto capture = [&](const FwdParams& pp, bool score_only) {
       cudaGraph_t gph;
       NSA_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-      cmp_attn_v4(prec, pp, tm_fa, fa_warps, tm_sc, score_warps, s);
+      cmp_attn_mma(prec, pp, tm_fa, fa_warps, s);
+      topn_mma(prec, pp, tm_sc, score_warps, s);
       NSA_CUDA_CHECK(cudaStreamEndCapture(s, &gph));
       if (score_only) {
         size_t nroots = 1;

@@ -288,7 +288,7 @@ int main(int argc, char** argv) {
 
     // Reference outputs: o and lse without O_win, then O_win from a second run with it.
     poison(o_ref, ow_ref, lse_ref);
-    win_attn_v2(prec, p, tm, ref_warps, true, s);
+    win_attn_mma(prec, p, tm, ref_warps, s);
     NSA_CUDA_CHECK(cudaStreamSynchronize(s));
     {
       FwdParams p2 = p;
@@ -296,13 +296,13 @@ int main(int argc, char** argv) {
       uint16_t* o2 = nullptr;
       NSA_CUDA_CHECK(cudaMalloc(&o2, no * 2));
       p2.o = o2;
-      win_attn_v2(prec, p2, tm, ref_warps, true, s);
+      win_attn_mma(prec, p2, tm, ref_warps, s);
       NSA_CUDA_CHECK(cudaStreamSynchronize(s));
       NSA_CUDA_CHECK(cudaFree(o2));
     }
     float ms_ref = 0;
     if (c.time) {
-      ms_ref = time_it([&] { win_attn_v2(prec, p, tm, ref_warps, true, s); });
+      ms_ref = time_it([&] { win_attn_mma(prec, p, tm, ref_warps, s); });
       char line[256];
       std::snprintf(line, sizeof line, "%-40s %-22s %8.3f ms %7.1f TFLOP/s %5.1f%% of 781", shape.c_str(),
                     "win_attn_v2 (v3, ref)", ms_ref, useful / ms_ref * 1e-9, useful / ms_ref * 1e-9 / 781 * 100);
