@@ -137,7 +137,7 @@ bool sampled_double_check(const Case& c, const Bufs& B, const FwdParams& p, int 
     const int h = int((rng >> 13) % uint64_t(c.Hq));
     int b = 0;
     while (B.cu[b + 1] <= row) ++b;
-    const int t = int(row - B.cu[b]), nv = visible(t, p.l, p.d), g = h / (c.Hq / c.Hkv);
+    const int t = int(row - B.cu[b]), nv = visible(t, p.cmp_len, p.cmp_stride), g = h / (c.Hq / c.Hkv);
     std::vector<uint16_t> q(c.dk), o(c.dv);
     float lse = 0;
     NSA_CUDA_CHECK(cudaMemcpy(q.data(), B.q + (row * c.Hq + h) * c.dk, c.dk * 2, cudaMemcpyDeviceToHost));

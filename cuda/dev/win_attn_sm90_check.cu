@@ -226,7 +226,7 @@ int main(int argc, char** argv) {
     // Today's kernel: FwdParams as the Plan fills them for the window stage of v3/v4.
     FwdParams p;
     p.B = int(c.Ts.size()), p.N = N, p.Tmax = Tmax, p.Hq = c.Hq, p.Hkv = c.Hkv, p.G = G, p.dk = c.dk, p.dv = c.dv;
-    p.w = c.w, p.scale = float(1.0 / std::sqrt(double(c.dk))), p.cu_seqlens = cu_d;
+    p.window = c.w, p.scale = float(1.0 / std::sqrt(double(c.dk))), p.cu_seqlens = cu_d;
     p.q = q, p.k_win = k, p.v_win = v, p.gates = gates, p.o_cmp = ocmp, p.o_slc = oslc;
     p.o = o_ref, p.lse_win = lse_ref, p.o_win = nullptr;
     const Precision prec = c.fp16 ? Precision::FP16 : Precision::BF16;
